@@ -1,0 +1,3 @@
+from zimage_server.cli import app
+
+app()

@@ -1,0 +1,75 @@
+"""The single place where errors become HTTP responses.
+
+Segmind's envelope is ``{"error": "<message>"}``. Unknown exceptions are logged with
+their traceback and answered with a generic 500 that names only the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zimage_server.core import errors as e
+
+log = logging.getLogger("zimage.api")
+
+STATUS: dict[type[e.ZImageError], int] = {
+    e.InvalidRequest: 400,
+    e.NotFound: 404,
+    e.Overloaded: 429,
+    e.GenerationFailed: 500,
+    e.WorkerDied: 502,
+    e.NotReady: 503,
+    e.DeadlineExceeded: 504,
+}
+
+
+def status_for(exc: e.ZImageError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _app_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, e.ZImageError)
+    if not exc.public:
+        return await _unexpected(request, exc)
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return error_response(status_for(exc), exc.message, headers)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return error_response(400, f"Invalid '{where}': {first.get('msg', 'invalid value')}.")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    log.error("unhandled error in request %s", request_id, exc_info=exc)
+    return error_response(500, f"Internal server error (request id {request_id}).")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(e.ZImageError, _app_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

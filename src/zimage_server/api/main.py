@@ -1,0 +1,84 @@
+"""The app factory: settings in, a FastAPI app with every router and handler out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from zimage_server import __version__
+from zimage_server.api.errors import install_error_handlers
+from zimage_server.api.middleware import RequestIdMiddleware
+from zimage_server.api.routes import health, outputs, v1
+from zimage_server.core.config import Settings
+from zimage_server.engine import Engine
+from zimage_server.engine.model_source import detect_devices, resolve_model
+from zimage_server.engine.supervisor import EngineConfig, ProgressCallback
+from zimage_server.images import GenerationService
+from zimage_server.store import OutputStore
+
+log = logging.getLogger("zimage.api")
+SWEEP_INTERVAL_S = 60.0
+
+
+def engine_config(settings: Settings) -> tuple[EngineConfig, str]:
+    """Resolve the model and devices (raises ``StartupError`` with a one-line reason)."""
+    source = resolve_model(settings)
+    config = EngineConfig(
+        model_path=source.path,
+        devices=detect_devices(settings.device),
+        max_queue=settings.max_queue,
+        max_batch_size=settings.max_batch_size,
+        batch_wait_s=settings.batch_wait_ms / 1000,
+        warmup=settings.warmup,
+        warmup_size=settings.warmup_size,
+        warmup_steps=settings.warmup_steps,
+        step_delay_s=settings.debug_step_delay_s,
+        build_tiny_at=source.path if source.build_tiny else None,
+        start_timeout_s=settings.worker_start_timeout_s,
+    )
+    return config, source.label
+
+
+async def _sweep_forever(store: OutputStore) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        removed = await asyncio.to_thread(store.sweep)
+        if removed:
+            log.info("removed %d expired outputs", removed)
+
+
+def create_app(settings: Settings, on_progress: ProgressCallback | None = None) -> FastAPI:
+    config, label = engine_config(settings)
+    engine = Engine(config, on_progress)
+    outputs_store = OutputStore(settings.outputs_dir, settings.output_ttl_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        sweeper = asyncio.create_task(_sweep_forever(outputs_store))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await engine.stop()
+
+    app = FastAPI(
+        title="zimage-server",
+        version=__version__,
+        summary="Self-hosted, Segmind-compatible API for Z-Image-Turbo.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.outputs = outputs_store
+    app.state.model_label = label
+    app.state.generation = GenerationService(settings, engine, outputs_store)
+    for module in (health, outputs, v1):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,63 @@
+"""One typed settings object, read from ``ZIMAGE_*`` env vars, a ``.env`` file and CLI flags.
+
+Nothing reads the environment at import time: the CLI builds a ``Settings`` and passes it to
+``create_app``, so tests can build servers with other settings in the same process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "zimage-server"
+
+
+class Settings(BaseSettings):
+    """Server configuration. Every field is also the env var ``ZIMAGE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ZIMAGE_", env_file=".env", extra="ignore")
+
+    model: str = Field(DEFAULT_MODEL, description="Hub id (from the local HF cache) or folder.")
+    tiny: bool = Field(False, description="Serve the tiny random model (built on first use).")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    public_url: str | None = Field(None, description="Base URL for image links behind a proxy.")
+
+    output_ttl_s: int = Field(3600, ge=1, description="How long generated images stay served.")
+    max_queue: int = Field(16, ge=1, description="Renders waiting or running before 429.")
+    max_batch_size: int = Field(1, ge=1, le=16, description="Compatible renders per batch.")
+    batch_wait_ms: int = Field(0, ge=0, le=1000, description="How long to wait to fill a batch.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Default v1 deadline (then 504).")
+    max_prompt_chars: int = Field(10_000, ge=1, description="Longer prompts get a 400.")
+    v1_default_response: Literal["json", "binary"] = "json"
+
+    warmup: bool = True
+    warmup_size: int = Field(1024, ge=256, le=2048, description="Square size of warm-up render.")
+    warmup_steps: int = Field(2, ge=1, le=75)
+    worker_start_timeout_s: float = Field(900.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Fault-injection seams for tests and chaos drills; harmless at their defaults.
+    debug_step_delay_s: float = Field(0.0, ge=0, description="Sleep after each denoising step.")
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return self.data_dir / "models" / "tiny"

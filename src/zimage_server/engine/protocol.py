@@ -1,0 +1,100 @@
+"""Messages between the API process and a worker process.
+
+Plain frozen dataclasses, pickled over a ``multiprocessing`` pipe. The API side sends
+commands (``RenderBatch``, ``Cancel``, ``Shutdown``); the worker answers with events.
+Images travel as raw RGB bytes at render size: encoding happens in the API process,
+off the accelerator's critical path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class RenderItem:
+    """One image of a batch."""
+
+    job_id: str
+    prompt: str
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class RenderBatch:
+    """Images that share size, steps and guidance, rendered in one pipeline call."""
+
+    batch_id: str
+    items: tuple[RenderItem, ...]
+    width: int  # a multiple of 16
+    height: int  # a multiple of 16
+    steps: int
+    guidance_scale: float  # the API's convention: <= 1 means no guidance
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+Command = RenderBatch | Cancel | Shutdown
+
+
+@dataclass(frozen=True, slots=True)
+class LoadProgress:
+    stage: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    device: str
+    dtype: str
+    load_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFailed:
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepProgress:
+    batch_id: str
+    step: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class RawImage:
+    job_id: str
+    width: int
+    height: int
+    rgb: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    batch_id: str
+    images: tuple[RawImage, ...]
+    timings: dict[str, float] = field(default_factory=dict)
+    # Images pushed through the transformer, summed over steps: one per image per step
+    # without guidance, two with it. Counted by a forward hook on the real module.
+    transformer_passes: int = 0
+    prompt_tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFailed:
+    batch_id: str
+    kind: str  # "cancelled" | "error"
+    message: str
+
+
+Event = LoadProgress | Ready | LoadFailed | StepProgress | BatchDone | BatchFailed

@@ -1,0 +1,111 @@
+"""Generation service: validated params in, encoded image out. No HTTP here."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from zimage_server.core.config import Settings
+from zimage_server.core.errors import InvalidRequest, UnknownModel
+from zimage_server.engine import Engine, RenderSpec
+from zimage_server.images.encode import MEDIA_TYPES, encode_image, round_up_16
+from zimage_server.images.params import MODEL_SLUG, GenerationParams, parse_params
+from zimage_server.store import OutputStore
+
+SEED_RANGE = 2**31  # server-picked seeds stay below 2^31: safe in int32 and JS numbers
+
+
+@dataclass(frozen=True)
+class Generated:
+    """An encoded image plus what a client may want to know about how it was made."""
+
+    data: bytes
+    params: GenerationParams
+    seed: int
+    generation_time: float
+    timings: dict[str, float] = field(default_factory=dict)
+    transformer_passes: int = 0
+    batch_size: int = 1
+    prompt_tokens: int = 0
+    worker: str = ""
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.params.image_format]
+
+    def base64(self) -> str:
+        return base64.b64encode(self.data).decode("ascii")
+
+    def summary(self) -> dict[str, object]:
+        """The JSON fields that describe the image (everything but the image itself)."""
+        p = self.params
+        return {
+            "seed": self.seed,
+            "width": p.width,
+            "height": p.height,
+            "image_format": p.image_format,
+            "quality": p.quality,
+            "steps": p.steps,
+            "guidance_scale": p.guidance_scale,
+            "generation_time": round(self.generation_time, 4),
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "transformer_passes": self.transformer_passes,
+            "prompt_tokens": self.prompt_tokens,
+        }
+
+
+class GenerationService:
+    def __init__(self, settings: Settings, engine: Engine, outputs: OutputStore) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.outputs = outputs
+
+    def check_model(self, slug: str) -> None:
+        if slug != MODEL_SLUG:
+            raise UnknownModel(f"Unknown model '{slug[:80]}'. This server serves '{MODEL_SLUG}'.")
+
+    def parse(self, body: bytes) -> GenerationParams:
+        params = parse_params(body)
+        if len(params.prompt) > self.settings.max_prompt_chars:
+            raise InvalidRequest(
+                f"Invalid 'prompt': at most {self.settings.max_prompt_chars} characters "
+                f"(got {len(params.prompt)}).",
+                "prompt",
+            )
+        return params
+
+    async def generate(self, params: GenerationParams, timeout: float | None = None) -> Generated:
+        start = time.perf_counter()
+        seed = params.seed if params.seed >= 0 else secrets.randbelow(SEED_RANGE)
+        spec = RenderSpec(
+            prompt=params.prompt,
+            seed=seed,
+            width=round_up_16(params.width),
+            height=round_up_16(params.height),
+            steps=params.steps,
+            guidance_scale=params.guidance_scale,
+        )
+        result = await self.engine.render(spec, timeout or self.settings.request_timeout_s)
+        encode_start = time.perf_counter()
+        data = await asyncio.to_thread(
+            encode_image,
+            result.rgb,
+            (result.width, result.height),
+            (params.width, params.height),
+            params.image_format,
+            params.quality,
+        )
+        timings = {**result.timings, "image_encode": time.perf_counter() - encode_start}
+        return Generated(
+            data, params, seed, time.perf_counter() - start, timings,
+            result.transformer_passes, result.batch_size, result.prompt_tokens, result.worker,
+        )
+
+    async def publish(self, generated: Generated) -> str:
+        """Store the image; returns its output id (served under ``/v1/outputs/``)."""
+        return await asyncio.to_thread(
+            self.outputs.save, generated.data, generated.params.image_format
+        )

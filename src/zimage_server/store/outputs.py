@@ -1,0 +1,63 @@
+"""Generated images on disk, served by unguessable id until their TTL runs out.
+
+Ids are 192 random bits (``secrets.token_urlsafe``) plus the format extension; anything
+else is refused before touching the filesystem, so path tricks cannot escape the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+
+from zimage_server.core.errors import OutputNotFound
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{32}\.(webp|png|jpeg)$")
+
+
+class OutputStore:
+    def __init__(self, folder: Path, ttl_s: int) -> None:
+        self.folder = folder
+        self.ttl_s = ttl_s
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, data: bytes, image_format: str) -> str:
+        output_id = f"{secrets.token_urlsafe(24)}.{image_format}"
+        tmp = self.folder / f".{output_id}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.folder / output_id)  # readers never see a partial file
+        return output_id
+
+    def path(self, output_id: str) -> Path:
+        """The file for ``output_id``; raises ``OutputNotFound`` if unknown or expired."""
+        if not _ID.match(output_id):
+            raise OutputNotFound(f"No output named '{output_id[:80]}'.")
+        path = self.folder / output_id
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            raise OutputNotFound(
+                f"No output named '{output_id}': it never existed or has expired "
+                f"(outputs are kept for {self.ttl_s} s)."
+            ) from None
+        if age > self.ttl_s:
+            path.unlink(missing_ok=True)
+            raise OutputNotFound(
+                f"Output '{output_id}' has expired (outputs are kept for {self.ttl_s} s)."
+            )
+        return path
+
+    def sweep(self) -> int:
+        """Delete expired outputs; returns how many were removed."""
+        cutoff = time.time() - self.ttl_s
+        removed = 0
+        for path in self.folder.iterdir():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
