@@ -34,8 +34,12 @@ class _LoadProgress:
 
     def __init__(self) -> None:
         self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-            console=console, transient=False,
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
         )
         self.tasks: dict[str, Any] = {}
 
@@ -45,8 +49,10 @@ class _LoadProgress:
             self.tasks[worker] = self.progress.add_task(f"{worker}: {stage}", total=total)
         done = stage == "ready"
         self.progress.update(
-            self.tasks[worker], description=f"{worker}: {stage}",
-            completed=total if done else step, total=total,
+            self.tasks[worker],
+            description=f"{worker}: {stage}",
+            completed=total if done else step,
+            total=total,
         )
         if done and all(self.progress.tasks[t].finished for t in self.tasks.values()):
             self.progress.stop()
@@ -54,8 +60,13 @@ class _LoadProgress:
 
 @app.command()
 def serve(
-    model: Annotated[str | None, typer.Option(help="Hub id (in the local HF cache) or a diffusers folder.")] = None,
-    tiny: Annotated[bool | None, typer.Option("--tiny", help="Serve the tiny random model: no GPU or weights needed.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Hub id (in the local HF cache) or a diffusers folder.")
+    ] = None,
+    tiny: Annotated[
+        bool | None,
+        typer.Option("--tiny", help="Serve the tiny random model: no GPU or weights needed."),
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
     device: Annotated[Device | None, typer.Option(help="Where the model runs.")] = None,
@@ -66,26 +77,40 @@ def serve(
 
     from zimage_server.api import create_app
 
-    settings = Settings(**_overrides(
-        model=model, tiny=tiny, host=host, port=port,
-        device=device.value if device else None, data_dir=data_dir,
-    ))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings(
+        **_overrides(
+            model=model,
+            tiny=tiny,
+            host=host,
+            port=port,
+            device=device.value if device else None,
+            data_dir=data_dir,
+        )
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     try:
         application = create_app(settings, on_progress=_LoadProgress())
     except StartupError as exc:
-        console.print(f"[bold red]error:[/] {exc.message}")
+        console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
         raise typer.Exit(2) from None
     if settings.tiny:
-        console.print("[yellow]Serving the tiny random model: images are noise, for trying the API.[/]")
+        console.print(
+            "[yellow]Serving the tiny random model: images are noise, for trying the API.[/]"
+        )
     uvicorn.run(application, host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
 @app.command("tiny-model")
-def tiny_model(directory: Annotated[Path, typer.Argument(help="Folder to write the model to.")]) -> None:
+def tiny_model(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
+) -> None:
     """Write the tiny random Z-Image model (diffusers format, real classes)."""
     from zimage_server.engine.tiny import build_tiny_model
 
     with console.status(f"Building the tiny model in {directory} ..."):
         build_tiny_model(directory)
-    console.print(f"Wrote the tiny model to {directory} (load it with ZImagePipeline.from_pretrained).")
+    console.print(
+        f"Wrote the tiny model to {directory} (load it with ZImagePipeline.from_pretrained)."
+    )

@@ -35,12 +35,15 @@ def status_for(exc: e.ZImageError) -> int:
     return 500
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def _app_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, e.ZImageError)
+    if not isinstance(exc, e.ZImageError):  # pragma: no cover - registered for this type
+        raise exc
     if not exc.public:
         return await _unexpected(request, exc)
     headers = {}
@@ -50,13 +53,24 @@ async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status_for(exc), exc.message, headers)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, StarletteHTTPException):  # pragma: no cover - registered for this type
+        raise exc
+    headers = dict(exc.headers or {})
+    message = str(exc.detail)
+    if exc.status_code == 405:
+        message = (
+            f"Method {request.method} is not allowed on {request.url.path}; "
+            f"use {headers.get('Allow', 'another method')}."
+        )
+    elif exc.status_code == 404:
+        message = f"No such endpoint: {request.method} {request.url.path}."
+    return error_response(exc.status_code, message, headers)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+    if not isinstance(exc, RequestValidationError):  # pragma: no cover - registered for this type
+        raise exc
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first.get("loc", ()))
     return error_response(400, f"Invalid '{where}': {first.get('msg', 'invalid value')}.")

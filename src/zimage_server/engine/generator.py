@@ -122,7 +122,9 @@ class DiffusersGenerator:
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
             )
             timings["text_encode"] = self._lap(start)
-            latents = self._denoise(batch, positive, negative, guidance, seeds, on_step, is_cancelled)
+            latents = self._denoise(
+                batch, positive, negative, guidance, seeds, on_step, is_cancelled
+            )
             timings["denoise"] = self._lap(start, sum(timings.values()))
             pixels = self._decode(latents)
             timings["vae_decode"] = self._lap(start, sum(timings.values()))

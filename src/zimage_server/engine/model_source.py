@@ -30,9 +30,7 @@ def resolve_model(settings: Settings) -> ModelSource:
     folder = Path(settings.model).expanduser()
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
-            raise StartupError(
-                f"{folder} is not a diffusers model folder (no model_index.json)."
-            )
+            raise StartupError(f"{folder} is not a diffusers model folder (no model_index.json).")
         return ModelSource(str(folder.resolve()), str(folder))
     return ModelSource(_from_hf_cache(settings.model), settings.model)
 

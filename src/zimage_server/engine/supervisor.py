@@ -132,11 +132,15 @@ class _Worker:
     # -- process lifecycle -------------------------------------------------------------
     def spawn(self) -> None:
         cfg = self.engine.config
-        gen = GeneratorConfig(cfg.model_path, self.device, cfg.warmup_size, cfg.warmup_steps, cfg.step_delay_s)
+        gen = GeneratorConfig(
+            cfg.model_path, self.device, cfg.warmup_size, cfg.warmup_steps, cfg.step_delay_s
+        )
         wcfg = WorkerConfig(gen, cfg.warmup, cfg.build_tiny_at)
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.process = ctx.Process(target=worker_main, args=(child, wcfg), name=self.name, daemon=True)
+        self.process = ctx.Process(
+            target=worker_main, args=(child, wcfg), name=self.name, daemon=True
+        )
         self.process.start()
         child.close()
         self.conn = parent
@@ -165,7 +169,13 @@ class _Worker:
         if isinstance(event, LoadProgress):
             self.engine.report_progress(self.name, event.stage, event.step, event.total)
         elif isinstance(event, Ready):
-            log.info("worker %s ready on %s (%s) in %.1fs", self.name, event.device, event.dtype, event.load_s)
+            log.info(
+                "worker %s ready on %s (%s) in %.1fs",
+                self.name,
+                event.device,
+                event.dtype,
+                event.load_s,
+            )
             self.state, self.failure, self.load_failures = EngineState.READY, None, 0
             self.engine.report_progress(self.name, "ready", 1, 1)
             self.ready.set()
@@ -184,6 +194,8 @@ class _Worker:
             return
         _, jobs = self.batch
         self.batch = None
+        if isinstance(event, BatchFailed) and event.kind == "cancelled":
+            log.info("batch %s cancelled between steps", event.batch_id)
         for index, job in enumerate(jobs):
             if job.future.done():
                 continue
@@ -198,8 +210,14 @@ class _Worker:
         image = event.images[index]
         tokens = event.prompt_tokens[index] if index < len(event.prompt_tokens) else 0
         return RenderResult(
-            image.rgb, image.width, image.height, dict(event.timings),
-            event.transformer_passes, size, tokens, self.name,
+            image.rgb,
+            image.width,
+            image.height,
+            dict(event.timings),
+            event.transformer_passes,
+            size,
+            tokens,
+            self.name,
         )
 
     def on_exit(self, conn: Connection) -> None:
@@ -213,10 +231,12 @@ class _Worker:
             self.batch = None
             for job in jobs:
                 if not job.future.done():
-                    job.future.set_exception(WorkerDied(
-                        "The worker process died while rendering this request "
-                        f"(exit code {code}); it has been restarted. Retry the request."
-                    ))
+                    job.future.set_exception(
+                        WorkerDied(
+                            "The worker process died while rendering this request "
+                            f"(exit code {code}); it has been restarted. Retry the request."
+                        )
+                    )
             if self.batch_done and not self.batch_done.done():
                 self.batch_done.set_result(None)
         if self.engine.stopping:
@@ -250,7 +270,9 @@ class _Worker:
         items = tuple(RenderItem(job.id, job.spec.prompt, job.spec.seed) for job in jobs)
         self.batch = (batch_id, jobs)
         self.batch_done = asyncio.get_running_loop().create_future()
-        self.send(RenderBatch(batch_id, items, spec.width, spec.height, spec.steps, spec.guidance_scale))
+        self.send(
+            RenderBatch(batch_id, items, spec.width, spec.height, spec.steps, spec.guidance_scale)
+        )
         await self.batch_done
         self.last_batch_s = time.perf_counter() - now
 
@@ -267,14 +289,13 @@ class Engine:
         self.on_progress = on_progress
         self.stopping = False
         self._pending: deque[_Job] = deque()
-        self._wakeup: asyncio.Event | None = None
+        self._wakeup = asyncio.Event()
         self._workers: list[_Worker] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._counter = itertools.count()
 
     async def start(self) -> None:
         """Spawn the workers and return at once; readiness is reported by ``state``."""
-        self._wakeup = asyncio.Event()
         for index, device in enumerate(self.config.devices):
             worker = _Worker(self, f"worker-{index}", device)
             worker.spawn()
@@ -332,13 +353,14 @@ class Engine:
         loop = asyncio.get_running_loop()
         job = _Job(spec, loop.create_future())
         self._pending.append(job)
-        assert self._wakeup is not None
         self._wakeup.set()
         try:
             result = await asyncio.wait_for(asyncio.shield(job.future), timeout)
         except TimeoutError:
             self._abandon(job)
-            raise DeadlineExceeded(f"The request did not finish within its {timeout:g}s deadline.") from None
+            raise DeadlineExceeded(
+                f"The request did not finish within its {timeout:g}s deadline."
+            ) from None
         except asyncio.CancelledError:
             self._abandon(job)
             raise
@@ -370,7 +392,6 @@ class Engine:
 
     async def take_batch(self) -> list[_Job]:
         """Wait for a request, then gather compatible ones up to the batch size."""
-        assert self._wakeup is not None
         while not self._pending:
             self._wakeup.clear()
             await self._wakeup.wait()

@@ -56,7 +56,9 @@ class _Outbox:
             self._conn.send(event)
 
 
-def _read_commands(conn: Connection, inbox: queue.Queue[RenderBatch | None], cancelled: set[str]) -> None:
+def _read_commands(
+    conn: Connection, inbox: queue.Queue[RenderBatch | None], cancelled: set[str]
+) -> None:
     while True:
         try:
             command = conn.recv()
@@ -92,7 +94,9 @@ def _load(config: WorkerConfig, out: _Outbox) -> ImageGenerator | None:
     return generator
 
 
-def _render(generator: ImageGenerator, batch: RenderBatch, cancelled: set[str], out: _Outbox) -> None:
+def _render(
+    generator: ImageGenerator, batch: RenderBatch, cancelled: set[str], out: _Outbox
+) -> None:
     job_ids = {item.job_id for item in batch.items}
     try:
         done = generator.generate(

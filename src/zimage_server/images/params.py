@@ -48,7 +48,9 @@ class GenerationParams(BaseModel):
     )
     steps: Int = Field(8, ge=1, le=75, description="Number of inference steps.")
     guidance_scale: Number = Field(
-        1.0, ge=0, le=15,
+        1.0,
+        ge=0,
+        le=15,
         description="Classifier-free guidance scale. 1 (or less) means no guidance: one "
         "transformer pass per step. Above 1, guidance runs with diffusers scale g - 1.",
     )

@@ -100,8 +100,15 @@ class GenerationService:
         )
         timings = {**result.timings, "image_encode": time.perf_counter() - encode_start}
         return Generated(
-            data, params, seed, time.perf_counter() - start, timings,
-            result.transformer_passes, result.batch_size, result.prompt_tokens, result.worker,
+            data,
+            params,
+            seed,
+            time.perf_counter() - start,
+            timings,
+            result.transformer_passes,
+            result.batch_size,
+            result.prompt_tokens,
+            result.worker,
         )
 
     async def publish(self, generated: Generated) -> str:

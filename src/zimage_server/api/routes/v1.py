@@ -32,14 +32,17 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             "image/png": {},
         },
     },
-    **{code: {"description": text, **_ERROR} for code, text in [
-        (400, "Invalid parameter or body; the message names the field and allowed values"),
-        (404, "Unknown model slug"),
-        (429, "Queue full; retry after `Retry-After` seconds"),
-        (502, "The worker died during the request"),
-        (503, "Model still loading"),
-        (504, "Deadline exceeded"),
-    ]},
+    **{
+        code: {"description": text, **_ERROR}
+        for code, text in [
+            (400, "Invalid parameter or body; the message names the field and allowed values"),
+            (404, "Unknown model slug"),
+            (429, "Queue full; retry after `Retry-After` seconds"),
+            (502, "The worker died during the request"),
+            (503, "Model still loading"),
+            (504, "Deadline exceeded"),
+        ]
+    },
 }
 _BODY = {
     "requestBody": {
