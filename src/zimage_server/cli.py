@@ -71,6 +71,9 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
     device: Annotated[Device | None, typer.Option(help="Where the model runs.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Folder for outputs and caches.")] = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Serve without API keys (local use only).")
+    ] = False,
 ) -> None:
     """Run the HTTP server."""
     import uvicorn
@@ -85,6 +88,7 @@ def serve(
             port=port,
             device=device.value if device else None,
             data_dir=data_dir,
+            auth=False if no_auth else None,
         )
     )
     logging.basicConfig(
@@ -95,6 +99,11 @@ def serve(
     except StartupError as exc:
         console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
         raise typer.Exit(2) from None
+    if not settings.auth_required:
+        console.print(
+            "[bold yellow]WARNING: authentication is OFF: anyone who can reach "
+            f"{settings.host}:{settings.port} can generate images. Use it only locally.[/]"
+        )
     if settings.tiny:
         console.print(
             "[yellow]Serving the tiny random model: images are noise, for trying the API.[/]"
@@ -113,4 +122,120 @@ def tiny_model(
         build_tiny_model(directory)
     console.print(
         f"Wrote the tiny model to {directory} (load it with ZImagePipeline.from_pretrained)."
+    )
+
+
+keys_app = typer.Typer(
+    help="Manage API keys and credits (on the ZIMAGE_DATA_DIR / ZIMAGE_DATABASE_URL store)."
+)
+db_app = typer.Typer(help="Database maintenance.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+
+
+def _services() -> tuple[Any, Any]:
+    from zimage_server.accounts import KeyService
+    from zimage_server.billing import Ledger
+    from zimage_server.store.db import Database
+
+    db = Database(Settings().resolved_database_url)
+    db.upgrade()
+    ledger = Ledger(db)
+    return KeyService(db, ledger), ledger
+
+
+def _run(action: Any) -> Any:
+    """Run a store action; domain errors become a one-line message and exit code 1."""
+    from zimage_server.core.errors import ZImageError
+
+    try:
+        return action()
+    except ZImageError as exc:
+        console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _show(info: Any) -> None:
+    from zimage_server.billing import format_credits
+
+    state = "[red]disabled[/]" if info.disabled else "[green]enabled[/]"
+    console.print(
+        f"{info.prefix}  {info.name}  {state}  balance {format_credits(info.balance)}  "
+        f"scopes {','.join(info.scopes)}  rate {info.rate_limit or 'default'}  "
+        f"in-flight {info.max_in_flight or 'default'}",
+        soft_wrap=True,
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply database migrations (the server also does this at start)."""
+    from zimage_server.store.db import Database
+
+    url = Settings().resolved_database_url
+    Database(url).upgrade()
+    console.print(f"Database at {url.split('@')[-1]} is up to date.")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for.")],
+    credits: Annotated[float, typer.Option(help="Initial credits.")] = 0,
+    scope: Annotated[list[str] | None, typer.Option(help="Scope (repeatable).")] = None,
+    rate_limit: Annotated[str | None, typer.Option(help="e.g. 60/minute.")] = None,
+    max_in_flight: Annotated[int | None, typer.Option(help="Concurrent requests.")] = None,
+) -> None:
+    """Create a key and print it (on stdout, once: only its hash is stored)."""
+    from zimage_server.billing import to_micro
+
+    keys, _ = _services()
+    scopes = frozenset(scope or ["generate"])
+    key, info = _run(
+        lambda: keys.create(name, to_micro(credits), scopes, rate_limit, max_in_flight)
+    )
+    _show(info)
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (prefixes only; keys themselves are never stored)."""
+    keys, _ = _services()
+    for info in keys.list():
+        _show(info)
+
+
+@keys_app.command("disable")
+def keys_disable(prefix: str) -> None:
+    """Disable a key: it gets 403 from now on."""
+    keys, _ = _services()
+    _show(_run(lambda: keys.set_disabled(prefix, True)))
+
+
+@keys_app.command("enable")
+def keys_enable(prefix: str) -> None:
+    """Enable a disabled key."""
+    keys, _ = _services()
+    _show(_run(lambda: keys.set_disabled(prefix, False)))
+
+
+@keys_app.command("top-up")
+def keys_top_up(prefix: str, credits: float) -> None:
+    """Add credits to a key."""
+    from zimage_server.billing import to_micro
+
+    keys, _ = _services()
+    _show(_run(lambda: keys.top_up(prefix, to_micro(credits))))
+
+
+@keys_app.command("usage")
+def keys_usage(prefix: str) -> None:
+    """Images rendered, credits spent and balance of a key."""
+    from zimage_server.billing import format_credits
+
+    keys, ledger = _services()
+    used = _run(lambda: ledger.usage(keys.key_id(prefix)))
+    console.print(
+        f"{prefix}: {used.images} images, {format_credits(used.spent)} credits spent, "
+        f"balance {format_credits(used.balance)}"
     )

@@ -19,7 +19,10 @@ log = logging.getLogger("zimage.api")
 
 STATUS: dict[type[e.ZImageError], int] = {
     e.InvalidRequest: 400,
+    e.Unauthenticated: 401,
+    e.Forbidden: 403,
     e.NotFound: 404,
+    e.InsufficientCredits: 406,
     e.Overloaded: 429,
     e.GenerationFailed: 500,
     e.WorkerDied: 502,
@@ -46,7 +49,7 @@ async def _app_error(request: Request, exc: Exception) -> JSONResponse:
         raise exc
     if not exc.public:
         return await _unexpected(request, exc)
-    headers = {}
+    headers = dict(getattr(exc, "headers", {}))
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)

@@ -10,15 +10,18 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from zimage_server import __version__
+from zimage_server.accounts import AccessControl, KeyService, RateLimiter
 from zimage_server.api.errors import install_error_handlers
 from zimage_server.api.middleware import RequestIdMiddleware
-from zimage_server.api.routes import health, outputs, v1
+from zimage_server.api.routes import admin, health, outputs, v1
+from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
 from zimage_server.engine import Engine
 from zimage_server.engine.model_source import detect_devices, resolve_model
 from zimage_server.engine.supervisor import EngineConfig, ProgressCallback
 from zimage_server.images import GenerationService
 from zimage_server.store import OutputStore
+from zimage_server.store.db import Database
 
 log = logging.getLogger("zimage.api")
 SWEEP_INTERVAL_S = 60.0
@@ -55,6 +58,13 @@ def create_app(settings: Settings, on_progress: ProgressCallback | None = None) 
     config, label = engine_config(settings)
     engine = Engine(config, on_progress)
     outputs_store = OutputStore(settings.outputs_dir, settings.output_ttl_s)
+    db = Database(settings.resolved_database_url)
+    db.upgrade()
+    ledger = Ledger(db)
+    keys = KeyService(db, ledger)
+    limiter = RateLimiter(
+        settings.rate_limit_storage, settings.default_rate_limit, settings.default_max_in_flight
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -65,6 +75,7 @@ def create_app(settings: Settings, on_progress: ProgressCallback | None = None) 
         finally:
             sweeper.cancel()
             await engine.stop()
+            db.dispose()
 
     app = FastAPI(
         title="zimage-server",
@@ -76,8 +87,12 @@ def create_app(settings: Settings, on_progress: ProgressCallback | None = None) 
     app.state.engine = engine
     app.state.outputs = outputs_store
     app.state.model_label = label
-    app.state.generation = GenerationService(settings, engine, outputs_store)
-    for module in (health, outputs, v1):
+    app.state.keys = keys
+    app.state.ledger = ledger
+    app.state.access = AccessControl(keys, limiter, settings.auth_required)
+    pricing = Pricing(settings.price_reference, settings.price_minimum)
+    app.state.generation = GenerationService(settings, engine, outputs_store, ledger, pricing)
+    for module in (health, outputs, admin, v1):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)

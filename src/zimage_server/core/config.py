@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
@@ -40,6 +40,19 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(10_000, ge=1, description="Longer prompts get a 400.")
     v1_default_response: Literal["json", "binary"] = "json"
 
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: SQLite file in the data folder."
+    )
+    auth: bool | None = Field(None, description="Require API keys (default: on, off for --tiny).")
+    admin_token: SecretStr | None = Field(None, description="Enables the admin API when set.")
+    price_reference: float = Field(
+        1.0, ge=0, description="Credits for one 1024x1024, 8-step image; scales with both."
+    )
+    price_minimum: float = Field(0.01, ge=0, description="Floor of the price of one image.")
+    default_rate_limit: str = Field("120/minute", description="Per key, `limits` notation.")
+    default_max_in_flight: int = Field(4, ge=1, description="Per key, concurrent requests.")
+    rate_limit_storage: str = Field("memory://", description="`limits` storage URL (redis://...).")
+
     warmup: bool = True
     warmup_size: int = Field(1024, ge=256, le=2048, description="Square size of warm-up render.")
     warmup_steps: int = Field(2, ge=1, le=75)
@@ -48,11 +61,30 @@ class Settings(BaseSettings):
 
     # Fault-injection seams for tests and chaos drills; harmless at their defaults.
     debug_step_delay_s: float = Field(0.0, ge=0, description="Sleep after each denoising step.")
+    debug_faults: bool = Field(
+        False, description="Let prompt markers such as [[fault:error]] raise in the worker."
+    )
 
     @field_validator("public_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @field_validator("default_rate_limit")
+    @classmethod
+    def _valid_limit(cls, value: str) -> str:
+        from limits import parse
+
+        parse(value)  # raises ValueError with the offending text
+        return value
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth if self.auth is not None else not self.tiny
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'zimage.db'}"
 
     @property
     def outputs_dir(self) -> Path:

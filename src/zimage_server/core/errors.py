@@ -5,10 +5,14 @@ Exceptions carry data (field, retry_after, ...) rather than only strings.
 
     ZImageError                   500  anything we did not foresee (message not shown)
     ├── InvalidRequest            400  a parameter or body is wrong; names the field
+    ├── Unauthenticated           401  missing or unknown API key (or admin token)
+    ├── Forbidden                 403  key disabled, or without the route's scope
+    ├── InsufficientCredits       406  the balance does not cover the price
     ├── NotFound                  404
     │   ├── UnknownModel               model slug that this server does not serve
     │   └── OutputNotFound             unknown, expired or malformed output id
     ├── Overloaded                429  queue full; carries retry_after
+    │   └── RateLimited                the key's per-minute or in-flight limit
     ├── NotReady                  503  model still loading or worker restarting
     ├── WorkerDied                502  the worker process died during the render
     ├── DeadlineExceeded          504  the request's deadline passed
@@ -37,6 +41,23 @@ class InvalidRequest(ZImageError):
         self.field = field
 
 
+class Unauthenticated(ZImageError):
+    public = True
+
+
+class Forbidden(ZImageError):
+    public = True
+
+
+class InsufficientCredits(ZImageError):
+    public = True
+
+    def __init__(self, message: str, balance: int, price: int) -> None:
+        super().__init__(message)
+        self.balance = balance
+        self.price = price
+
+
 class NotFound(ZImageError):
     public = True
 
@@ -55,6 +76,12 @@ class Overloaded(ZImageError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimited(Overloaded):
+    def __init__(self, message: str, retry_after: int, headers: dict[str, str]) -> None:
+        super().__init__(message, retry_after)
+        self.headers = headers
 
 
 class NotReady(ZImageError):

@@ -1,4 +1,4 @@
-"""Generation service: validated params in, encoded image out. No HTTP here."""
+"""Generation service: validated params in, encoded (and paid-for) image out. No HTTP here."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import asyncio
 import base64
 import secrets
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
 
+from zimage_server.accounts import Admission
+from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
 from zimage_server.core.errors import InvalidRequest, UnknownModel
 from zimage_server.engine import Engine, RenderSpec
@@ -31,6 +35,9 @@ class Generated:
     batch_size: int = 1
     prompt_tokens: int = 0
     worker: str = ""
+    output_id: str | None = None
+    credits_consumed: int | None = None  # micro-credits; None when auth is off
+    credits_remaining: int | None = None
 
     @property
     def media_type(self) -> str:
@@ -58,10 +65,19 @@ class Generated:
 
 
 class GenerationService:
-    def __init__(self, settings: Settings, engine: Engine, outputs: OutputStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        outputs: OutputStore,
+        ledger: Ledger,
+        pricing: Pricing,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.outputs = outputs
+        self.ledger = ledger
+        self.pricing = pricing
 
     def check_model(self, slug: str) -> None:
         if slug != MODEL_SLUG:
@@ -77,7 +93,37 @@ class GenerationService:
             )
         return params
 
-    async def generate(self, params: GenerationParams, timeout: float | None = None) -> Generated:
+    async def generate(
+        self, params: GenerationParams, admission: Admission, store: bool = False
+    ) -> Generated:
+        """Hold the price, render, encode (and store); anything short of success refunds."""
+        price = self.pricing.price(params.width, params.height, params.steps)
+        async with self._billed(admission, price) as remaining:
+            generated = await self._render(params)
+            if store:
+                output_id = await asyncio.to_thread(
+                    self.outputs.save, generated.data, params.image_format
+                )
+                generated = replace(generated, output_id=output_id)
+        if admission.principal is None:
+            return generated
+        return replace(generated, credits_consumed=price, credits_remaining=remaining)
+
+    @asynccontextmanager
+    async def _billed(self, admission: Admission, price: int) -> AsyncIterator[int | None]:
+        if admission.principal is None:
+            yield None
+            return
+        key_id, reference = admission.principal.key_id, secrets.token_hex(16)
+        remaining = await asyncio.to_thread(self.ledger.hold, key_id, price, reference)
+        try:
+            yield remaining
+        except BaseException:
+            # shield: a cancelled request must still get its refund written.
+            await asyncio.shield(asyncio.to_thread(self.ledger.release, key_id, price, reference))
+            raise
+
+    async def _render(self, params: GenerationParams) -> Generated:
         start = time.perf_counter()
         seed = params.seed if params.seed >= 0 else secrets.randbelow(SEED_RANGE)
         spec = RenderSpec(
@@ -88,7 +134,7 @@ class GenerationService:
             steps=params.steps,
             guidance_scale=params.guidance_scale,
         )
-        result = await self.engine.render(spec, timeout or self.settings.request_timeout_s)
+        result = await self.engine.render(spec, self.settings.request_timeout_s)
         encode_start = time.perf_counter()
         data = await asyncio.to_thread(
             encode_image,
@@ -109,10 +155,4 @@ class GenerationService:
             result.batch_size,
             result.prompt_tokens,
             result.worker,
-        )
-
-    async def publish(self, generated: Generated) -> str:
-        """Store the image; returns its output id (served under ``/v1/outputs/``)."""
-        return await asyncio.to_thread(
-            self.outputs.save, generated.data, generated.params.image_format
         )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from zimage_server.accounts import Admission
+from zimage_server.api.auth import admit_generate
+from zimage_server.billing import format_credits
 from zimage_server.images import Generated, GenerationParams, GenerationService
 
 router = APIRouter(tags=["images"])
@@ -63,11 +66,16 @@ def wants_image_bytes(request: Request, default: str) -> bool:
     return False
 
 
-def _headers(generated: Generated) -> dict[str, str]:
-    return {
+def _headers(generated: Generated, admission: Admission) -> dict[str, str]:
+    headers = {
         "X-Seed": str(generated.seed),
         "X-Generation-Time": f"{generated.generation_time:.4f}",
+        **admission.headers,
     }
+    if generated.credits_consumed is not None and generated.credits_remaining is not None:
+        headers["x-credits-consumed"] = format_credits(generated.credits_consumed)
+        headers["x-remaining-credits"] = format_credits(generated.credits_remaining)
+    return headers
 
 
 @router.post(
@@ -76,19 +84,21 @@ def _headers(generated: Generated) -> dict[str, str]:
     openapi_extra=_BODY,
     responses=_RESPONSES,
 )
-async def generate(model: str, request: Request) -> Response:
+async def generate(
+    model: str, request: Request, admission: Annotated[Admission, Depends(admit_generate)]
+) -> Response:
     service: GenerationService = request.app.state.generation
     service.check_model(model)
     params = service.parse(await request.body())
-    generated = await service.generate(params)
-    headers = _headers(generated)
-    if wants_image_bytes(request, service.settings.v1_default_response):
+    raw = wants_image_bytes(request, service.settings.v1_default_response)
+    generated = await service.generate(params, admission, store=not raw and not params.base_64)
+    headers = _headers(generated, admission)
+    if raw:
         return Response(generated.data, media_type=generated.media_type, headers=headers)
-    if params.base_64:
-        image = generated.base64()
+    if generated.output_id:
+        image = f"{public_base(request)}/v1/outputs/{generated.output_id}"
     else:
-        output_id = await service.publish(generated)
-        image = f"{public_base(request)}/v1/outputs/{output_id}"
+        image = generated.base64()
     return JSONResponse({"image": image, **generated.summary()}, headers=headers)
 
 

@@ -1,0 +1,25 @@
+"""The front door of every billable route: authenticate, then rate-limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+from zimage_server.accounts.keys import KeyService
+from zimage_server.accounts.limits import Admission, RateLimiter
+
+
+class AccessControl:
+    def __init__(self, keys: KeyService, limiter: RateLimiter, required: bool) -> None:
+        self.keys = keys
+        self.limiter = limiter
+        self.required = required
+
+    async def admit(self, key: str | None, scope: str) -> Admission:
+        """Raise ``Unauthenticated``/``Forbidden``/``RateLimited``, or let the caller in."""
+        if not self.required:
+            return Admission(None, {})
+        principal = await asyncio.to_thread(self.keys.authenticate, key, scope)
+        return self.limiter.enter(principal)
+
+    def leave(self, admission: Admission) -> None:
+        self.limiter.leave(admission)

@@ -1,0 +1,155 @@
+"""API keys: generated with ``secrets``, shown once, stored only as a SHA-256 hash.
+
+A key reads ``zk_<prefix>_<secret>``. The prefix is public (lists, logs); the lookup is by
+prefix and the hash comparison is constant-time, against a dummy hash when the prefix is
+unknown, so timing reveals nothing about which keys exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import insert, select, update
+
+from zimage_server.billing.ledger import Ledger
+from zimage_server.core.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
+from zimage_server.store.db import Database
+from zimage_server.store.models import ApiKey
+
+SCOPES = frozenset({"generate"})
+_DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
+
+
+def _hash(key: str) -> str:
+    # Keys carry 256 random bits, so a fast hash is safe; no salt or KDF is needed.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    key_id: int
+    prefix: str
+    scopes: frozenset[str]
+    rate_limit: str | None
+    max_in_flight: int | None
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    prefix: str
+    name: str
+    scopes: list[str]
+    disabled: bool
+    balance: int
+    rate_limit: str | None
+    max_in_flight: int | None
+    created_at: datetime | None
+
+
+def _info(row: ApiKey) -> KeyInfo:
+    return KeyInfo(
+        row.prefix,
+        row.name,
+        sorted(filter(None, row.scopes.split(","))),
+        row.disabled,
+        row.balance,
+        row.rate_limit,
+        row.max_in_flight,
+        row.created_at,
+    )
+
+
+class KeyService:
+    def __init__(self, db: Database, ledger: Ledger) -> None:
+        self.db = db
+        self.ledger = ledger
+
+    def create(
+        self,
+        name: str,
+        credits: int = 0,
+        scopes: frozenset[str] = SCOPES,
+        rate_limit: str | None = None,
+        max_in_flight: int | None = None,
+    ) -> tuple[str, KeyInfo]:
+        """Create a key; returns the plaintext (shown once) and its public info."""
+        unknown = scopes - SCOPES
+        if unknown:
+            raise InvalidRequest(f"Unknown scopes {sorted(unknown)}: allowed {sorted(SCOPES)}.")
+        prefix = secrets.token_hex(4)
+        key = f"zk_{prefix}_{secrets.token_urlsafe(32)}"
+        with self.db.session() as session:
+            key_id = session.execute(
+                insert(ApiKey)
+                .values(
+                    prefix=prefix,
+                    key_hash=_hash(key),
+                    name=name,
+                    scopes=",".join(sorted(scopes)),
+                    disabled=False,
+                    balance=0,
+                    rate_limit=rate_limit,
+                    max_in_flight=max_in_flight,
+                )
+                .returning(ApiKey.id)
+            ).scalar_one()
+        if credits:
+            self.ledger.top_up(key_id, credits, note="initial credits")
+        return key, self.get(prefix)
+
+    def authenticate(self, key: str | None, scope: str) -> Principal:
+        if not key:
+            raise Unauthenticated(
+                "Missing API key: send it in the x-api-key header or as Authorization: Bearer."
+            )
+        parts = key.split("_")
+        prefix = parts[1] if len(parts) >= 3 and parts[0] == "zk" else ""
+        with self.db.session() as session:
+            row = session.execute(
+                select(ApiKey).where(ApiKey.prefix == prefix)
+            ).scalar_one_or_none()
+        stored = row.key_hash if row else _DUMMY_HASH
+        if not hmac.compare_digest(stored, _hash(key)) or row is None:
+            raise Unauthenticated("Invalid API key.")
+        if row.disabled:
+            raise Forbidden(f"API key {row.prefix} is disabled.")
+        scopes = frozenset(filter(None, row.scopes.split(",")))
+        if scope not in scopes:
+            raise Forbidden(f"API key {row.prefix} lacks the '{scope}' scope for this route.")
+        return Principal(row.id, row.prefix, scopes, row.rate_limit, row.max_in_flight)
+
+    def _row(self, prefix: str) -> ApiKey:
+        with self.db.session() as session:
+            row = session.execute(
+                select(ApiKey).where(ApiKey.prefix == prefix)
+            ).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"No API key with prefix '{prefix[:40]}'.")
+        return row
+
+    def get(self, prefix: str) -> KeyInfo:
+        return _info(self._row(prefix))
+
+    def list(self) -> list[KeyInfo]:
+        with self.db.session() as session:
+            rows = session.execute(select(ApiKey).order_by(ApiKey.id)).scalars().all()
+        return [_info(row) for row in rows]
+
+    def set_disabled(self, prefix: str, disabled: bool) -> KeyInfo:
+        key_id = self._row(prefix).id
+        with self.db.session() as session:
+            session.execute(update(ApiKey).where(ApiKey.id == key_id).values(disabled=disabled))
+        return self.get(prefix)
+
+    def top_up(self, prefix: str, credits: int) -> KeyInfo:
+        self.ledger.top_up(self._row(prefix).id, credits, note="top-up")
+        return self.get(prefix)
+
+    def key_id(self, prefix: str) -> int:
+        return self._row(prefix).id

@@ -1,0 +1,39 @@
+"""Request-level access: which key is calling (``x-api-key`` or ``Authorization: Bearer``)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from zimage_server.accounts import AccessControl, Admission
+from zimage_server.core.errors import NotFound, Unauthenticated
+
+
+def api_key_from(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def admit_generate(request: Request) -> AsyncIterator[Admission]:
+    """Dependency for billable routes: authenticate, rate-limit, free the slot afterwards."""
+    access: AccessControl = request.app.state.access
+    admission = await access.admit(api_key_from(request), "generate")
+    try:
+        yield admission
+    finally:
+        access.leave(admission)
+
+
+def require_admin(request: Request) -> None:
+    """The admin API exists only when an admin token is configured."""
+    token = request.app.state.settings.admin_token
+    if token is None:
+        raise NotFound(f"No such endpoint: {request.method} {request.url.path}.")
+    given = request.headers.get("x-admin-token") or api_key_from(request) or ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise Unauthenticated("Missing or invalid admin token.")

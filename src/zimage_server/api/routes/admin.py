@@ -1,0 +1,94 @@
+"""Administration of keys and credits over HTTP (mirrors ``zimage keys``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from zimage_server.accounts import KeyInfo, KeyService
+from zimage_server.api.auth import require_admin
+from zimage_server.billing import Ledger, format_credits, to_micro
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+class KeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    credits: float = Field(0, ge=0)
+    scopes: list[str] = ["generate"]
+    rate_limit: str | None = Field(None, description="e.g. '60/minute'; default from settings")
+    max_in_flight: int | None = Field(None, ge=1)
+
+
+class TopUp(BaseModel):
+    credits: float = Field(gt=0)
+
+
+def key_json(info: KeyInfo) -> dict[str, Any]:
+    return {
+        "prefix": info.prefix,
+        "name": info.name,
+        "scopes": info.scopes,
+        "disabled": info.disabled,
+        "balance": format_credits(info.balance),
+        "rate_limit": info.rate_limit,
+        "max_in_flight": info.max_in_flight,
+        "created_at": info.created_at.isoformat() if info.created_at else None,
+    }
+
+
+def _keys(request: Request) -> KeyService:
+    keys: KeyService = request.app.state.keys
+    return keys
+
+
+@router.post("/keys", status_code=201, summary="Create a key (the key is shown only here)")
+async def create_key(body: KeyCreate, request: Request) -> JSONResponse:
+    key, info = await asyncio.to_thread(
+        _keys(request).create,
+        body.name,
+        to_micro(body.credits),
+        frozenset(body.scopes),
+        body.rate_limit,
+        body.max_in_flight,
+    )
+    return JSONResponse({"key": key, **key_json(info)}, status_code=201)
+
+
+@router.get("/keys", summary="List keys")
+async def list_keys(request: Request) -> list[dict[str, Any]]:
+    return [key_json(info) for info in await asyncio.to_thread(_keys(request).list)]
+
+
+@router.post("/keys/{prefix}/disable", summary="Disable a key (403 from now on)")
+async def disable_key(prefix: str, request: Request) -> dict[str, Any]:
+    return key_json(await asyncio.to_thread(_keys(request).set_disabled, prefix, True))
+
+
+@router.post("/keys/{prefix}/enable", summary="Enable a key again")
+async def enable_key(prefix: str, request: Request) -> dict[str, Any]:
+    return key_json(await asyncio.to_thread(_keys(request).set_disabled, prefix, False))
+
+
+@router.post("/keys/{prefix}/top-up", summary="Add credits")
+async def top_up(prefix: str, body: TopUp, request: Request) -> dict[str, Any]:
+    return key_json(await asyncio.to_thread(_keys(request).top_up, prefix, to_micro(body.credits)))
+
+
+@router.get("/keys/{prefix}/usage", summary="Images, credits spent, balance")
+async def usage(prefix: str, request: Request) -> dict[str, Any]:
+    keys = _keys(request)
+    ledger: Ledger = request.app.state.ledger
+    key_id = await asyncio.to_thread(keys.key_id, prefix)
+    used = await asyncio.to_thread(ledger.usage, key_id)
+    return {
+        "prefix": prefix,
+        "images": used.images,
+        "spent": format_credits(used.spent),
+        "balance": format_credits(used.balance),
+        "ledger_sum": format_credits(used.ledger_sum),
+    }

@@ -1,0 +1,107 @@
+"""Holds, releases and top-ups, each one transaction that moves the balance and appends
+a ledger entry together.
+
+The hold is a conditional ``UPDATE ... WHERE balance >= price``: the database serialises
+concurrent holds on the row, so a balance never goes negative on SQLite or PostgreSQL,
+without application locks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from zimage_server.billing.pricing import format_credits
+from zimage_server.core.errors import InsufficientCredits
+from zimage_server.store.db import Database
+from zimage_server.store.models import ApiKey, LedgerEntry
+
+
+@dataclass(frozen=True)
+class Usage:
+    images: int
+    spent: int  # micro-credits
+    balance: int
+    ledger_sum: int
+
+
+class Ledger:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def hold(self, key_id: int, amount: int, reference: str) -> int:
+        """Take ``amount`` from the balance for request ``reference``; returns the new balance."""
+        with self.db.session() as session:
+            new_balance = session.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key_id, ApiKey.balance >= amount)
+                .values(balance=ApiKey.balance - amount)
+                .returning(ApiKey.balance)
+            ).scalar_one_or_none()
+            if new_balance is None:
+                balance = session.execute(
+                    select(ApiKey.balance).where(ApiKey.id == key_id)
+                ).scalar_one()
+                raise InsufficientCredits(
+                    f"Insufficient credits: this image costs {format_credits(amount)} credits "
+                    f"and the key's balance is {format_credits(balance)}.",
+                    balance=balance,
+                    price=amount,
+                )
+            session.execute(
+                insert(LedgerEntry).values(
+                    key_id=key_id, amount=-amount, kind="hold", reference=reference
+                )
+            )
+            return int(new_balance)
+
+    def release(self, key_id: int, amount: int, reference: str) -> bool:
+        """Give a hold back (the request failed). Idempotent: False if already released."""
+        try:
+            with self.db.session() as session:
+                session.execute(
+                    insert(LedgerEntry).values(
+                        key_id=key_id, amount=amount, kind="release", reference=reference
+                    )
+                )
+                session.execute(
+                    update(ApiKey)
+                    .where(ApiKey.id == key_id)
+                    .values(balance=ApiKey.balance + amount)
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    def top_up(self, key_id: int, amount: int, note: str | None = None) -> int:
+        with self.db.session() as session:
+            balance = session.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key_id)
+                .values(balance=ApiKey.balance + amount)
+                .returning(ApiKey.balance)
+            ).scalar_one()
+            session.execute(
+                insert(LedgerEntry).values(key_id=key_id, amount=amount, kind="top_up", note=note)
+            )
+            return int(balance)
+
+    def usage(self, key_id: int) -> Usage:
+        with self.db.session() as session:
+            entries = session.execute(
+                select(
+                    LedgerEntry.kind, func.count(), func.coalesce(func.sum(LedgerEntry.amount), 0)
+                )
+                .where(LedgerEntry.key_id == key_id)
+                .group_by(LedgerEntry.kind)
+            ).all()
+            balance = session.execute(
+                select(ApiKey.balance).where(ApiKey.id == key_id)
+            ).scalar_one()
+        totals = {kind: (int(count), int(total)) for kind, count, total in entries}
+        holds, held = totals.get("hold", (0, 0))
+        releases, released = totals.get("release", (0, 0))
+        ledger_sum = sum(total for _, total in totals.values())
+        return Usage(holds - releases, -(held + released), int(balance), ledger_sum)
