@@ -106,3 +106,36 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from zimage_server.engine.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _postgres_admin_url() -> str | None:
+    url = os.environ.get("ZIMAGE_TEST_POSTGRES_URL")
+    if not url and os.environ.get("CI"):
+        raise RuntimeError(
+            "CI must run the store tests on PostgreSQL: set ZIMAGE_TEST_POSTGRES_URL"
+        )
+    return url
+
+
+def fresh_database_url(kind: str, folder: Path) -> str:
+    """A new, empty database of ``kind`` ("sqlite" or "postgresql") for one test or server."""
+    if kind == "sqlite":
+        return f"sqlite:///{folder / 'store.db'}"
+    admin = _postgres_admin_url()
+    if admin is None:
+        pytest.skip("ZIMAGE_TEST_POSTGRES_URL is not set (scripts/start-postgres prints one)")
+    import secrets
+
+    import sqlalchemy as sa
+
+    name = f"zimage_{secrets.token_hex(6)}"
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return admin.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return fresh_database_url(request.param, tmp_path)
