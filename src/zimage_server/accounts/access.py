@@ -21,5 +21,11 @@ class AccessControl:
         principal = await asyncio.to_thread(self.keys.authenticate, key, scope)
         return self.limiter.enter(principal)
 
+    async def identify(self, key: str | None, scope: str) -> Admission:
+        """Authenticate only (polling a job is not rate-limited like a render)."""
+        if not self.required:
+            return Admission(None, {})
+        return Admission(await asyncio.to_thread(self.keys.authenticate, key, scope), {})
+
     def leave(self, admission: Admission) -> None:
         self.limiter.leave(admission)

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from zimage_server.accounts import AccessControl, Admission
-from zimage_server.core.errors import NotFound, Unauthenticated
+from zimage_server.core.errors import InvalidRequest, NotFound, Unauthenticated
+
+MAX_DEADLINE_S = 86_400
 
 
 def api_key_from(request: Request) -> str | None:
@@ -27,6 +29,30 @@ async def admit_generate(request: Request) -> AsyncIterator[Admission]:
         yield admission
     finally:
         access.leave(admission)
+
+
+async def identify_caller(request: Request) -> Admission:
+    """Dependency for read-only routes: authenticate without counting a request."""
+    access: AccessControl = request.app.state.access
+    return await access.identify(api_key_from(request), "generate")
+
+
+def deadline_from(request: Request) -> float | None:
+    """``X-Deadline-Seconds``: how long the client will wait (v1) or the job may take (v2)."""
+    raw = request.headers.get("x-deadline-seconds")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_DEADLINE_S:
+        raise InvalidRequest(
+            f"Invalid 'X-Deadline-Seconds' header: must be a number of seconds above 0 and "
+            f"at most {MAX_DEADLINE_S} (got {raw[:40]!r}).",
+            "X-Deadline-Seconds",
+        )
+    return value
 
 
 def require_admin(request: Request) -> None:

@@ -23,6 +23,8 @@ STATUS: dict[type[e.ZImageError], int] = {
     e.Forbidden: 403,
     e.NotFound: 404,
     e.InsufficientCredits: 406,
+    e.Cancelled: 409,
+    e.Conflict: 409,
     e.Overloaded: 429,
     e.GenerationFailed: 500,
     e.WorkerDied: 502,

@@ -13,13 +13,16 @@ from zimage_server import __version__
 from zimage_server.accounts import AccessControl, KeyService, RateLimiter
 from zimage_server.api.errors import install_error_handlers
 from zimage_server.api.middleware import RequestIdMiddleware
-from zimage_server.api.routes import admin, health, outputs, v1
+from zimage_server.api.routes import admin, health, outputs, v1, v2
 from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
 from zimage_server.engine import Engine
 from zimage_server.engine.model_source import detect_devices, resolve_model
 from zimage_server.engine.supervisor import EngineConfig, ProgressCallback
 from zimage_server.images import GenerationService
+from zimage_server.jobs import JobRunner
+from zimage_server.jobs.repository import JobRepository
+from zimage_server.jobs.webhooks import WebhookDeliverer, WebhookPolicy
 from zimage_server.store import OutputStore
 from zimage_server.store.db import Database
 
@@ -66,15 +69,42 @@ def create_app(settings: Settings, on_progress: ProgressCallback | None = None) 
         settings.rate_limit_storage, settings.default_rate_limit, settings.default_max_in_flight
     )
 
+    pricing = Pricing(settings.price_reference, settings.price_minimum)
+    generation = GenerationService(settings, engine, outputs_store, ledger, pricing)
+    repo = JobRepository(db, settings.output_ttl_s)
+    secret = settings.webhook_secret
+    policy = WebhookPolicy(
+        secret is not None,
+        frozenset(settings.webhook_allowed_hosts),
+        settings.webhook_allow_private,
+    )
+    runner = JobRunner(settings, repo, engine, generation, outputs_store, ledger, policy)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
-        sweeper = asyncio.create_task(_sweep_forever(outputs_store))
+        await runner.start()
+        background = [asyncio.create_task(_sweep_forever(outputs_store))]
+        deliverer = None
+        if secret is not None:
+            deliverer = WebhookDeliverer(
+                repo,
+                secret.get_secret_value().encode(),
+                policy,
+                settings.webhook_max_attempts,
+                settings.webhook_backoff_s,
+                settings.webhook_timeout_s,
+            )
+            background.append(asyncio.create_task(deliverer.run_forever()))
         try:
             yield
         finally:
-            sweeper.cancel()
+            for task in background:
+                task.cancel()
+            await runner.stop()
             await engine.stop()
+            if deliverer:
+                await deliverer.close()
             db.dispose()
 
     app = FastAPI(
@@ -90,9 +120,9 @@ def create_app(settings: Settings, on_progress: ProgressCallback | None = None) 
     app.state.keys = keys
     app.state.ledger = ledger
     app.state.access = AccessControl(keys, limiter, settings.auth_required)
-    pricing = Pricing(settings.price_reference, settings.price_minimum)
-    app.state.generation = GenerationService(settings, engine, outputs_store, ledger, pricing)
-    for module in (health, outputs, admin, v1):
+    app.state.generation = generation
+    app.state.jobs = runner
+    for module in (health, outputs, admin, v2, v1):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from zimage_server.billing.pricing import format_credits
 from zimage_server.core.errors import InsufficientCredits
@@ -34,28 +35,7 @@ class Ledger:
     def hold(self, key_id: int, amount: int, reference: str) -> int:
         """Take ``amount`` from the balance for request ``reference``; returns the new balance."""
         with self.db.session() as session:
-            new_balance = session.execute(
-                update(ApiKey)
-                .where(ApiKey.id == key_id, ApiKey.balance >= amount)
-                .values(balance=ApiKey.balance - amount)
-                .returning(ApiKey.balance)
-            ).scalar_one_or_none()
-            if new_balance is None:
-                balance = session.execute(
-                    select(ApiKey.balance).where(ApiKey.id == key_id)
-                ).scalar_one()
-                raise InsufficientCredits(
-                    f"Insufficient credits: this image costs {format_credits(amount)} credits "
-                    f"and the key's balance is {format_credits(balance)}.",
-                    balance=balance,
-                    price=amount,
-                )
-            session.execute(
-                insert(LedgerEntry).values(
-                    key_id=key_id, amount=-amount, kind="hold", reference=reference
-                )
-            )
-            return int(new_balance)
+            return hold_in(session, key_id, amount, reference)
 
     def release(self, key_id: int, amount: int, reference: str) -> bool:
         """Give a hold back (the request failed). Idempotent: False if already released."""
@@ -105,3 +85,25 @@ class Ledger:
         releases, released = totals.get("release", (0, 0))
         ledger_sum = sum(total for _, total in totals.values())
         return Usage(holds - releases, -(held + released), int(balance), ledger_sum)
+
+
+def hold_in(session: Session, key_id: int, amount: int, reference: str) -> int:
+    """The hold, inside the caller's transaction (e.g. the one that creates a job)."""
+    new_balance = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.balance >= amount)
+        .values(balance=ApiKey.balance - amount)
+        .returning(ApiKey.balance)
+    ).scalar_one_or_none()
+    if new_balance is None:
+        balance = session.execute(select(ApiKey.balance).where(ApiKey.id == key_id)).scalar_one()
+        raise InsufficientCredits(
+            f"Insufficient credits: this image costs {format_credits(amount)} credits "
+            f"and the key's balance is {format_credits(balance)}.",
+            balance=balance,
+            price=amount,
+        )
+    session.execute(
+        insert(LedgerEntry).values(key_id=key_id, amount=-amount, kind="hold", reference=reference)
+    )
+    return int(new_balance)

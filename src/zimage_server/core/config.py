@@ -53,6 +53,19 @@ class Settings(BaseSettings):
     default_max_in_flight: int = Field(4, ge=1, description="Per key, concurrent requests.")
     rate_limit_storage: str = Field("memory://", description="`limits` storage URL (redis://...).")
 
+    job_timeout_s: float = Field(600.0, gt=0, description="Default deadline of a v2 job.")
+    job_retries: int = Field(1, ge=0, le=5, description="Re-runs of a job whose worker died.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key for webhook signatures; unset = webhooks refused."
+    )
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts allowed even if private or loopback."
+    )
+    webhook_allow_private: bool = Field(False, description="Allow private/loopback targets.")
+    webhook_max_attempts: int = Field(8, ge=1, le=30)
+    webhook_backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles.")
+    webhook_timeout_s: float = Field(10.0, gt=0)
+
     warmup: bool = True
     warmup_size: int = Field(1024, ge=256, le=2048, description="Square size of warm-up render.")
     warmup_steps: int = Field(2, ge=1, le=75)

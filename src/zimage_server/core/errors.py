@@ -17,6 +17,8 @@ Exceptions carry data (field, retry_after, ...) rather than only strings.
     ├── WorkerDied                502  the worker process died during the render
     ├── DeadlineExceeded          504  the request's deadline passed
     ├── GenerationFailed          500  the model raised; message is safe to show
+    ├── Cancelled                 409  the job was cancelled (reported in job status)
+    ├── Conflict                  409  e.g. an Idempotency-Key reused with another body
     └── StartupError              ---  the server cannot start as configured (CLI exits 2)
 """
 
@@ -101,6 +103,14 @@ class DeadlineExceeded(ZImageError):
 
 
 class GenerationFailed(ZImageError):
+    public = True
+
+
+class Cancelled(ZImageError):
+    public = True
+
+
+class Conflict(ZImageError):
     public = True
 
 

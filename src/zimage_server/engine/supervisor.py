@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
 import math
 import multiprocessing as mp
@@ -27,6 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from zimage_server.core.errors import (
+    Cancelled,
     DeadlineExceeded,
     GenerationFailed,
     NotReady,
@@ -92,7 +92,7 @@ class RenderResult:
 class _Job:
     spec: RenderSpec
     future: asyncio.Future[RenderResult]
-    id: str = field(default_factory=lambda: secrets.token_hex(8))
+    id: str
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     progress: tuple[int, int] = (0, 0)
@@ -292,7 +292,7 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._workers: list[_Worker] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._counter = itertools.count()
+        self._index: dict[str, _Job] = {}
 
     async def start(self) -> None:
         """Spawn the workers and return at once; readiness is reported by ``state``."""
@@ -347,15 +347,27 @@ class Engine:
             self.on_progress(worker, stage, step, total)
 
     # -- requests --------------------------------------------------------------------------
-    async def render(self, spec: RenderSpec, timeout: float) -> RenderResult:
-        """Queue one render and wait for it; raises ``Overloaded``/``DeadlineExceeded``/..."""
-        self._admit()
+    async def render(
+        self,
+        spec: RenderSpec,
+        timeout: float,
+        job_id: str | None = None,
+        admitted: bool = False,
+    ) -> RenderResult:
+        """Queue one render and wait for it.
+
+        Raises ``Overloaded`` (queue full; skipped when ``admitted``, e.g. for jobs recovered
+        at restart), ``DeadlineExceeded``, ``Cancelled``, ``WorkerDied``, ``GenerationFailed``.
+        """
+        if not admitted:
+            self.admit()
         loop = asyncio.get_running_loop()
-        job = _Job(spec, loop.create_future())
+        job = _Job(spec, loop.create_future(), job_id or secrets.token_hex(8))
         self._pending.append(job)
+        self._index[job.id] = job
         self._wakeup.set()
         try:
-            result = await asyncio.wait_for(asyncio.shield(job.future), timeout)
+            result = await asyncio.wait_for(asyncio.shield(job.future), max(timeout, 0.001))
         except TimeoutError:
             self._abandon(job)
             raise DeadlineExceeded(
@@ -364,10 +376,34 @@ class Engine:
         except asyncio.CancelledError:
             self._abandon(job)
             raise
+        finally:
+            self._index.pop(job.id, None)
         wait = (job.started_at or job.enqueued_at) - job.enqueued_at
         return dataclasses.replace(result, timings={"queue_wait": wait, **result.timings})
 
-    def _admit(self) -> None:
+    def position(self, job_id: str) -> int | None:
+        """0 for the next to run; None when not waiting (running, done or unknown)."""
+        job = self._index.get(job_id)
+        if job is None or job not in self._pending:
+            return None
+        return self._pending.index(job)
+
+    def progress(self, job_id: str) -> tuple[int, int] | None:
+        """(step, total) of a running render; None when it is not running."""
+        job = self._index.get(job_id)
+        return job.progress if job is not None and job.started_at is not None else None
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued render at once, or a running one between denoising steps."""
+        job = self._index.get(job_id)
+        if job is None or job.future.done():
+            return False
+        job.future.set_exception(Cancelled("The request was cancelled."))
+        self._abandon(job)
+        return True
+
+    def admit(self) -> None:
+        """Raise ``Overloaded`` when the queue is full, ``NotReady`` when the model failed."""
         if self.state == EngineState.FAILED:
             raise NotReady(f"The model failed to load: {self.failure}", retry_after=60)
         if self.depth >= self.config.max_queue:

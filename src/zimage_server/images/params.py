@@ -89,6 +89,10 @@ def _num(value: float) -> str:
 
 def parse_params(body: bytes) -> GenerationParams:
     """Parse and validate a raw JSON body; raise ``InvalidRequest`` naming the field."""
+    return validate_params(parse_json(body))
+
+
+def parse_json(body: bytes) -> Any:
     if not body.strip():
         raise InvalidRequest(
             'The request body is empty: send a JSON object such as {"prompt": "a red fox"}.'
@@ -97,7 +101,7 @@ def parse_params(body: bytes) -> GenerationParams:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
-    return validate_params(data)
+    return data
 
 
 def validate_params(data: Any) -> GenerationParams:

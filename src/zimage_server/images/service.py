@@ -16,7 +16,12 @@ from zimage_server.core.config import Settings
 from zimage_server.core.errors import InvalidRequest, UnknownModel
 from zimage_server.engine import Engine, RenderSpec
 from zimage_server.images.encode import MEDIA_TYPES, encode_image, round_up_16
-from zimage_server.images.params import MODEL_SLUG, GenerationParams, parse_params
+from zimage_server.images.params import (
+    MODEL_SLUG,
+    GenerationParams,
+    parse_json,
+    validate_params,
+)
 from zimage_server.store import OutputStore
 
 SEED_RANGE = 2**31  # server-picked seeds stay below 2^31: safe in int32 and JS numbers
@@ -64,6 +69,10 @@ class Generated:
         }
 
 
+def pick_seed(params: GenerationParams) -> int:
+    return params.seed if params.seed >= 0 else secrets.randbelow(SEED_RANGE)
+
+
 class GenerationService:
     def __init__(
         self,
@@ -84,7 +93,10 @@ class GenerationService:
             raise UnknownModel(f"Unknown model '{slug[:80]}'. This server serves '{MODEL_SLUG}'.")
 
     def parse(self, body: bytes) -> GenerationParams:
-        params = parse_params(body)
+        return self.validate(parse_json(body))
+
+    def validate(self, data: object) -> GenerationParams:
+        params = validate_params(data)
         if len(params.prompt) > self.settings.max_prompt_chars:
             raise InvalidRequest(
                 f"Invalid 'prompt': at most {self.settings.max_prompt_chars} characters "
@@ -93,13 +105,22 @@ class GenerationService:
             )
         return params
 
+    def price(self, params: GenerationParams) -> int:
+        return self.pricing.price(params.width, params.height, params.steps)
+
     async def generate(
-        self, params: GenerationParams, admission: Admission, store: bool = False
+        self,
+        params: GenerationParams,
+        admission: Admission,
+        store: bool = False,
+        timeout: float | None = None,
     ) -> Generated:
         """Hold the price, render, encode (and store); anything short of success refunds."""
-        price = self.pricing.price(params.width, params.height, params.steps)
+        price = self.price(params)
         async with self._billed(admission, price) as remaining:
-            generated = await self._render(params)
+            generated = await self.render(
+                params, pick_seed(params), timeout or self.settings.request_timeout_s
+            )
             if store:
                 output_id = await asyncio.to_thread(
                     self.outputs.save, generated.data, params.image_format
@@ -123,9 +144,13 @@ class GenerationService:
             await asyncio.shield(asyncio.to_thread(self.ledger.release, key_id, price, reference))
             raise
 
-    async def _render(self, params: GenerationParams) -> Generated:
+    async def render(
+        self, params: GenerationParams, seed: int, timeout: float, job_id: str | None = None
+    ) -> Generated:
+        """Render and encode, unbilled (callers own billing). ``job_id`` names the render
+        in the engine so it can be located and cancelled; such renders were admitted
+        earlier (at submit, or before a restart) and skip the queue bound."""
         start = time.perf_counter()
-        seed = params.seed if params.seed >= 0 else secrets.randbelow(SEED_RANGE)
         spec = RenderSpec(
             prompt=params.prompt,
             seed=seed,
@@ -134,7 +159,7 @@ class GenerationService:
             steps=params.steps,
             guidance_scale=params.guidance_scale,
         )
-        result = await self.engine.render(spec, self.settings.request_timeout_s)
+        result = await self.engine.render(spec, timeout, job_id, admitted=job_id is not None)
         encode_start = time.perf_counter()
         data = await asyncio.to_thread(
             encode_image,

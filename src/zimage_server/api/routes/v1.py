@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from zimage_server.accounts import Admission
-from zimage_server.api.auth import admit_generate
+from zimage_server.api.auth import admit_generate, deadline_from
 from zimage_server.billing import format_credits
 from zimage_server.images import Generated, GenerationParams, GenerationService
 
@@ -91,7 +91,9 @@ async def generate(
     service.check_model(model)
     params = service.parse(await request.body())
     raw = wants_image_bytes(request, service.settings.v1_default_response)
-    generated = await service.generate(params, admission, store=not raw and not params.base_64)
+    generated = await service.generate(
+        params, admission, store=not raw and not params.base_64, timeout=deadline_from(request)
+    )
     headers = _headers(generated, admission)
     if raw:
         return Response(generated.data, media_type=generated.media_type, headers=headers)

@@ -1,0 +1,195 @@
+"""Job and webhook-delivery rows. Every state change is one conditional UPDATE, so two
+actors (a cancel and a completion, say) can never both win."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from zimage_server.billing.ledger import hold_in
+from zimage_server.core.errors import Conflict, NotFound
+from zimage_server.jobs.states import UNFINISHED, JobStatus
+from zimage_server.store.db import Database
+from zimage_server.store.models import Job, WebhookDelivery
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: str
+    owner: str
+    key_id: int | None
+    params: str
+    seed: int
+    price: int
+    webhook_url: str | None
+    base_url: str
+    idempotency_key: str | None
+    body_hash: str
+    deadline_at: float
+
+
+class JobRepository:
+    def __init__(self, db: Database, ttl_s: int) -> None:
+        self.db = db
+        self.ttl_s = ttl_s
+
+    def create(self, new: NewJob) -> tuple[Job, bool]:
+        """Insert the job and hold its price in one transaction.
+
+        Returns (job, created). A repeated Idempotency-Key with the same body returns the
+        first job (created False); with another body it is a ``Conflict``.
+        """
+        try:
+            with self.db.session() as session:
+                session.execute(
+                    insert(Job).values(
+                        id=new.id,
+                        owner=new.owner,
+                        key_id=new.key_id,
+                        status=JobStatus.QUEUED.value,
+                        params=new.params,
+                        seed=new.seed,
+                        price=new.price,
+                        webhook_url=new.webhook_url,
+                        base_url=new.base_url,
+                        idempotency_key=new.idempotency_key,
+                        body_hash=new.body_hash,
+                        created_at=time.time(),
+                        deadline_at=new.deadline_at,
+                    )
+                )
+                if new.key_id is not None:
+                    hold_in(session, new.key_id, new.price, new.id)
+        except IntegrityError:
+            if new.idempotency_key is None:
+                raise
+            existing = self._by_idempotency_key(new.owner, new.idempotency_key)
+            if existing.body_hash != new.body_hash:
+                raise Conflict(
+                    f"Idempotency-Key '{new.idempotency_key[:60]}' was already used for a "
+                    f"different request body (request {existing.id}). Use a new key for a "
+                    "new request."
+                ) from None
+            return existing, False
+        return self.get(new.id), True
+
+    def _by_idempotency_key(self, owner: str, key: str) -> Job:
+        with self.db.session() as session:
+            return session.execute(
+                select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+            ).scalar_one()
+
+    def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job, if ``owner`` may see it; ``NotFound`` (never 403) otherwise."""
+        with self.db.session() as session:
+            job = session.get(Job, job_id[:32])
+        if job is None or (owner is not None and job.owner != owner):
+            raise NotFound(f"No request with id '{job_id[:40]}'.")
+        if job.expires_at is not None and job.expires_at < time.time():
+            raise NotFound(
+                f"Request '{job_id}' has expired: results are kept for {self.ttl_s} s "
+                "after they finish."
+            )
+        return job
+
+    def recent(self, owner: str, limit: int) -> Sequence[Job]:
+        with self.db.session() as session:
+            return (
+                session.execute(
+                    select(Job)
+                    .where(Job.owner == owner)
+                    .order_by(Job.created_at.desc())
+                    .limit(limit)
+                )
+                .scalars()
+                .all()
+            )
+
+    def unfinished(self) -> Sequence[Job]:
+        with self.db.session() as session:
+            return (
+                session.execute(
+                    select(Job).where(Job.status.in_(UNFINISHED)).order_by(Job.created_at)
+                )
+                .scalars()
+                .all()
+            )
+
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        error: str | None = None,
+        output_id: str | None = None,
+        metrics: str | None = None,
+        webhook_payload: Callable[[Job], str] | None = None,
+    ) -> bool:
+        """Move an unfinished job to a terminal state; False if it already was terminal.
+
+        The webhook delivery row is written in the same transaction, so a terminal state
+        and its notification cannot be separated by a crash.
+        """
+        now = time.time()
+        with self.db.session() as session:
+            job = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(UNFINISHED))
+                .values(
+                    status=status.value,
+                    error=error,
+                    output_id=output_id,
+                    metrics=metrics,
+                    finished_at=now,
+                    expires_at=now + self.ttl_s,
+                )
+                .returning(Job.webhook_url)
+            ).one_or_none()
+            if job is None:
+                return False
+            if job.webhook_url and webhook_payload is not None:
+                session.execute(
+                    insert(WebhookDelivery).values(
+                        job_id=job_id,
+                        url=job.webhook_url,
+                        payload=webhook_payload,
+                        attempts=0,
+                        next_attempt_at=now,
+                    )
+                )
+        return True
+
+    def due_deliveries(self, limit: int = 20) -> Sequence[WebhookDelivery]:
+        with self.db.session() as session:
+            return (
+                session.execute(
+                    select(WebhookDelivery)
+                    .where(WebhookDelivery.next_attempt_at <= time.time())
+                    .order_by(WebhookDelivery.next_attempt_at)
+                    .limit(limit)
+                )
+                .scalars()
+                .all()
+            )
+
+    def delivery_done(self, delivery_id: int, attempts: int) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery_id)
+                .values(attempts=attempts, delivered_at=time.time(), next_attempt_at=None)
+            )
+
+    def delivery_failed(
+        self, delivery_id: int, attempts: int, error: str, retry_at: float | None
+    ) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery_id)
+                .values(attempts=attempts, last_error=error[:500], next_attempt_at=retry_at)
+            )

@@ -1,0 +1,245 @@
+"""Async jobs: submit (row + hold in one transaction), run on the engine, finish exactly
+once, notify. Each job is an asyncio task awaiting the engine; on restart the unfinished
+rows are simply run again, and their hold (taken once, at submit) is not taken twice."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from zimage_server.accounts import Admission
+from zimage_server.billing import Ledger, format_credits
+from zimage_server.core.config import Settings
+from zimage_server.core.errors import (
+    Cancelled,
+    Conflict,
+    DeadlineExceeded,
+    WorkerDied,
+    ZImageError,
+)
+from zimage_server.engine import Engine
+from zimage_server.images import Generated, GenerationParams, GenerationService
+from zimage_server.images.service import pick_seed
+from zimage_server.jobs.repository import JobRepository, NewJob
+from zimage_server.jobs.states import JobStatus
+from zimage_server.jobs.webhooks import WebhookPolicy
+from zimage_server.store import OutputStore
+from zimage_server.store.models import Job
+
+log = logging.getLogger("zimage.jobs")
+
+
+def owner_of(admission: Admission) -> str:
+    return str(admission.principal.key_id) if admission.principal else "anonymous"
+
+
+@dataclass(frozen=True)
+class Submission:
+    params: GenerationParams
+    webhook_url: str | None
+    idempotency_key: str | None
+    deadline_s: float | None
+    base_url: str
+
+    def body_hash(self) -> str:
+        canonical = json.dumps(
+            {"params": self.params.model_dump(), "webhook_url": self.webhook_url}, sort_keys=True
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class JobRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        repo: JobRepository,
+        engine: Engine,
+        generation: GenerationService,
+        outputs: OutputStore,
+        ledger: Ledger,
+        policy: WebhookPolicy,
+    ) -> None:
+        self.settings, self.repo, self.engine = settings, repo, engine
+        self.generation, self.outputs, self.ledger, self.policy = (
+            generation,
+            outputs,
+            ledger,
+            policy,
+        )
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Run again every job that a previous process left QUEUED or PROCESSING."""
+        unfinished = await asyncio.to_thread(self.repo.unfinished)
+        for job in unfinished:
+            self._spawn(job)
+        if unfinished:
+            log.info("recovered %d unfinished jobs", len(unfinished))
+
+    async def stop(self) -> None:
+        """Stop the tasks; their jobs stay unfinished in the store for the next start."""
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    # -- requests ----------------------------------------------------------------------------
+    async def submit(self, sub: Submission, admission: Admission) -> tuple[Job, bool]:
+        if sub.webhook_url:
+            await asyncio.to_thread(self.policy.check, sub.webhook_url)
+        self.engine.admit()
+        timeout = sub.deadline_s or self.settings.job_timeout_s
+        new = NewJob(
+            id=secrets.token_hex(16),
+            owner=owner_of(admission),
+            key_id=admission.principal.key_id if admission.principal else None,
+            params=sub.params.model_dump_json(),
+            seed=pick_seed(sub.params),
+            price=self.generation.price(sub.params) if admission.principal else 0,
+            webhook_url=sub.webhook_url,
+            base_url=sub.base_url,
+            idempotency_key=sub.idempotency_key,
+            body_hash=sub.body_hash(),
+            deadline_at=time.time() + timeout,
+        )
+        job, created = await asyncio.to_thread(self.repo.create, new)
+        if created:
+            self._spawn(job)
+        return job, created
+
+    async def get(self, job_id: str, owner: str) -> Job:
+        return await asyncio.to_thread(self.repo.get, job_id, owner)
+
+    async def cancel(self, job_id: str, owner: str) -> Job:
+        job = await self.get(job_id, owner)
+        if JobStatus(job.status).is_terminal:
+            raise Conflict(f"Request {job_id} is already {job.status}; it cannot be cancelled.")
+        if not self.engine.cancel(job_id):
+            # Not in the engine (e.g. between retries): finish it here and stop its task.
+            task = self._tasks.get(job_id)
+            if task:
+                task.cancel()
+            await self._finish(job, JobStatus.CANCELLED, error="cancelled")
+        else:
+            task = self._tasks.get(job_id)
+            if task:
+                await asyncio.wait({task}, timeout=30)
+        return await self.get(job_id, owner)
+
+    def live_status(self, job: Job) -> tuple[JobStatus, int | None, tuple[int, int] | None]:
+        """Status with what only the engine knows: queue position (1 = next) and step."""
+        status = JobStatus(job.status)
+        if status.is_terminal:
+            return status, None, None
+        progress = self.engine.progress(job.id)
+        if progress is not None:
+            return JobStatus.PROCESSING, None, progress
+        position = self.engine.position(job.id)
+        return JobStatus.QUEUED, None if position is None else position + 1, None
+
+    # -- running -----------------------------------------------------------------------------
+    def _spawn(self, job: Job) -> None:
+        task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+        self._tasks[job.id] = task
+        task.add_done_callback(functools.partial(self._forget, job.id))
+
+    def _forget(self, job_id: str, _task: asyncio.Task[None]) -> None:
+        self._tasks.pop(job_id, None)
+
+    async def _run(self, job: Job) -> None:
+        params = GenerationParams.model_validate_json(job.params)
+        for attempt in range(self.settings.job_retries + 1):
+            try:
+                generated = await self.generation.render(
+                    params, job.seed, job.deadline_at - time.time(), job_id=job.id
+                )
+            except WorkerDied as exc:
+                if attempt < self.settings.job_retries:
+                    log.warning("job %s: worker died, running it again", job.id)
+                    continue
+                await self._finish(job, JobStatus.FAILED, error=exc.message)
+            except Cancelled:
+                await self._finish(job, JobStatus.CANCELLED, error="cancelled")
+            except DeadlineExceeded:
+                await self._finish(
+                    job,
+                    JobStatus.FAILED,
+                    error="Deadline exceeded: the job did not finish before its deadline.",
+                )
+            except ZImageError as exc:
+                await self._finish(
+                    job, JobStatus.FAILED, error=exc.message if exc.public else "internal error"
+                )
+            except asyncio.CancelledError:
+                raise  # server stopping: the job stays unfinished for the next start
+            except Exception:
+                log.exception("job %s failed", job.id)
+                await self._finish(job, JobStatus.FAILED, error="internal error")
+            else:
+                await self._complete(job, generated)
+            return
+
+    async def _complete(self, job: Job, generated: Generated) -> None:
+        output_id = await asyncio.to_thread(
+            self.outputs.save, generated.data, generated.params.image_format
+        )
+        metrics = {
+            "inference_time": round(generated.generation_time, 4),
+            "queue_time": round(generated.timings.get("queue_wait", 0.0), 4),
+            "timings": {k: round(v, 4) for k, v in generated.timings.items()},
+            "credits": format_credits(job.price),
+        }
+        await self._finish(job, JobStatus.COMPLETED, output_id=output_id, metrics=metrics)
+
+    async def _finish(
+        self,
+        job: Job,
+        status: JobStatus,
+        *,
+        error: str | None = None,
+        output_id: str | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        changed = await asyncio.to_thread(
+            functools.partial(
+                self.repo.finish,
+                job.id,
+                status,
+                error=error,
+                output_id=output_id,
+                metrics=json.dumps(metrics) if metrics else None,
+                webhook_payload=lambda row: json.dumps(result_body(row, self.outputs)),
+            )
+        )
+        if changed and status != JobStatus.COMPLETED and job.key_id is not None:
+            await asyncio.to_thread(self.ledger.release, job.key_id, job.price, job.id)
+
+
+def result_body(job: Job, outputs: OutputStore) -> dict[str, Any]:
+    """``GET /v2/requests/{id}`` and the webhook payload: status, output, metrics."""
+    params = GenerationParams.model_validate_json(job.params)
+    output: str | None = None
+    if job.status == JobStatus.COMPLETED.value and job.output_id:
+        if params.base_64:
+            import base64
+
+            output = base64.b64encode(outputs.path(job.output_id).read_bytes()).decode()
+        else:
+            output = f"{job.base_url}/v1/outputs/{job.output_id}"
+    body: dict[str, Any] = {
+        "request_id": job.id,
+        "status": job.status,
+        "output": output,
+        "seed": job.seed,
+        "metrics": json.loads(job.metrics) if job.metrics else None,
+    }
+    if job.error:
+        body["error"] = job.error
+    return body
