@@ -25,7 +25,7 @@ class Server:
         self, data_dir: Path, env: dict[str, str] | None = None, wait: bool = True
     ) -> None:
         self.data_dir = data_dir
-        self.log_path = data_dir / "server.log"
+        self.log_path = data_dir / f"server-{len(list(data_dir.glob('server-*.log')))}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         full_env = {
             **os.environ,

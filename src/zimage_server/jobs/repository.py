@@ -152,11 +152,14 @@ class JobRepository:
             if job is None:
                 return False
             if job.webhook_url and webhook_payload is not None:
+                row = session.get(Job, job_id)
+                if row is None:  # pragma: no cover - updated in this very transaction
+                    raise RuntimeError(f"job {job_id} vanished")
                 session.execute(
                     insert(WebhookDelivery).values(
                         job_id=job_id,
                         url=job.webhook_url,
-                        payload=webhook_payload,
+                        payload=webhook_payload(row),
                         attempts=0,
                         next_attempt_at=now,
                     )
