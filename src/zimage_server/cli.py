@@ -239,3 +239,55 @@ def keys_usage(prefix: str) -> None:
         f"{prefix}: {used.images} images, {format_credits(used.spent)} credits spent, "
         f"balance {format_credits(used.balance)}"
     )
+
+
+class ImageFormat(StrEnum):
+    webp = "webp"
+    png = "png"
+    jpeg = "jpeg"
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Image file to write.")] = Path(
+        "out.webp"
+    ),
+    url: Annotated[str, typer.Option(envvar="ZIMAGE_URL", help="Server base URL.")] = (
+        "http://127.0.0.1:8000"
+    ),
+    api_key: Annotated[str | None, typer.Option(envvar="ZIMAGE_API_KEY", help="API key.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, max=75)] = None,
+    guidance_scale: Annotated[float | None, typer.Option(min=0, max=15)] = None,
+    seed: Annotated[int | None, typer.Option(help="-1 or unset: the server picks.")] = None,
+    width: Annotated[int | None, typer.Option(min=256, max=2048)] = None,
+    height: Annotated[int | None, typer.Option(min=256, max=2048)] = None,
+    image_format: Annotated[ImageFormat | None, typer.Option("--format")] = None,
+    quality: Annotated[int | None, typer.Option(min=1, max=100)] = None,
+) -> None:
+    """Generate an image on a running server and save it."""
+    from zimage_server.client import ZImageAPIError, ZImageClient
+
+    fmt = image_format.value if image_format else (output.suffix.lstrip(".").lower() or "webp")
+    fmt = {"jpg": "jpeg"}.get(fmt, fmt)
+    options: dict[str, Any] = {
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "image_format": fmt,
+        "quality": quality,
+    }
+    try:
+        with ZImageClient(url, api_key) as client, console.status(f"Generating on {url} ..."):
+            image = client.generate(prompt, **options)
+    except ZImageAPIError as exc:
+        console.print(f"[bold red]error {exc.status}:[/] {exc.message}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        console.print(f"[bold red]error:[/] cannot reach {url}: {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    image.save(str(output))
+    took = f" in {image.generation_time:.2f}s" if image.generation_time is not None else ""
+    console.print(f"Saved {output} (seed {image.seed}{took}).")

@@ -40,9 +40,32 @@ def status_for(exc: e.ZImageError) -> int:
     return 500
 
 
+OPENAI_PREFIXES = ("/v1/images", "/v1/models")
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    406: "insufficient_quota",
+    409: "conflict_error",
+    429: "rate_limit_error",
+}
+
+
 def error_response(
-    status: int, message: str, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    request: Request | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
+    """Segmind's ``{"error": msg}``, or OpenAI's envelope on the OpenAI-compatible routes."""
+    if request is not None and request.url.path.startswith(OPENAI_PREFIXES):
+        kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "api_error")
+        body: dict[str, object] = {
+            "error": {"message": message, "type": kind, "param": param, "code": kind}
+        }
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -55,7 +78,8 @@ async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    return error_response(status_for(exc), exc.message, headers)
+    field = getattr(exc, "field", None)
+    return error_response(status_for(exc), exc.message, headers, request, field)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -70,21 +94,22 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         )
     elif exc.status_code == 404:
         message = f"No such endpoint: {request.method} {request.url.path}."
-    return error_response(exc.status_code, message, headers)
+    return error_response(exc.status_code, message, headers, request)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, RequestValidationError):  # pragma: no cover - registered for this type
         raise exc
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first.get("loc", ()))
-    return error_response(400, f"Invalid '{where}': {first.get('msg', 'invalid value')}.")
+    message = f"Invalid '{where}': {first.get('msg', 'invalid value')}."
+    return error_response(400, message, None, request, where)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     request_id = request.scope.get("state", {}).get("request_id", "-")
     log.error("unhandled error in request %s", request_id, exc_info=exc)
-    return error_response(500, f"Internal server error (request id {request_id}).")
+    return error_response(500, f"Internal server error (request id {request_id}).", None, request)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -13,7 +13,8 @@ from zimage_server import __version__
 from zimage_server.accounts import AccessControl, KeyService, RateLimiter
 from zimage_server.api.errors import install_error_handlers
 from zimage_server.api.middleware import RequestIdMiddleware
-from zimage_server.api.routes import admin, health, outputs, v1, v2
+from zimage_server.api.routes import admin, health, openai_images, outputs, v1, v2
+from zimage_server.api.routes.playground import mount_playground
 from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
 from zimage_server.engine import Engine
@@ -122,8 +123,9 @@ def create_app(settings: Settings, on_progress: ProgressCallback | None = None) 
     app.state.access = AccessControl(keys, limiter, settings.auth_required)
     app.state.generation = generation
     app.state.jobs = runner
-    for module in (health, outputs, admin, v2, v1):
+    for module in (health, outputs, admin, openai_images, v2, v1):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
+    mount_playground(app)
     return app

@@ -130,6 +130,33 @@ class GenerationService:
             return generated
         return replace(generated, credits_consumed=price, credits_remaining=remaining)
 
+    async def generate_many(
+        self, batch: list[GenerationParams], admission: Admission, store: bool = False
+    ) -> list[Generated]:
+        """Several images billed together: all are charged, or none (any failure refunds).
+        They are queued at once, so the engine's batcher can render them as one batch."""
+        price = sum(self.price(params) for params in batch)
+        timeout = self.settings.request_timeout_s
+        async with self._billed(admission, price) as remaining:
+            results = await asyncio.gather(
+                *(self.render(params, pick_seed(params), timeout) for params in batch)
+            )
+            if store:
+                ids = await asyncio.gather(
+                    *(
+                        asyncio.to_thread(self.outputs.save, g.data, g.params.image_format)
+                        for g in results
+                    )
+                )
+                results = [replace(g, output_id=i) for g, i in zip(results, ids, strict=True)]
+        if admission.principal is None:
+            return list(results)
+        share = [self.price(g.params) for g in results]
+        return [
+            replace(g, credits_consumed=p, credits_remaining=remaining)
+            for g, p in zip(results, share, strict=True)
+        ]
+
     @asynccontextmanager
     async def _billed(self, admission: Admission, price: int) -> AsyncIterator[int | None]:
         if admission.principal is None:

@@ -25,3 +25,22 @@ async def readyz(request: Request) -> JSONResponse:
     if engine.failure:
         body["reason"] = engine.failure
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/info", summary="What this server serves and whether it needs a key")
+async def info(request: Request) -> dict[str, object]:
+    from zimage_server import __version__
+    from zimage_server.images.params import MODEL_SLUG, GenerationParams
+
+    schema = GenerationParams.model_json_schema()["properties"]
+    return {
+        "name": "zimage-server",
+        "version": __version__,
+        "model": MODEL_SLUG,
+        "weights": request.app.state.model_label,
+        "auth_required": request.app.state.settings.auth_required,
+        "parameters": {
+            name: {k: v for k, v in spec.items() if k in ("minimum", "maximum", "default", "enum")}
+            for name, spec in schema.items()
+        },
+    }

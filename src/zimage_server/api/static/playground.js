@@ -1,0 +1,682 @@
+// Z-Image playground. Plain JS, no build step.
+//
+// Every request goes to this page's own origin through same-origin paths ("/info",
+// "/v1/z-image-turbo"); the page's Content-Security-Policy (connect-src 'self') makes the
+// browser refuse anything else, so a stored API key can only ever reach this server.
+"use strict";
+
+(() => {
+  const STORAGE = {
+    key: "zimage.playground.apiKey",
+    history: "zimage.playground.history",
+    settings: "zimage.playground.settings",
+  };
+  const HISTORY_LIMIT = 12;
+  const THUMB_EDGE = 160;
+  const MIME = { webp: "image/webp", png: "image/png", jpeg: "image/jpeg" };
+  const MAX_SEED = (1n << 63n) - 1n;
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    status: $("status"),
+    statusText: $("status-text"),
+    keyButton: $("key-button"),
+    form: $("controls"),
+    prompt: $("prompt"),
+    presets: $("presets"),
+    width: $("width"),
+    height: $("height"),
+    swap: $("swap"),
+    steps: $("steps"),
+    stepsValue: $("steps-value"),
+    seed: $("seed"),
+    seedRandom: $("seed-random"),
+    generate: $("generate"),
+    generateLabel: $("generate-label"),
+    modKey: $("mod-key"),
+    stage: $("stage"),
+    placeholder: $("placeholder"),
+    result: $("result"),
+    previewBadge: $("preview-badge"),
+    progress: $("progress"),
+    elapsed: $("elapsed"),
+    error: $("error"),
+    errorTitle: $("error-title"),
+    errorText: $("error-text"),
+    errorClose: $("error-close"),
+    meta: $("meta"),
+    resultSeed: $("result-seed"),
+    resultSize: $("result-size"),
+    resultTime: $("result-time"),
+    resultFormat: $("result-format"),
+    reuseSeed: $("reuse-seed"),
+    download: $("download"),
+    history: $("history"),
+    historyEmpty: $("history-empty"),
+    clearHistory: $("clear-history"),
+    keyDialog: $("key-dialog"),
+    keyForm: $("key-form"),
+    keyReason: $("key-reason"),
+    keyInput: $("key-input"),
+    keyForget: $("key-forget"),
+    keyCancel: $("key-cancel"),
+  };
+
+  const state = {
+    authRequired: false,
+    busy: false,
+    ranges: {
+      width: { min: 256, max: 2048 },
+      height: { min: 256, max: 2048 },
+      steps: { min: 1, max: 75 },
+    },
+    shown: null, // the result or history entry on the stage
+    objectUrl: null,
+    history: [],
+  };
+
+  // ---------- storage (never throws: private modes and full quotas just lose the data) ----------
+
+  function readJson(name, fallback) {
+    try {
+      const raw = localStorage.getItem(name);
+      return raw === null ? fallback : JSON.parse(raw);
+    } catch {
+      return fallback;
+    }
+  }
+
+  function writeJson(name, value) {
+    try {
+      localStorage.setItem(name, JSON.stringify(value));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  function getKey() {
+    try {
+      return localStorage.getItem(STORAGE.key) || "";
+    } catch {
+      return "";
+    }
+  }
+
+  function setKey(value) {
+    try {
+      if (value) localStorage.setItem(STORAGE.key, value);
+      else localStorage.removeItem(STORAGE.key);
+    } catch {
+      /* storage unavailable: the key lives for this page only */
+    }
+    renderKeyButton();
+  }
+
+  // ---------- talking to this server (same origin only) ----------
+
+  function api(path, init = {}) {
+    if (!/^\/(?!\/)/.test(path)) throw new Error("the playground only talks to its own server");
+    const headers = new Headers(init.headers || {});
+    const key = getKey();
+    if (key) headers.set("x-api-key", key);
+    return fetch(path, {
+      ...init,
+      headers,
+      credentials: "same-origin",
+      cache: "no-store",
+      referrerPolicy: "no-referrer",
+    });
+  }
+
+  async function errorMessage(response) {
+    const text = await response.text().catch(() => "");
+    try {
+      const body = JSON.parse(text);
+      if (body && typeof body.error === "string") return body.error;
+      if (body && body.error && typeof body.error.message === "string") return body.error.message;
+      if (body && typeof body.detail === "string") return body.detail;
+    } catch {
+      /* not JSON */
+    }
+    return text.trim().slice(0, 300) || response.statusText || "no details";
+  }
+
+  // ---------- status pill and server info ----------
+
+  function setStatus(kind, text, title) {
+    el.status.dataset.state = kind;
+    el.statusText.textContent = text;
+    el.status.title = title || "";
+  }
+
+  let modelLabel = "";
+
+  async function loadInfo() {
+    let info;
+    try {
+      const response = await api("/info");
+      if (!response.ok) throw new Error(`${response.status} ${await errorMessage(response)}`);
+      info = await response.json();
+    } catch (err) {
+      setStatus("error", "Server unreachable", String(err));
+      showError("Cannot reach the server", `GET /info failed: ${err.message || err}`);
+      return;
+    }
+    modelLabel = info.weights || info.model || "";
+    state.authRequired = Boolean(info.auth_required);
+    applyRanges(info.parameters || {});
+    renderKeyButton();
+    document.body.dataset.auth = state.authRequired ? "required" : "off";
+    document.body.dataset.ready = "true";
+    if (state.authRequired && !getKey()) openKeyDialog("This server needs an API key to generate images.");
+    pollReadiness();
+  }
+
+  async function pollReadiness() {
+    try {
+      const response = await api("/readyz");
+      const body = await response.json().catch(() => ({}));
+      if (response.ok) {
+        setStatus("ready", modelLabel ? `Ready · ${modelLabel}` : "Ready", modelLabel);
+        return;
+      }
+      if (body.status === "FAILED") {
+        setStatus("error", "Model failed to load", body.reason || "");
+        return;
+      }
+      setStatus("loading", "Loading model…", body.reason || "");
+    } catch (err) {
+      setStatus("error", "Server unreachable", String(err));
+    }
+    setTimeout(pollReadiness, 3000);
+  }
+
+  function applyRanges(parameters) {
+    for (const name of ["width", "height", "steps"]) {
+      const spec = parameters[name];
+      if (!spec) continue;
+      const range = state.ranges[name];
+      if (Number.isInteger(spec.minimum)) range.min = spec.minimum;
+      if (Number.isInteger(spec.maximum)) range.max = spec.maximum;
+      el[name].min = String(range.min);
+      el[name].max = String(range.max);
+    }
+    const defaults = parameters.steps && parameters.steps.default;
+    if (Number.isInteger(defaults) && !readJson(STORAGE.settings, null)) el.steps.value = String(defaults);
+    updateSteps();
+  }
+
+  // ---------- API key ----------
+
+  function renderKeyButton() {
+    const key = getKey();
+    el.keyButton.hidden = !state.authRequired && !key;
+    el.keyButton.textContent = key ? `Key ···${key.slice(-4)}` : "Set API key";
+    el.keyButton.title = key ? "Change or forget the API key" : "Enter an API key";
+    el.keyForget.hidden = !key;
+  }
+
+  function openKeyDialog(reason, tone) {
+    el.keyReason.textContent = reason || "Enter the API key for this server.";
+    el.keyReason.dataset.tone = tone || "";
+    el.keyInput.value = "";
+    el.keyInput.placeholder = getKey() ? `current key ends in ${getKey().slice(-4)}` : "zk_…";
+    el.keyForget.hidden = !getKey();
+    if (!el.keyDialog.open) el.keyDialog.showModal();
+    el.keyInput.focus();
+  }
+
+  el.keyButton.addEventListener("click", () => openKeyDialog());
+  el.keyCancel.addEventListener("click", () => el.keyDialog.close());
+  el.keyForget.addEventListener("click", () => {
+    setKey("");
+    openKeyDialog("Key forgotten. Enter another one, or cancel.");
+  });
+  el.keyForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const value = el.keyInput.value.trim();
+    if (!value) {
+      el.keyInput.setAttribute("aria-invalid", "true");
+      el.keyInput.focus();
+      return;
+    }
+    el.keyInput.removeAttribute("aria-invalid");
+    setKey(value);
+    el.keyDialog.close();
+    hideError();
+  });
+
+  // ---------- form ----------
+
+  function presetButtons() {
+    return Array.from(el.presets.querySelectorAll(".preset"));
+  }
+
+  for (const button of presetButtons()) {
+    const w = Number(button.dataset.w);
+    const h = Number(button.dataset.h);
+    const shape = button.querySelector(".shape");
+    // CSSOM, not a style attribute: the page's CSP forbids inline styles.
+    shape.style.aspectRatio = `${w} / ${h}`;
+    shape.style.width = w >= h ? "26px" : `${Math.round((26 * w) / h)}px`;
+    if (w === 512) shape.style.width = "16px";
+    button.title = `${w} × ${h}`;
+    button.addEventListener("click", () => {
+      el.width.value = String(w);
+      el.height.value = String(h);
+      syncSize();
+      saveSettings();
+    });
+  }
+
+  function syncSize() {
+    const w = Number(el.width.value);
+    const h = Number(el.height.value);
+    for (const button of presetButtons()) {
+      const match = Number(button.dataset.w) === w && Number(button.dataset.h) === h;
+      button.setAttribute("aria-pressed", String(match));
+    }
+    for (const input of [el.width, el.height]) input.removeAttribute("aria-invalid");
+  }
+
+  el.width.addEventListener("input", () => { syncSize(); saveSettings(); });
+  el.height.addEventListener("input", () => { syncSize(); saveSettings(); });
+  el.swap.addEventListener("click", () => {
+    [el.width.value, el.height.value] = [el.height.value, el.width.value];
+    syncSize();
+    saveSettings();
+  });
+
+  function updateSteps() {
+    el.stepsValue.textContent = el.steps.value;
+    const min = Number(el.steps.min);
+    const max = Number(el.steps.max);
+    const fill = ((Number(el.steps.value) - min) / Math.max(1, max - min)) * 100;
+    el.steps.style.setProperty("--fill", `${fill}%`);
+  }
+  el.steps.addEventListener("input", () => { updateSteps(); saveSettings(); });
+
+  function setRandomSeed(random) {
+    el.seedRandom.checked = random;
+    el.seed.disabled = random;
+    el.seed.placeholder = random ? "random" : "e.g. 42";
+    el.seed.removeAttribute("aria-invalid");
+    if (!random && !el.seed.value && state.shown) el.seed.value = state.shown.seed;
+  }
+  el.seedRandom.addEventListener("change", () => {
+    setRandomSeed(el.seedRandom.checked);
+    if (!el.seedRandom.checked) el.seed.focus();
+    saveSettings();
+  });
+  el.seed.addEventListener("input", () => { el.seed.removeAttribute("aria-invalid"); saveSettings(); });
+  el.prompt.addEventListener("input", () => { el.prompt.removeAttribute("aria-invalid"); saveSettings(); });
+
+  function selectedFormat() {
+    const checked = el.form.querySelector('input[name="format"]:checked');
+    return checked ? checked.value : "webp";
+  }
+
+  function setFormat(format) {
+    for (const radio of el.form.querySelectorAll('input[name="format"]')) radio.checked = radio.value === format;
+  }
+  for (const radio of el.form.querySelectorAll('input[name="format"]')) {
+    radio.addEventListener("change", saveSettings);
+  }
+
+  function saveSettings() {
+    writeJson(STORAGE.settings, {
+      prompt: el.prompt.value,
+      width: el.width.value,
+      height: el.height.value,
+      steps: el.steps.value,
+      seed: el.seed.value,
+      random: el.seedRandom.checked,
+      format: selectedFormat(),
+    });
+  }
+
+  function restoreSettings() {
+    const saved = readJson(STORAGE.settings, null);
+    if (saved && typeof saved === "object") {
+      if (typeof saved.prompt === "string") el.prompt.value = saved.prompt;
+      if (saved.width) el.width.value = String(saved.width);
+      if (saved.height) el.height.value = String(saved.height);
+      if (saved.steps) el.steps.value = String(saved.steps);
+      if (typeof saved.seed === "string") el.seed.value = saved.seed;
+      if (saved.format in MIME) setFormat(saved.format);
+      setRandomSeed(saved.random !== false);
+    } else {
+      setRandomSeed(true);
+    }
+    syncSize();
+    updateSteps();
+  }
+
+  function invalid(input, title, message) {
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+    showError(title, message);
+    return null;
+  }
+
+  function intInRange(input, name) {
+    const { min, max } = state.ranges[name];
+    const text = input.value.trim();
+    const value = Number(text);
+    if (!/^\d+$/.test(text) || value < min || value > max) {
+      return invalid(input, `Invalid ${name}`, `${name[0].toUpperCase()}${name.slice(1)} must be a whole number from ${min} to ${max}.`);
+    }
+    return value;
+  }
+
+  function readForm() {
+    const prompt = el.prompt.value.trim();
+    if (!prompt) return invalid(el.prompt, "Prompt is empty", "Describe the image you want first.");
+    const width = intInRange(el.width, "width");
+    if (width === null) return null;
+    const height = intInRange(el.height, "height");
+    if (height === null) return null;
+    const steps = intInRange(el.steps, "steps");
+    if (steps === null) return null;
+    let seed = "-1";
+    if (!el.seedRandom.checked) {
+      const text = el.seed.value.trim();
+      if (!/^\d{1,19}$/.test(text) || BigInt(text) > MAX_SEED) {
+        return invalid(el.seed, "Invalid seed", "The seed must be a whole number from 0 to 2^63 − 1, or switch on Random.");
+      }
+      seed = BigInt(text).toString();
+    }
+    return { prompt, width, height, steps, seed, format: selectedFormat() };
+  }
+
+  // ---------- generation ----------
+
+  let ticker = null;
+
+  function setBusy(busy, started) {
+    state.busy = busy;
+    el.generate.disabled = busy;
+    el.generate.setAttribute("aria-busy", String(busy));
+    el.generateLabel.textContent = busy ? "Generating…" : "Generate";
+    el.progress.hidden = !busy;
+    el.stage.dataset.state = busy ? "busy" : state.shown ? (state.shown.preview ? "preview" : "result") : "empty";
+    clearInterval(ticker);
+    if (busy) {
+      const tick = () => { el.elapsed.textContent = `${((performance.now() - started) / 1000).toFixed(1)} s`; };
+      tick();
+      ticker = setInterval(tick, 100);
+    }
+  }
+
+  function requestBody(params) {
+    // The seed is spliced in as text: JSON numbers in JS lose precision above 2^53.
+    const json = JSON.stringify({
+      seed: 0,
+      prompt: params.prompt,
+      width: params.width,
+      height: params.height,
+      steps: params.steps,
+      image_format: params.format,
+      base_64: true,
+    });
+    return json.replace('{"seed":0,', `{"seed":${params.seed},`);
+  }
+
+  function base64ToBlob(data, type) {
+    const binary = atob(data);
+    const bytes = new Uint8Array(binary.length);
+    for (let i = 0; i < binary.length; i += 1) bytes[i] = binary.charCodeAt(i);
+    return new Blob([bytes], { type });
+  }
+
+  async function generate() {
+    if (state.busy) return;
+    hideError();
+    const params = readForm();
+    if (!params) return;
+    if (state.authRequired && !getKey()) {
+      openKeyDialog("Enter an API key to generate images on this server.");
+      return;
+    }
+    saveSettings();
+    const started = performance.now();
+    setBusy(true, started);
+    try {
+      const response = await api("/v1/z-image-turbo", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: requestBody(params),
+      });
+      if (!response.ok) {
+        await handleFailure(response);
+        return;
+      }
+      const text = await response.text();
+      const data = JSON.parse(text);
+      // Read the seed from the text too, so seeds above 2^53 survive exactly.
+      const seedMatch = /"seed"\s*:\s*(\d+)/.exec(text);
+      const format = data.image_format || params.format;
+      const blob = base64ToBlob(data.image, MIME[format] || "application/octet-stream");
+      const url = URL.createObjectURL(blob);
+      await showImage(url);
+      const wall = (performance.now() - started) / 1000;
+      const entry = {
+        id: `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`,
+        prompt: params.prompt,
+        seed: seedMatch ? seedMatch[1] : String(data.seed),
+        width: data.width || params.width,
+        height: data.height || params.height,
+        steps: params.steps,
+        format,
+        serverTime: typeof data.generation_time === "number" ? data.generation_time : null,
+        wallTime: wall,
+        bytes: blob.size,
+        at: Date.now(),
+        thumb: makeThumb(el.result),
+      };
+      replaceObjectUrl(url);
+      state.shown = { ...entry, preview: false };
+      renderMeta();
+      addToHistory(entry);
+    } catch (err) {
+      showError("Something went wrong", err && err.message ? err.message : String(err));
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  async function handleFailure(response) {
+    const message = await errorMessage(response);
+    const retry = response.headers.get("Retry-After");
+    const suffix = retry ? ` Try again in ${retry} s.` : "";
+    const titles = {
+      400: "Invalid request",
+      401: "API key needed",
+      403: "API key not allowed",
+      406: "Not enough credits",
+      429: "Busy: too many requests",
+      502: "The worker restarted",
+      503: "Model still loading",
+      504: "Timed out",
+    };
+    const title = `${titles[response.status] || "Generation failed"} (${response.status})`;
+    showError(title, message + suffix);
+    if (response.status === 401 || response.status === 403) {
+      openKeyDialog(`The server said: ${message}`, "error");
+    }
+  }
+
+  function showImage(url) {
+    return new Promise((resolve, reject) => {
+      const img = el.result;
+      img.onload = () => resolve();
+      img.onerror = () => reject(new Error("the browser could not decode the returned image"));
+      img.src = url;
+      img.hidden = false;
+      el.placeholder.hidden = true;
+    });
+  }
+
+  function replaceObjectUrl(url) {
+    if (state.objectUrl && state.objectUrl !== url) URL.revokeObjectURL(state.objectUrl);
+    state.objectUrl = url;
+  }
+
+  function makeThumb(img) {
+    const scale = Math.min(1, THUMB_EDGE / Math.max(img.naturalWidth, img.naturalHeight));
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(img.naturalWidth * scale));
+    canvas.height = Math.max(1, Math.round(img.naturalHeight * scale));
+    const ctx = canvas.getContext("2d");
+    ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+    return canvas.toDataURL("image/jpeg", 0.8);
+  }
+
+  function formatSeconds(value) {
+    if (typeof value !== "number" || !Number.isFinite(value)) return "–";
+    return value < 10 ? `${value.toFixed(2)} s` : `${value.toFixed(1)} s`;
+  }
+
+  function renderMeta() {
+    const shown = state.shown;
+    el.meta.hidden = !shown;
+    if (!shown) return;
+    el.resultSeed.textContent = shown.seed;
+    el.resultSize.textContent = `${shown.width} × ${shown.height}`;
+    const server = shown.serverTime === null ? "" : `${formatSeconds(shown.serverTime)} server · `;
+    el.resultTime.textContent = `${server}${formatSeconds(shown.wallTime)} total`;
+    el.resultTime.title = "Server: generation_time from the response. Total: measured in this browser.";
+    el.resultFormat.textContent = shown.format.toUpperCase();
+    el.previewBadge.hidden = !shown.preview;
+    el.download.hidden = shown.preview;
+    if (!shown.preview) {
+      el.download.href = state.objectUrl;
+      el.download.download = `zimage-${shown.seed}.${shown.format === "jpeg" ? "jpg" : shown.format}`;
+    }
+    el.stage.dataset.state = shown.preview ? "preview" : "result";
+    for (const item of el.history.querySelectorAll(".history-item")) {
+      item.setAttribute("aria-current", String(item.dataset.id === shown.id));
+    }
+  }
+
+  el.reuseSeed.addEventListener("click", () => {
+    if (!state.shown) return;
+    el.seed.value = state.shown.seed;
+    setRandomSeed(false);
+    saveSettings();
+    el.seed.focus();
+  });
+
+  el.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    generate();
+  });
+
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !el.keyDialog.open) {
+      event.preventDefault();
+      generate();
+    }
+  });
+
+  // ---------- errors ----------
+
+  function showError(title, text) {
+    el.errorTitle.textContent = title;
+    el.errorText.textContent = text;
+    el.error.hidden = false;
+  }
+
+  function hideError() {
+    el.error.hidden = true;
+  }
+  el.errorClose.addEventListener("click", hideError);
+
+  // ---------- history ----------
+
+  function saveHistory() {
+    // Drop the oldest entries until the thumbnails fit in the storage quota.
+    while (!writeJson(STORAGE.history, state.history) && state.history.length > 0) {
+      state.history.pop();
+    }
+  }
+
+  function addToHistory(entry) {
+    state.history = [entry, ...state.history].slice(0, HISTORY_LIMIT);
+    saveHistory();
+    renderHistory();
+  }
+
+  function renderHistory() {
+    el.history.replaceChildren();
+    for (const entry of state.history) {
+      const item = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "history-item";
+      button.dataset.id = entry.id;
+      button.title = entry.prompt;
+      button.setAttribute("aria-current", String(Boolean(state.shown && state.shown.id === entry.id)));
+      const img = document.createElement("img");
+      img.alt = "";
+      img.src = typeof entry.thumb === "string" && entry.thumb.startsWith("data:image/") ? entry.thumb : "";
+      const text = document.createElement("span");
+      text.className = "history-text";
+      const prompt = document.createElement("span");
+      prompt.className = "history-prompt";
+      prompt.textContent = entry.prompt;
+      const meta = document.createElement("span");
+      meta.className = "history-meta";
+      meta.textContent = `${entry.seed} · ${entry.width}×${entry.height}`;
+      text.append(prompt, meta);
+      button.append(img, text);
+      button.addEventListener("click", () => restoreEntry(entry));
+      item.append(button);
+      el.history.append(item);
+    }
+    el.historyEmpty.hidden = state.history.length > 0;
+    el.clearHistory.hidden = state.history.length === 0;
+  }
+
+  function restoreEntry(entry) {
+    if (state.busy) return;
+    hideError();
+    el.prompt.value = entry.prompt;
+    el.width.value = String(entry.width);
+    el.height.value = String(entry.height);
+    el.steps.value = String(entry.steps);
+    el.seed.value = entry.seed;
+    setRandomSeed(false);
+    if (entry.format in MIME) setFormat(entry.format);
+    syncSize();
+    updateSteps();
+    saveSettings();
+    replaceObjectUrl(null);
+    el.result.onload = null;
+    el.result.onerror = null;
+    el.result.src = entry.thumb;
+    el.result.hidden = false;
+    el.placeholder.hidden = true;
+    state.shown = { ...entry, preview: true };
+    renderMeta();
+  }
+
+  el.clearHistory.addEventListener("click", () => {
+    state.history = [];
+    saveHistory();
+    renderHistory();
+  });
+
+  // ---------- start ----------
+
+  const isMac = /Mac|iPhone|iPad/.test(navigator.platform || navigator.userAgent);
+  el.modKey.textContent = isMac ? "⌘" : "Ctrl";
+  const stored = readJson(STORAGE.history, []);
+  state.history = Array.isArray(stored) ? stored.filter((entry) => entry && entry.id).slice(0, HISTORY_LIMIT) : [];
+  restoreSettings();
+  renderHistory();
+  renderKeyButton();
+  loadInfo();
+})();
