@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch
+from zimage_server.engine.random_model import build_random_pipeline, is_random_model
 
 ProgressFn = Callable[[str, int, int], None]
 StepFn = Callable[[int, int], None]
@@ -34,6 +35,9 @@ def diffusers_guidance(guidance_scale: float) -> float:
 
 
 class ImageGenerator(Protocol):
+    @property
+    def dtype_name(self) -> str: ...
+
     def load(self, progress: ProgressFn) -> None: ...
 
     def warmup(self) -> None: ...
@@ -50,6 +54,15 @@ class GeneratorConfig:
     warmup_size: int = 1024
     warmup_steps: int = 2
     step_delay_s: float = 0.0
+
+
+def make_generator(config: GeneratorConfig) -> ImageGenerator:
+    """The null generator for ``--model null``; the diffusers pipeline otherwise."""
+    from zimage_server.engine.null import NULL_MODEL, NullGenerator
+
+    if config.model_path == NULL_MODEL:
+        return NullGenerator()
+    return DiffusersGenerator(config)
 
 
 class DiffusersGenerator:
@@ -71,9 +84,13 @@ class DiffusersGenerator:
         from diffusers import ZImagePipeline
 
         self.torch = torch
-        progress("loading weights", 2, 3)
         dtype = getattr(torch, self.dtype_name)
-        pipe = ZImagePipeline.from_pretrained(self.config.model_path, dtype=dtype)
+        if is_random_model(self.config.model_path):
+            progress("building random weights on " + self.config.device, 2, 3)
+            pipe = build_random_pipeline(self.config.model_path, self.config.device, dtype)
+        else:
+            progress("loading weights", 2, 3)
+            pipe = ZImagePipeline.from_pretrained(self.config.model_path, dtype=dtype)
         progress("moving to " + self.config.device, 3, 3)
         pipe.to(self.config.device)
         pipe.set_progress_bar_config(disable=True)

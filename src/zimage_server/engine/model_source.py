@@ -1,4 +1,5 @@
-"""Where the weights come from: a local folder, the Hugging Face cache, or the tiny model.
+"""Where the weights come from: a local folder, the Hugging Face cache, the tiny model, or
+no weights at all (``random:full``/``random:small`` built on the device, ``null``).
 
 Resolved in the API process before any worker starts, so a missing model is a one-line
 error at ``zimage serve`` rather than a traceback from a child process.
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from zimage_server.core.config import Settings
 from zimage_server.core.errors import StartupError
+from zimage_server.engine.null import NULL_MODEL
+from zimage_server.engine.random_model import SPECS, is_random_model
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,23 @@ def resolve_model(settings: Settings) -> ModelSource:
     if settings.tiny:
         folder = settings.tiny_model_dir
         return ModelSource(str(folder), "tiny (random weights)", build_tiny=True)
+    if settings.model == NULL_MODEL or is_random_model(settings.model):
+        return _synthetic(settings.model)
     folder = Path(settings.model).expanduser()
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
             raise StartupError(f"{folder} is not a diffusers model folder (no model_index.json).")
         return ModelSource(str(folder.resolve()), str(folder))
     return ModelSource(_from_hf_cache(settings.model), settings.model)
+
+
+def _synthetic(name: str) -> ModelSource:
+    """Models built by the worker itself: nothing to find on disk."""
+    if name == NULL_MODEL:
+        return ModelSource(name, "null (zero-cost generator, for benchmarks)")
+    if name not in SPECS:
+        raise StartupError(f"Unknown random model '{name}'; choose one of {', '.join(SPECS)}.")
+    return ModelSource(name, f"{name} (random weights, built on the device)")
 
 
 def _from_hf_cache(repo_id: str) -> str:

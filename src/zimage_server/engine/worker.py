@@ -18,9 +18,9 @@ from pathlib import Path
 
 from zimage_server.engine.generator import (
     Cancelled,
-    DiffusersGenerator,
     GeneratorConfig,
     ImageGenerator,
+    make_generator,
 )
 from zimage_server.engine.protocol import (
     BatchFailed,
@@ -81,7 +81,7 @@ def _load(config: WorkerConfig, out: _Outbox) -> ImageGenerator | None:
 
             out.send(LoadProgress("building the tiny model", 0, 3))
             build_tiny_model(Path(config.build_tiny_at))
-        generator = DiffusersGenerator(config.generator)
+        generator = make_generator(config.generator)
         generator.load(lambda stage, i, n: out.send(LoadProgress(stage, i, n)))
         if config.warmup:
             out.send(LoadProgress("warming up", 3, 3))
