@@ -77,11 +77,16 @@ class Server:
     def worker_pids(self) -> list[int]:
         import psutil
 
-        return [
-            child.pid
-            for child in psutil.Process(self.proc.pid).children(recursive=True)
-            if "spawn_main" in " ".join(child.cmdline())
-        ]
+        alive = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if "spawn_main" in " ".join(child.cmdline()):
+                    alive.append(child.pid)
+            except psutil.NoSuchProcess:
+                continue
+        return alive
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,9 +75,8 @@ def serve(
     ] = False,
 ) -> None:
     """Run the HTTP server."""
-    import uvicorn
-
-    from zimage_server.api import create_app
+    from zimage_server.api import create_app, serving
+    from zimage_server.telemetry.logs import setup_logging
 
     settings = Settings(
         **_overrides(
@@ -91,9 +89,7 @@ def serve(
             auth=False if no_auth else None,
         )
     )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    setup_logging(settings.log_level, settings.log_format)
     try:
         application = create_app(settings, on_progress=_LoadProgress())
     except StartupError as exc:
@@ -108,7 +104,7 @@ def serve(
         console.print(
             "[yellow]Serving the tiny random model: images are noise, for trying the API.[/]"
         )
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level=settings.log_level)
+    serving.run(application, settings)
 
 
 @app.command("tiny-model")

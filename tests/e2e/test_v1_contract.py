@@ -321,6 +321,7 @@ def test_openapi_documents_the_contract(server: Server) -> None:
 def test_worker_killed_mid_request_gives_502_then_recovers(server: Server) -> None:
     import psutil
 
+    server.wait_ready()
     pids = server.worker_pids()
     assert len(pids) == 1
     result: dict[str, requests.Response] = {}

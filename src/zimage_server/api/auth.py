@@ -25,6 +25,8 @@ async def admit_generate(request: Request) -> AsyncIterator[Admission]:
     """Dependency for billable routes: authenticate, rate-limit, free the slot afterwards."""
     access: AccessControl = request.app.state.access
     admission = await access.admit(api_key_from(request), "generate")
+    if admission.principal is not None:
+        request.state.log_key = admission.principal.prefix  # never the key itself
     try:
         yield admission
     finally:

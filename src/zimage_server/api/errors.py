@@ -30,6 +30,7 @@ STATUS: dict[type[e.ZImageError], int] = {
     e.WorkerDied: 502,
     e.NotReady: 503,
     e.DeadlineExceeded: 504,
+    e.InsufficientStorage: 507,
 }
 
 

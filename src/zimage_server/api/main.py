@@ -6,14 +6,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 
 from zimage_server import __version__
 from zimage_server.accounts import AccessControl, KeyService, RateLimiter
 from zimage_server.api.errors import install_error_handlers
-from zimage_server.api.middleware import RequestIdMiddleware
-from zimage_server.api.routes import admin, health, openai_images, outputs, v1, v2
+from zimage_server.api.middleware import (
+    BodyLimitMiddleware,
+    Drain,
+    DrainMiddleware,
+    RequestIdMiddleware,
+)
+from zimage_server.api.routes import admin, health, metrics, openai_images, outputs, v1, v2
 from zimage_server.api.routes.playground import mount_playground
 from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
@@ -26,6 +32,7 @@ from zimage_server.jobs.repository import JobRepository
 from zimage_server.jobs.webhooks import WebhookDeliverer, WebhookPolicy
 from zimage_server.store import OutputStore
 from zimage_server.store.db import Database
+from zimage_server.telemetry import Metrics
 
 log = logging.getLogger("zimage.api")
 SWEEP_INTERVAL_S = 60.0
@@ -58,10 +65,31 @@ async def _sweep_forever(store: OutputStore) -> None:
             log.info("removed %d expired outputs", removed)
 
 
-def create_app(settings: Settings, on_progress: ProgressCallback | None = None) -> FastAPI:
+@dataclass
+class Services:
+    """Everything the routes use, built once per app from the settings."""
+
+    settings: Settings
+    engine: Engine
+    outputs: OutputStore
+    db: Database
+    keys: KeyService
+    ledger: Ledger
+    access: AccessControl
+    generation: GenerationService
+    jobs: JobRunner
+    policy: WebhookPolicy
+    metrics: Metrics
+    drain: Drain
+    model_label: str
+
+
+def build_services(settings: Settings, on_progress: ProgressCallback | None = None) -> Services:
     config, label = engine_config(settings)
     engine = Engine(config, on_progress)
-    outputs_store = OutputStore(settings.outputs_dir, settings.output_ttl_s)
+    outputs_store = OutputStore(
+        settings.outputs_dir, settings.output_ttl_s, settings.output_min_free_bytes
+    )
     db = Database(settings.resolved_database_url)
     db.upgrade()
     ledger = Ledger(db)
@@ -69,44 +97,77 @@ def create_app(settings: Settings, on_progress: ProgressCallback | None = None) 
     limiter = RateLimiter(
         settings.rate_limit_storage, settings.default_rate_limit, settings.default_max_in_flight
     )
-
+    metrics_ = Metrics()
     pricing = Pricing(settings.price_reference, settings.price_minimum)
-    generation = GenerationService(settings, engine, outputs_store, ledger, pricing)
-    repo = JobRepository(db, settings.output_ttl_s)
-    secret = settings.webhook_secret
+    generation = GenerationService(settings, engine, outputs_store, ledger, pricing, metrics_)
     policy = WebhookPolicy(
-        secret is not None,
+        settings.webhook_secret is not None,
         frozenset(settings.webhook_allowed_hosts),
         settings.webhook_allow_private,
     )
+    repo = JobRepository(db, settings.output_ttl_s)
     runner = JobRunner(settings, repo, engine, generation, outputs_store, ledger, policy)
+    metrics_.watch(
+        depth=lambda: engine.depth,
+        restarts=engine.restarts,
+        load_s=engine.load_seconds,
+        ready=lambda: float(engine.state.value == "READY"),
+    )
+    return Services(
+        settings,
+        engine,
+        outputs_store,
+        db,
+        keys,
+        ledger,
+        AccessControl(keys, limiter, settings.auth_required),
+        generation,
+        runner,
+        policy,
+        metrics_,
+        Drain(),
+        label,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _running(services: Services) -> AsyncIterator[None]:
+    """Start the engine, recover jobs, run background tasks; undo it all at shutdown."""
+    s = services
+    await s.engine.start()
+    await s.jobs.start()
+    background = [asyncio.create_task(_sweep_forever(s.outputs))]
+    deliverer = None
+    secret = s.settings.webhook_secret
+    if secret is not None:
+        deliverer = WebhookDeliverer(
+            s.jobs.repo,
+            secret.get_secret_value().encode(),
+            s.policy,
+            s.settings.webhook_max_attempts,
+            s.settings.webhook_backoff_s,
+            s.settings.webhook_timeout_s,
+        )
+        background.append(asyncio.create_task(deliverer.run_forever()))
+    try:
+        yield
+    finally:
+        for task in background:
+            task.cancel()
+        await s.jobs.stop()
+        await s.engine.stop()
+        if deliverer:
+            await deliverer.close()
+        s.db.dispose()
+
+
+def create_app(settings: Settings, on_progress: ProgressCallback | None = None) -> FastAPI:
+    services = build_services(settings, on_progress)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
-        await runner.start()
-        background = [asyncio.create_task(_sweep_forever(outputs_store))]
-        deliverer = None
-        if secret is not None:
-            deliverer = WebhookDeliverer(
-                repo,
-                secret.get_secret_value().encode(),
-                policy,
-                settings.webhook_max_attempts,
-                settings.webhook_backoff_s,
-                settings.webhook_timeout_s,
-            )
-            background.append(asyncio.create_task(deliverer.run_forever()))
-        try:
+        async with _running(services):
             yield
-        finally:
-            for task in background:
-                task.cancel()
-            await runner.stop()
-            await engine.stop()
-            if deliverer:
-                await deliverer.close()
-            db.dispose()
 
     app = FastAPI(
         title="zimage-server",
@@ -114,18 +175,24 @@ def create_app(settings: Settings, on_progress: ProgressCallback | None = None) 
         summary="Self-hosted, Segmind-compatible API for Z-Image-Turbo.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.engine = engine
-    app.state.outputs = outputs_store
-    app.state.model_label = label
-    app.state.keys = keys
-    app.state.ledger = ledger
-    app.state.access = AccessControl(keys, limiter, settings.auth_required)
-    app.state.generation = generation
-    app.state.jobs = runner
-    for module in (health, outputs, admin, openai_images, v2, v1):
+    state = app.state
+    state.services, state.settings, state.engine = services, settings, services.engine
+    state.outputs, state.model_label, state.keys = (
+        services.outputs,
+        services.model_label,
+        services.keys,
+    )
+    state.ledger, state.access, state.generation = (
+        services.ledger,
+        services.access,
+        services.generation,
+    )
+    state.jobs, state.metrics, state.drain = services.jobs, services.metrics, services.drain
+    for module in (health, metrics, outputs, admin, openai_images, v2, v1):
         app.include_router(module.router)
     install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
     mount_playground(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DrainMiddleware, drain=services.drain)
+    app.add_middleware(RequestIdMiddleware, metrics=services.metrics)  # outermost
     return app

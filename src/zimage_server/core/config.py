@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     warmup_steps: int = Field(2, ge=1, le=75)
     worker_start_timeout_s: float = Field(900.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field("json", description="One JSON object per line.")
+    log_prompts: bool = Field(False, description="Include prompts in the access log.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger bodies get 413.")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="Drain time on SIGTERM.")
+    output_min_free_bytes: int = Field(
+        100 * 2**20, ge=0, description="Refuse renders (507) when the output disk has less."
+    )
 
     # Fault-injection seams for tests and chaos drills; harmless at their defaults.
     debug_step_delay_s: float = Field(0.0, ge=0, description="Sleep after each denoising step.")

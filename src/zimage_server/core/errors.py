@@ -14,6 +14,8 @@ Exceptions carry data (field, retry_after, ...) rather than only strings.
     ├── Overloaded                429  queue full; carries retry_after
     │   └── RateLimited                the key's per-minute or in-flight limit
     ├── NotReady                  503  model still loading or worker restarting
+    │   └── StoreUnavailable           the database cannot be reached
+    ├── InsufficientStorage       507  the output disk is full
     ├── WorkerDied                502  the worker process died during the render
     ├── DeadlineExceeded          504  the request's deadline passed
     ├── GenerationFailed          500  the model raised; message is safe to show
@@ -92,6 +94,14 @@ class NotReady(ZImageError):
     def __init__(self, message: str, retry_after: int = 5) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StoreUnavailable(NotReady):
+    pass
+
+
+class InsufficientStorage(ZImageError):
+    public = True
 
 
 class WorkerDied(ZImageError):

@@ -128,6 +128,7 @@ class _Worker:
         self.batch: tuple[str, list[_Job]] | None = None
         self.batch_done: asyncio.Future[None] | None = None
         self.last_batch_s = 1.0
+        self.load_s = 0.0
 
     # -- process lifecycle -------------------------------------------------------------
     def spawn(self) -> None:
@@ -177,6 +178,7 @@ class _Worker:
                 event.load_s,
             )
             self.state, self.failure, self.load_failures = EngineState.READY, None, 0
+            self.load_s = event.load_s
             self.engine.report_progress(self.name, "ready", 1, 1)
             self.ready.set()
         elif isinstance(event, LoadFailed):
@@ -225,6 +227,8 @@ class _Worker:
             return
         self.conn = None
         self.ready.clear()
+        if self.process is not None:
+            self.process.join(timeout=5)  # reap it: no zombie left behind
         code = self.process.exitcode if self.process else None
         if self.batch:
             _, jobs = self.batch
@@ -333,6 +337,12 @@ class Engine:
     @property
     def failure(self) -> str | None:
         return next((w.failure for w in self._workers if w.failure), None)
+
+    def restarts(self) -> float:
+        return float(sum(w.restarts for w in self._workers))
+
+    def load_seconds(self) -> float:
+        return max((w.load_s for w in self._workers), default=0.0)
 
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process is not None]

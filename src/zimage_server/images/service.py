@@ -23,6 +23,7 @@ from zimage_server.images.params import (
     validate_params,
 )
 from zimage_server.store import OutputStore
+from zimage_server.telemetry import Metrics
 
 SEED_RANGE = 2**31  # server-picked seeds stay below 2^31: safe in int32 and JS numbers
 
@@ -81,12 +82,14 @@ class GenerationService:
         outputs: OutputStore,
         ledger: Ledger,
         pricing: Pricing,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.outputs = outputs
         self.ledger = ledger
         self.pricing = pricing
+        self.metrics = metrics
 
     def check_model(self, slug: str) -> None:
         if slug != MODEL_SLUG:
@@ -126,9 +129,15 @@ class GenerationService:
                     self.outputs.save, generated.data, params.image_format
                 )
                 generated = replace(generated, output_id=output_id)
+        self._record(admission, [generated])
         if admission.principal is None:
             return generated
         return replace(generated, credits_consumed=price, credits_remaining=remaining)
+
+    def _record(self, admission: Admission, images: list[Generated]) -> None:
+        key = admission.principal.prefix if admission.principal else None
+        for generated in images:
+            self.metrics.record_render(key, generated.timings, generated.batch_size)
 
     async def generate_many(
         self, batch: list[GenerationParams], admission: Admission, store: bool = False
@@ -149,6 +158,7 @@ class GenerationService:
                     )
                 )
                 results = [replace(g, output_id=i) for g, i in zip(results, ids, strict=True)]
+        self._record(admission, list(results))
         if admission.principal is None:
             return list(results)
         share = [self.price(g.params) for g in results]
@@ -159,6 +169,7 @@ class GenerationService:
 
     @asynccontextmanager
     async def _billed(self, admission: Admission, price: int) -> AsyncIterator[int | None]:
+        await asyncio.to_thread(self.outputs.check_space)  # 507 before anything is held
         if admission.principal is None:
             yield None
             return

@@ -10,7 +10,10 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from zimage_server.core.errors import StoreUnavailable
 
 
 class Database:
@@ -30,9 +33,19 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A transaction: committed on success, rolled back on any error."""
-        with self._sessions.begin() as session:
-            yield session
+        """A transaction: committed on success, rolled back on any error.
+
+        A database that cannot be reached becomes ``StoreUnavailable`` (503), never a 500.
+        """
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except (OperationalError, InterfaceError) as exc:
+            if isinstance(exc, OperationalError) and _is_busy(exc):
+                raise
+            raise StoreUnavailable(
+                "The database is unavailable; nothing was charged. Retry shortly.", 5
+            ) from exc
 
     def upgrade(self) -> None:
         """Apply every Alembic migration not yet applied."""
@@ -54,3 +67,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _is_busy(exc: OperationalError) -> bool:
+    # SQLite "database is locked" after busy_timeout is contention, not an outage.
+    return "locked" in str(exc.orig).lower()

@@ -6,28 +6,46 @@ else is refused before touching the filesystem, so path tricks cannot escape the
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 
-from zimage_server.core.errors import OutputNotFound
+from zimage_server.core.errors import InsufficientStorage, OutputNotFound
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{32}\.(webp|png|jpeg)$")
 
 
 class OutputStore:
-    def __init__(self, folder: Path, ttl_s: int) -> None:
+    def __init__(self, folder: Path, ttl_s: int, min_free_bytes: int = 0) -> None:
         self.folder = folder
         self.ttl_s = ttl_s
+        self.min_free_bytes = min_free_bytes
         folder.mkdir(parents=True, exist_ok=True)
+
+    def check_space(self) -> None:
+        """Refuse new work before rendering when the disk is (nearly) full."""
+        free = shutil.disk_usage(self.folder).free
+        if free < self.min_free_bytes:
+            raise InsufficientStorage(
+                f"The output disk is full ({free // 2**20} MiB free, "
+                f"{self.min_free_bytes // 2**20} MiB required); nothing was charged."
+            )
 
     def save(self, data: bytes, image_format: str) -> str:
         output_id = f"{secrets.token_urlsafe(24)}.{image_format}"
         tmp = self.folder / f".{output_id}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.folder / output_id)  # readers never see a partial file
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.folder / output_id)  # readers never see a partial file
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage("The output disk is full; nothing was charged.") from exc
+            raise
         return output_id
 
     def path(self, output_id: str) -> Path:

@@ -90,11 +90,14 @@ async def generate(
     service: GenerationService = request.app.state.generation
     service.check_model(model)
     params = service.parse(await request.body())
+    if service.settings.log_prompts:
+        request.state.log_prompt = params.prompt
     raw = wants_image_bytes(request, service.settings.v1_default_response)
     generated = await service.generate(
         params, admission, store=not raw and not params.base_64, timeout=deadline_from(request)
     )
     headers = _headers(generated, admission)
+    request.state.log_seed, request.state.log_timings = generated.seed, generated.timings
     if raw:
         return Response(generated.data, media_type=generated.media_type, headers=headers)
     if generated.output_id:

@@ -479,6 +479,7 @@
       state.shown = { ...entry, preview: false };
       renderMeta();
       addToHistory(entry);
+      if (window.matchMedia("(max-width: 820px)").matches) el.stage.scrollIntoView({ block: "start" });
     } catch (err) {
       showError("Something went wrong", err && err.message ? err.message : String(err));
     } finally {

@@ -1,0 +1,103 @@
+"""Prometheus metrics, in a registry per app (tests build several apps in one process).
+
+Label cardinality is bounded: routes are path templates, and at most ``MAX_KEYS`` API-key
+prefixes get their own series; the rest share ``"other"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MAX_KEYS = 200
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "zimage_requests",
+            "HTTP requests by route and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "zimage_request_duration_seconds",
+            "Whole-request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stages = Histogram(
+            "zimage_stage_duration_seconds",
+            "Per-stage latency of a render",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "zimage_batch_size",
+            "Images per engine batch",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+            registry=r,
+        )
+        self.images = Counter("zimage_images", "Images delivered, by key", ["key"], registry=r)
+        self.gpu_seconds = Counter(
+            "zimage_gpu_seconds",
+            "Accelerator seconds (encode + denoise + decode) by key",
+            ["key"],
+            registry=r,
+        )
+        self.queue_depth = Gauge("zimage_queue_depth", "Renders waiting or running", registry=r)
+        self.worker_restarts = Gauge(
+            "zimage_worker_restarts", "Worker processes restarted since start", registry=r
+        )
+        self.model_load = Gauge(
+            "zimage_model_load_seconds",
+            "Time the last worker took to load and warm up",
+            registry=r,
+        )
+        self.ready = Gauge("zimage_ready", "1 when the model is loaded and serving", registry=r)
+        self._keys: set[str] = set()
+
+    def watch(
+        self,
+        depth: Callable[[], float],
+        restarts: Callable[[], float],
+        load_s: Callable[[], float],
+        ready: Callable[[], float],
+    ) -> None:
+        """Gauges read live values from the engine at scrape time."""
+        self.queue_depth.set_function(depth)
+        self.worker_restarts.set_function(restarts)
+        self.model_load.set_function(load_s)
+        self.ready.set_function(ready)
+
+    def key_label(self, prefix: str | None) -> str:
+        if prefix is None:
+            return "anonymous"
+        if prefix in self._keys or len(self._keys) < MAX_KEYS:
+            self._keys.add(prefix)
+            return prefix
+        return "other"
+
+    def record_render(
+        self, key: str | None, timings: dict[str, float], batch_size: int, images: int = 1
+    ) -> None:
+        for stage, seconds in timings.items():
+            self.stages.labels(stage).observe(seconds)
+        self.batch_size.observe(batch_size)
+        label = self.key_label(key)
+        self.images.labels(label).inc(images)
+        gpu = sum(timings.get(s, 0.0) for s in ("text_encode", "denoise", "vae_decode"))
+        self.gpu_seconds.labels(label).inc(gpu)
+
+    def record_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
