@@ -22,7 +22,11 @@ class Server:
     """``zimage serve --tiny`` in a subprocess, on a port the OS picks."""
 
     def __init__(
-        self, data_dir: Path, env: dict[str, str] | None = None, wait: bool = True
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        args: tuple[str, ...] = ("--tiny",),
     ) -> None:
         self.data_dir = data_dir
         self.log_path = data_dir / f"server-{len(list(data_dir.glob('server-*.log')))}.log"
@@ -37,7 +41,7 @@ class Server:
         }
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zimage_server", "serve", "--tiny", "--port", "0"],
+            [sys.executable, "-m", "zimage_server", "serve", *args, "--port", "0"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,

@@ -121,6 +121,16 @@ def tiny_model(
     )
 
 
+def _register_bench() -> None:
+    from zimage_server.bench.cli import bench
+
+    app.command("bench", help="Benchmark stock diffusers against this server (JSON + table).")(
+        bench
+    )
+
+
+_register_bench()
+
 keys_app = typer.Typer(
     help="Manage API keys and credits (on the ZIMAGE_DATA_DIR / ZIMAGE_DATABASE_URL store)."
 )

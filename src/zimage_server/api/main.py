@@ -51,6 +51,7 @@ def engine_config(settings: Settings) -> tuple[EngineConfig, str]:
         warmup_size=settings.warmup_size,
         warmup_steps=settings.warmup_steps,
         step_delay_s=settings.debug_step_delay_s,
+        faults=settings.debug_faults,
         build_tiny_at=source.path if source.build_tiny else None,
         start_timeout_s=settings.worker_start_timeout_s,
     )

@@ -54,6 +54,7 @@ class GeneratorConfig:
     warmup_size: int = 1024
     warmup_steps: int = 2
     step_delay_s: float = 0.0
+    faults: bool = False  # honour [[fault:...]] markers in prompts (tests, chaos drills)
 
 
 def make_generator(config: GeneratorConfig) -> ImageGenerator:

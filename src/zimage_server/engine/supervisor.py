@@ -109,6 +109,7 @@ class EngineConfig:
     warmup_size: int = 1024
     warmup_steps: int = 2
     step_delay_s: float = 0.0
+    faults: bool = False
     build_tiny_at: str | None = None
     start_timeout_s: float = 900.0
 
@@ -134,7 +135,12 @@ class _Worker:
     def spawn(self) -> None:
         cfg = self.engine.config
         gen = GeneratorConfig(
-            cfg.model_path, self.device, cfg.warmup_size, cfg.warmup_steps, cfg.step_delay_s
+            cfg.model_path,
+            self.device,
+            cfg.warmup_size,
+            cfg.warmup_steps,
+            cfg.step_delay_s,
+            cfg.faults,
         )
         wcfg = WorkerConfig(gen, cfg.warmup, cfg.build_tiny_at)
         ctx = mp.get_context("spawn")
@@ -204,7 +210,7 @@ class _Worker:
             if isinstance(event, BatchDone):
                 job.future.set_result(self._result(job, event, index, len(jobs)))
             else:
-                job.future.set_exception(GenerationFailed(f"Generation failed: {event.message}"))
+                job.future.set_exception(GenerationFailed(_failure_message(event, jobs)))
         if self.batch_done and not self.batch_done.done():
             self.batch_done.set_result(None)
 
@@ -465,3 +471,13 @@ class Engine:
 
     def requeue(self, jobs: list[_Job]) -> None:
         self._pending.extendleft(reversed(jobs))
+
+
+def _failure_message(event: BatchFailed, jobs: list[_Job]) -> str:
+    if event.kind == "oom":
+        spec = jobs[0].spec
+        return (
+            f"Out of accelerator memory rendering {len(jobs)} image(s) of "
+            f"{spec.width}x{spec.height}; try a smaller size. The server is still serving."
+        )
+    return f"Generation failed: {event.message}"

@@ -8,6 +8,7 @@ If the API process goes away the pipe closes and the worker exits.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -94,11 +95,34 @@ def _load(config: WorkerConfig, out: _Outbox) -> ImageGenerator | None:
     return generator
 
 
+def inject_faults(batch: RenderBatch) -> None:
+    """The fault-injection seam: prompt markers provoke real failures in this process.
+
+    ``[[fault:oom]]`` raises torch's own out-of-memory error, ``[[fault:error]]`` a plain
+    exception, ``[[fault:exit]]`` kills the worker mid-batch. Only with ``debug_faults``.
+    """
+    prompts = " ".join(item.prompt for item in batch.items)
+    if "[[fault:exit]]" in prompts:
+        os._exit(3)
+    if "[[fault:oom]]" in prompts:
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by [[fault:oom]])")
+    if "[[fault:error]]" in prompts:
+        raise RuntimeError("injected by [[fault:error]]")
+
+
 def _render(
-    generator: ImageGenerator, batch: RenderBatch, cancelled: set[str], out: _Outbox
+    generator: ImageGenerator,
+    batch: RenderBatch,
+    cancelled: set[str],
+    out: _Outbox,
+    faults: bool = False,
 ) -> None:
     job_ids = {item.job_id for item in batch.items}
     try:
+        if faults:
+            inject_faults(batch)
         done = generator.generate(
             batch,
             on_step=lambda step, total: out.send(StepProgress(batch.batch_id, step, total)),
@@ -109,11 +133,20 @@ def _render(
     except Exception as exc:
         log.error("batch %s failed:\n%s", batch.batch_id, traceback.format_exc())
         kind = "oom" if "OutOfMemory" in type(exc).__name__ else "error"
+        if kind == "oom":
+            _release_accelerator_memory()
         out.send(BatchFailed(batch.batch_id, kind, f"{type(exc).__name__}: {exc}"))
     else:
         out.send(done)
     finally:
         cancelled.difference_update(job_ids)
+
+
+def _release_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def worker_main(conn: Connection, config: WorkerConfig) -> None:
@@ -128,4 +161,4 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     if generator is None:
         return
     while (batch := inbox.get()) is not None:
-        _render(generator, batch, cancelled, out)
+        _render(generator, batch, cancelled, out, config.generator.faults)

@@ -18,9 +18,15 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="Readiness: the model is loaded and warmed up")
 async def readyz(request: Request) -> JSONResponse:
     engine: Engine = request.app.state.engine
-    state = engine.state
-    body: dict[str, object] = {"status": state.value, "model": request.app.state.model_label}
-    if state == EngineState.READY:
+    state = engine.state.value
+    if engine.state == EngineState.READY and engine.depth >= engine.config.max_queue:
+        state = "BUSY"  # loaded, but the queue is full: a balancer should go elsewhere
+    body: dict[str, object] = {
+        "status": state,
+        "model": request.app.state.model_label,
+        "queue_depth": engine.depth,
+    }
+    if state == EngineState.READY.value:
         return JSONResponse(body)
     if engine.failure:
         body["reason"] = engine.failure

@@ -1,8 +1,9 @@
 // Z-Image playground. Plain JS, no build step.
 //
-// Every request goes to this page's own origin through same-origin paths ("/info",
-// "/v1/z-image-turbo"); the page's Content-Security-Policy (connect-src 'self') makes the
-// browser refuse anything else, so a stored API key can only ever reach this server.
+// Every request goes to this page's own server through relative URLs ("info",
+// "v1/z-image-turbo", so a reverse proxy may serve the page under a path prefix); the page's
+// Content-Security-Policy (connect-src 'self') makes the browser refuse any other origin, so
+// a stored API key can only ever reach this server.
 "use strict";
 
 (() => {
@@ -71,6 +72,7 @@
       steps: { min: 1, max: 75 },
     },
     shown: null, // the result or history entry on the stage
+    invalidInput: null, // the field a validation error points at
     objectUrl: null,
     history: [],
   };
@@ -116,7 +118,8 @@
   // ---------- talking to this server (same origin only) ----------
 
   function api(path, init = {}) {
-    if (!/^\/(?!\/)/.test(path)) throw new Error("the playground only talks to its own server");
+    // Relative paths only: no scheme, no host, no "//" that would leave this origin.
+    if (!/^[a-z][\w.-]*(\/[\w.-]+)*$/i.test(path)) throw new Error("the playground only talks to its own server");
     const headers = new Headers(init.headers || {});
     const key = getKey();
     if (key) headers.set("x-api-key", key);
@@ -155,7 +158,7 @@
   async function loadInfo() {
     let info;
     try {
-      const response = await api("/info");
+      const response = await api("info");
       if (!response.ok) throw new Error(`${response.status} ${await errorMessage(response)}`);
       info = await response.json();
     } catch (err) {
@@ -175,7 +178,7 @@
 
   async function pollReadiness() {
     try {
-      const response = await api("/readyz");
+      const response = await api("readyz");
       const body = await response.json().catch(() => ({}));
       if (response.ok) {
         setStatus("ready", modelLabel ? `Ready · ${modelLabel}` : "Ready", modelLabel);
@@ -355,6 +358,7 @@
 
   function invalid(input, title, message) {
     input.setAttribute("aria-invalid", "true");
+    state.invalidInput = input;
     input.focus();
     showError(title, message);
     return null;
@@ -443,7 +447,7 @@
     const started = performance.now();
     setBusy(true, started);
     try {
-      const response = await api("/v1/z-image-turbo", {
+      const response = await api("v1/z-image-turbo", {
         method: "POST",
         headers: { "Content-Type": "application/json", Accept: "application/json" },
         body: requestBody(params),
@@ -592,7 +596,13 @@
 
   function hideError() {
     el.error.hidden = true;
+    state.invalidInput = null;
   }
+
+  // Fixing the field that a validation error pointed at clears the error.
+  el.form.addEventListener("input", (event) => {
+    if (state.invalidInput && event.target === state.invalidInput) hideError();
+  });
   el.errorClose.addEventListener("click", hideError);
 
   // ---------- history ----------

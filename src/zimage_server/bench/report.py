@@ -1,0 +1,96 @@
+"""The benchmark's outputs: a rich table on the console and a JSON file in the results folder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from zimage_server.bench.environment import slug
+
+STAGES = ("queue_wait", "text_encode", "denoise", "vae_decode", "image_encode", "pipeline")
+
+
+def result_path(report: Mapping[str, Any], results_dir: Path) -> Path:
+    """``<date>-<device>.json``, or ``<date>-<device>-overhead.json``."""
+    suffix = "-overhead" if report.get("benchmark") == "overhead" else ""
+    return results_dir / f"{report['date']}-{slug(str(report['device']))}{suffix}.json"
+
+
+def write_report(report: Mapping[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds * 1e3:,.1f}"
+
+
+def variants_table(report: Mapping[str, Any]) -> Table:
+    table = Table(title=f"{report['model']} on {report['device']}: end to end, ms (p50)")
+    for column in ("variant", "size", "p50", "p90", *STAGES):
+        table.add_column(column, justify="left" if column in ("variant", "size") else "right")
+    for name, entry in report["variants"].items():
+        for size, figures in entry["sizes"].items():
+            stages = figures["stages_p50_s"]
+            table.add_row(
+                name,
+                size,
+                _ms(figures["e2e_p50_s"]),
+                _ms(figures["e2e_p90_s"]),
+                *(_ms(stages.get(stage)) for stage in STAGES),
+            )
+    return table
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for key in ("speedup_vs_stock", "speedup_vs_stock_cfg_off"):
+        if key in report:
+            lines.append(f"{key}: {report[key]:.2f}x")
+    for concurrency, rate in report.get("throughput_img_s", {}).items():
+        lines.append(f"throughput at concurrency {concurrency}: {rate:.2f} images/s")
+    for size, figures in report.get("denoise", {}).items():
+        lines.append(
+            f"denoise {size}: {figures['tflop_total']:.3g} TFLOP in "
+            f"{figures['denoise_p50_s']:.3f} s = {figures['achieved_tflops']:.3g} TFLOP/s "
+            f"(floor {figures['floor_s']:.3f} s at "
+            f"{report['settings']['peak_tflops_assumed']:g} TFLOP/s)"
+        )
+    for name, entry in report.get("variants", {}).items():
+        for key, dev in entry.items():
+            if key.startswith("deviation_vs_"):
+                psnr = "identical" if dev["psnr_db"] is None else f"PSNR {dev['psnr_db']:.1f} dB"
+                lines.append(
+                    f"{name} {key}: max {dev['max_abs']:g}, mean {dev['mean_abs']:.3g}, {psnr}"
+                )
+    return lines
+
+
+def overhead_table(report: Mapping[str, Any]) -> Table:
+    figures = report["overhead"]
+    table = Table(title=f"server overhead, null generator, {figures['size']} ({report['device']})")
+    for column in ("requests", "p50 ms", "p90 ms", "p99 ms", "image_encode p50 ms"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(figures["requests"]),
+        f"{figures['p50_ms']:.2f}",
+        f"{figures['p90_ms']:.2f}",
+        f"{figures['p99_ms']:.2f}",
+        f"{figures['stages_p50_ms'].get('image_encode', 0.0):.2f}",
+    )
+    return table
+
+
+def show(report: Mapping[str, Any], console: Console) -> None:
+    if report.get("benchmark") == "overhead":
+        console.print(overhead_table(report))
+        return
+    console.print(variants_table(report))
+    for line in summary_lines(report):
+        console.print(line)

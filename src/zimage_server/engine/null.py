@@ -1,0 +1,48 @@
+"""A zero-cost generator: a solid colour of the requested size, at once.
+
+Selected by ``--model null``, for benchmarking the server's own overhead (HTTP,
+validation, queue, worker IPC, image encode). It runs in the same worker process and
+speaks the same protocol as the diffusers generator, so only the model's cost is gone.
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch
+
+NULL_MODEL = "null"
+STAGES = ("text_encode", "denoise", "vae_decode")
+ProgressFn = Callable[[str, int, int], None]
+
+
+def seed_colour(seed: int) -> bytes:
+    """One RGB pixel that depends on the seed, so different requests differ."""
+    return bytes((seed >> shift) & 0xFF for shift in (16, 8, 0))
+
+
+class NullGenerator:
+    """Implements ``ImageGenerator`` with no model at all."""
+
+    dtype_name = "none"
+
+    def load(self, progress: ProgressFn) -> None:
+        progress("null generator: nothing to load", 1, 1)
+
+    def warmup(self) -> None:
+        """Nothing to warm."""
+
+    def generate(
+        self,
+        batch: RenderBatch,
+        on_step: Callable[[int, int], None],
+        is_cancelled: Callable[[], bool],
+    ) -> BatchDone:
+        pixels = batch.width * batch.height
+        images = tuple(
+            RawImage(item.job_id, batch.width, batch.height, seed_colour(item.seed) * pixels)
+            for item in batch.items
+        )
+        timings = dict.fromkeys(STAGES, 0.0)
+        return BatchDone(batch.batch_id, images, timings, 0, tuple(0 for _ in batch.items))

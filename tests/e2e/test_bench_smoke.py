@@ -1,0 +1,69 @@
+"""``zimage bench`` on the tiny model: the harness runs end to end and writes its JSON.
+
+A smoke test so the benchmark never rots between GPU runs: real stock pipeline, real
+servers over HTTP, two sizes of nothing (256x256, 2 steps, 2 iterations).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "benchmarks" / "run.py"
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+    output = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--output", str(output), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report: dict[str, Any] = json.loads(output.read_text())
+    assert report["device"] == "cpu"
+    assert report["command"].endswith(f"--output {output} " + " ".join(args))
+    assert {"torch", "diffusers", "transformers", "zimage-server"} <= set(report["versions"])
+    return report
+
+
+def test_bench_on_the_tiny_model(tmp_path: Path) -> None:
+    args = ["--model", "tiny", "--sizes", "256", "--steps", "2", "--iterations", "2"]
+    args += ["--concurrency", "1,2", "--variant", "batch2:ZIMAGE_MAX_BATCH_SIZE=2"]
+    report = run_bench(tmp_path, *args)
+
+    variants = report["variants"]
+    assert set(variants) == {"stock", "stock_cfg_off", "ours_bf16", "ours_batch2"}
+    for entry in variants.values():
+        assert 0 < entry["e2e_p50_s"] <= entry["e2e_p90_s"] < 60
+        assert entry["sizes"]["256x256"]["e2e_p50_s"] == entry["e2e_p50_s"]
+    stages = variants["ours_bf16"]["stages_p50_s"]
+    assert {"queue_wait", "text_encode", "denoise", "vae_decode", "image_encode"} <= set(stages)
+    assert variants["ours_bf16"]["transformer_passes"] == 2  # the CFG-off mapping: 1 per step
+    # Stock with CFG off and ours compute the same image; a lossless variant matches ours.
+    assert variants["ours_bf16"]["deviation_vs_stock_cfg_off"]["max_abs"] <= 2
+    assert variants["ours_batch2"]["deviation_vs_ours_bf16"]["max_abs"] <= 2
+    assert report["speedup_vs_stock"] > 0
+    assert set(report["throughput_img_s"]) == {"1", "2"}
+    assert all(rate > 0 for rate in report["throughput_img_s"].values())
+    denoise = report["denoise"]["256x256"]
+    assert denoise["achieved_tflops"] > 0 and denoise["tflop_per_pass"] > 0
+
+
+def test_overhead_benchmark_with_the_null_generator(tmp_path: Path) -> None:
+    report = run_bench(tmp_path, "--overhead", "--overhead-requests", "20")
+    overhead = report["overhead"]
+    assert overhead["requests"] == 20 and overhead["size"] == "256x256"
+    assert 0 < overhead["p50_ms"] <= overhead["p99_ms"] < 5000
+    assert overhead["stages_p50_ms"]["denoise"] == 0
