@@ -29,6 +29,21 @@ def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _check_limit(rate_limit: str) -> None:
+    from limits import parse
+
+    try:
+        item = parse(rate_limit)
+    except ValueError:
+        item = None
+    if item is None or item.amount < 1 or item.get_expiry() < 1:
+        raise InvalidRequest(
+            f"Invalid 'rate_limit': use the form '60/minute' or '10 per 2 seconds' "
+            f"(got {rate_limit[:40]!r}).",
+            "rate_limit",
+        )
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller."""
@@ -79,6 +94,8 @@ class KeyService:
         max_in_flight: int | None = None,
     ) -> tuple[str, KeyInfo]:
         """Create a key; returns the plaintext (shown once) and its public info."""
+        if rate_limit is not None:
+            _check_limit(rate_limit)
         unknown = scopes - SCOPES
         if unknown:
             raise InvalidRequest(f"Unknown scopes {sorted(unknown)}: allowed {sorted(SCOPES)}.")

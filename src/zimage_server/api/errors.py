@@ -7,11 +7,14 @@ their traceback and answered with a generic 500 that names only the request id.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from zimage_server.core import errors as e
 
@@ -89,9 +92,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers or {})
     message = str(exc.detail)
     if exc.status_code == 405:
+        allowed = allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
         message = (
             f"Method {request.method} is not allowed on {request.url.path}; "
-            f"use {headers.get('Allow', 'another method')}."
+            f"use {' or '.join(allowed)}."
         )
     elif exc.status_code == 404:
         message = f"No such endpoint: {request.method} {request.url.path}."
@@ -111,6 +116,44 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     request_id = request.scope.get("state", {}).get("request_id", "-")
     log.error("unhandled error in request %s", request_id, exc_info=exc)
     return error_response(500, f"Internal server error (request id {request_id}).", None, request)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method that some route accepts on this path (Starlette names only one route's)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        route_methods = getattr(route, "methods", None)
+        if match != Match.NONE and route_methods:
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
+class ErrorBody(BaseModel):
+    """``{"error": "message"}``; on the OpenAI routes ``{"error": {message, type, ...}}``."""
+
+    error: str | dict[str, Any]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in [
+        (400, "Invalid parameter or body: the message names the field and allowed values"),
+        (401, "Missing or unknown API key"),
+        (403, "Key disabled or without the scope"),
+        (404, "Unknown model, path, request or output (or expired)"),
+        (405, "Method not allowed"),
+        (406, "Insufficient credits"),
+        (409, "Conflict (cancelled, already finished, Idempotency-Key reuse)"),
+        (413, "Request body too large"),
+        (429, "Rate limited or queue full; see Retry-After"),
+        (500, "Generation failed or internal error"),
+        (502, "The worker died during the request"),
+        (503, "Not ready, shutting down or database unavailable; see Retry-After"),
+        (504, "Deadline exceeded"),
+        (507, "Output disk full"),
+    ]
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -18,11 +18,15 @@ from zimage_server.images.params import (
     GenerationParams,
     Int,
     Number,
+    no_bool,
     validate_params,
 )
 
+JS_SAFE_MAX = 2**53 - 1  # our extension: seeds that survive a JSON round trip in any client
 MODEL_NAMES = frozenset({MODEL_SLUG, "Tongyi-MAI/Z-Image-Turbo", "z-image"})
 _SIZE = re.compile(r"^(\d{3,4})x(\d{3,4})$")
+_SIDE = r"(?:25[6-9]|2[6-9]\d|[3-9]\d\d|1\d{3}|20[0-3]\d|204[0-8])"
+SIZE_PATTERN = rf"^(?:auto|{_SIDE}x{_SIDE})$"
 
 
 def _lower(value: object) -> object:
@@ -35,11 +39,16 @@ class ImageGenerationRequest(BaseModel):
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: Int = Field(1, ge=1, le=4)
-    size: str = Field("auto", description="'WxH' with each side 256..2048, or 'auto' (1024x1024).")
+    size: str = Field(
+        "auto",
+        description="'WxH' with each side 256..2048, or 'auto' (1024x1024).",
+        pattern=SIZE_PATTERN,
+    )
     response_format: Annotated[Literal["b64_json", "url"], BeforeValidator(_lower)] = "b64_json"
     output_format: Annotated[Literal["png", "jpeg", "webp"], BeforeValidator(_lower)] = "png"
-    output_compression: Int | None = Field(None, ge=0, le=100)
-    seed: Int | None = Field(None, ge=-1, le=MAX_SEED)
+    # Bounds before the validator, or pydantic writes them as "ge"/"le" in the schema.
+    output_compression: Annotated[int, Field(ge=0, le=100), BeforeValidator(no_bool)] | None = None
+    seed: Annotated[int, Field(ge=-1, le=JS_SAFE_MAX), BeforeValidator(no_bool)] | None = None
     num_inference_steps: Int = Field(8, ge=1, le=75)
     guidance_scale: Number = Field(1.0, ge=0, le=15)
 

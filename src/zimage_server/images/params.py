@@ -17,7 +17,7 @@ MAX_SEED = 2**63 - 1
 MODEL_SLUG = "z-image-turbo"
 
 
-def _no_bool(value: Any) -> Any:
+def no_bool(value: Any) -> Any:
     # JSON true/false are not numbers; pydantic's lax mode would take them as 1/0.
     if isinstance(value, bool):
         raise ValueError("booleans are not numbers")
@@ -31,8 +31,8 @@ def _format_alias(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_no_bool)]
-Number = Annotated[float, BeforeValidator(_no_bool)]
+Int = Annotated[int, BeforeValidator(no_bool)]
+Number = Annotated[float, BeforeValidator(no_bool)]
 ImageFormat = Annotated[Literal["jpeg", "png", "webp"], BeforeValidator(_format_alias)]
 
 

@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from zimage_server.accounts import KeyInfo, KeyService
 from zimage_server.api.auth import require_admin
 from zimage_server.billing import Ledger, format_credits, to_micro
+from zimage_server.images.params import Number, no_bool
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
-    credits: float = Field(0, ge=0)
-    scopes: list[str] = ["generate"]
-    rate_limit: str | None = Field(None, description="e.g. '60/minute'; default from settings")
-    max_in_flight: int | None = Field(None, ge=1)
+    credits: Number = Field(0, ge=0, le=1e12)
+    scopes: list[Literal["generate"]] = ["generate"]
+    rate_limit: str | None = Field(
+        None,
+        description="e.g. '60/minute' (the `limits` notation); default from settings",
+        pattern=r"^\s*[1-9]\d*\s*(/|per)\s*\d*\s*(second|minute|hour|day|month|year)s?\s*$",
+    )
+    max_in_flight: Annotated[int, Field(ge=1, le=10_000), BeforeValidator(no_bool)] | None = None
 
 
 class TopUp(BaseModel):
-    credits: float = Field(gt=0)
+    credits: Number = Field(gt=0, le=1e12)
 
 
 def key_json(info: KeyInfo) -> dict[str, Any]:
