@@ -38,3 +38,25 @@ def test_services_do_not_import_fastapi() -> None:
             text = path.read_text()
             assert "import fastapi" not in text and "from fastapi" not in text, path
             assert "from starlette" not in text, path
+
+
+def test_grafana_dashboard_uses_only_metrics_we_export() -> None:
+    import json
+    import re
+
+    from zimage_server.telemetry import Metrics
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    exported = {
+        family.name + suffix
+        for family in Metrics().registry.collect()
+        for suffix in suffixes[family.type]
+    }
+    dashboard = json.loads((PACKAGE.parents[1] / "deploy" / "grafana-dashboard.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"zimage_[a-z_]+", target["expr"])
+    }
+    assert used and used <= exported, used - exported
