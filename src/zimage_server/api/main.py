@@ -23,7 +23,7 @@ from zimage_server.api.routes import admin, health, metrics, openai_images, outp
 from zimage_server.api.routes.playground import mount_playground
 from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
-from zimage_server.engine import Engine
+from zimage_server.engine import Engine, EngineLike
 from zimage_server.engine.model_source import detect_devices, resolve_model
 from zimage_server.engine.supervisor import EngineConfig, ProgressCallback
 from zimage_server.images import GenerationService
@@ -71,7 +71,7 @@ class Services:
     """Everything the routes use, built once per app from the settings."""
 
     settings: Settings
-    engine: Engine
+    engine: EngineLike
     outputs: OutputStore
     db: Database
     keys: KeyService
@@ -85,9 +85,16 @@ class Services:
     model_label: str
 
 
-def build_services(settings: Settings, on_progress: ProgressCallback | None = None) -> Services:
-    config, label = engine_config(settings)
-    engine = Engine(config, on_progress)
+def build_services(
+    settings: Settings,
+    on_progress: ProgressCallback | None = None,
+    engine: EngineLike | None = None,
+) -> Services:
+    if engine is None:
+        config, label = engine_config(settings)
+        engine = Engine(config, on_progress)
+    else:
+        label = settings.model
     outputs_store = OutputStore(
         settings.outputs_dir, settings.output_ttl_s, settings.output_min_free_bytes
     )
@@ -162,8 +169,14 @@ async def _running(services: Services) -> AsyncIterator[None]:
         s.db.dispose()
 
 
-def create_app(settings: Settings, on_progress: ProgressCallback | None = None) -> FastAPI:
-    services = build_services(settings, on_progress)
+def create_app(
+    settings: Settings,
+    on_progress: ProgressCallback | None = None,
+    engine: EngineLike | None = None,
+) -> FastAPI:
+    """The whole API. ``engine`` replaces the local worker processes (Ray Serve passes one
+    that forwards renders to its GPU replicas)."""
+    services = build_services(settings, on_progress, engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

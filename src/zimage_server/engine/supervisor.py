@@ -341,6 +341,10 @@ class Engine:
         return EngineState.STARTING
 
     @property
+    def max_queue(self) -> int:
+        return self.config.max_queue
+
+    @property
     def failure(self) -> str | None:
         return next((w.failure for w in self._workers if w.failure), None)
 

@@ -14,7 +14,7 @@ from zimage_server.accounts import Admission
 from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
 from zimage_server.core.errors import InvalidRequest, UnknownModel
-from zimage_server.engine import Engine, RenderSpec
+from zimage_server.engine import EngineLike, RenderSpec
 from zimage_server.images.encode import MEDIA_TYPES, encode_image, round_up_16
 from zimage_server.images.params import (
     MODEL_SLUG,
@@ -78,7 +78,7 @@ class GenerationService:
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
+        engine: EngineLike,
         outputs: OutputStore,
         ledger: Ledger,
         pricing: Pricing,

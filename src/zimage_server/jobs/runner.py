@@ -24,7 +24,7 @@ from zimage_server.core.errors import (
     WorkerDied,
     ZImageError,
 )
-from zimage_server.engine import Engine
+from zimage_server.engine import EngineLike
 from zimage_server.images import Generated, GenerationParams, GenerationService
 from zimage_server.images.service import pick_seed
 from zimage_server.jobs.repository import JobRepository, NewJob
@@ -60,7 +60,7 @@ class JobRunner:
         self,
         settings: Settings,
         repo: JobRepository,
-        engine: Engine,
+        engine: EngineLike,
         generation: GenerationService,
         outputs: OutputStore,
         ledger: Ledger,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from zimage_server.engine import Engine, EngineState
+from zimage_server.engine import EngineLike, EngineState
 
 router = APIRouter(tags=["operations"])
 
@@ -17,9 +17,9 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: the model is loaded and warmed up")
 async def readyz(request: Request) -> JSONResponse:
-    engine: Engine = request.app.state.engine
+    engine: EngineLike = request.app.state.engine
     state = engine.state.value
-    if engine.state == EngineState.READY and engine.depth >= engine.config.max_queue:
+    if engine.state == EngineState.READY and engine.depth >= engine.max_queue:
         state = "BUSY"  # loaded, but the queue is full: a balancer should go elsewhere
     body: dict[str, object] = {
         "status": state,

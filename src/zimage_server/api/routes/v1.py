@@ -70,6 +70,7 @@ def _headers(generated: Generated, admission: Admission) -> dict[str, str]:
     headers = {
         "X-Seed": str(generated.seed),
         "X-Generation-Time": f"{generated.generation_time:.4f}",
+        "X-Replica": generated.worker,
         **admission.headers,
     }
     if generated.credits_consumed is not None and generated.credits_remaining is not None:
