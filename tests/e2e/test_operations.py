@@ -267,3 +267,18 @@ def test_worker_killed_mid_batch_requeues_async_jobs(ops: Server) -> None:
         timeout=10,
     ).json()
     assert usage["images"] == 1 and usage["spent"] == "3.75"
+
+
+def test_request_id_reaches_error_bodies_and_the_worker_log(ops: Server) -> None:
+    key = new_key(ops)
+    r = ops.post(
+        {**SMALL, "prompt": "[[fault:error]] a cat"},
+        headers={"x-api-key": key, "X-Request-ID": "trace-fault-9"},
+    )
+    assert r.status_code == 500 and r.json()["request_id"] == "trace-fault-9"
+    assert "injected by [[fault:error]]" in r.json()["error"]
+    deadline = time.monotonic() + 10
+    while "(requests trace-fault-9) failed" not in ops.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert balance(ops, key) == "10"

@@ -70,7 +70,10 @@ def error_response(
             "error": {"message": message, "type": kind, "param": param, "code": kind}
         }
         return JSONResponse(body, status_code=status, headers=headers)
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    body = {"error": message}
+    if request is not None:  # so a client can quote it in a support ticket
+        body["request_id"] = request.scope.get("state", {}).get("request_id", "")
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _app_error(request: Request, exc: Exception) -> JSONResponse:

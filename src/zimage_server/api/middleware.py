@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from zimage_server.telemetry import Metrics
+from zimage_server.telemetry import Metrics, context
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 access_log = logging.getLogger("zimage.access")
@@ -51,6 +51,7 @@ class RequestIdMiddleware:
         request_id = incoming if _SAFE_ID.match(incoming) else secrets.token_hex(12)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        context.request_id.set(request_id)  # the engine and the worker log it too
         status = 500
 
         async def send_with_id(message: Message) -> None:

@@ -18,6 +18,7 @@ class RenderItem:
     job_id: str
     prompt: str
     seed: int
+    request_id: str = ""  # the HTTP request's id, for the worker's logs
 
 
 @dataclass(frozen=True, slots=True)

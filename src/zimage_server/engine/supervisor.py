@@ -48,6 +48,7 @@ from zimage_server.engine.protocol import (
     StepProgress,
 )
 from zimage_server.engine.worker import WorkerConfig, worker_main
+from zimage_server.telemetry import context
 
 log = logging.getLogger("zimage.engine")
 ProgressCallback = Callable[[str, str, int, int], None]  # worker, stage, step, total
@@ -96,6 +97,7 @@ class _Job:
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     progress: tuple[int, int] = (0, 0)
+    request_id: str = field(default_factory=context.request_id.get)
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,9 @@ class _Worker:
         now = time.perf_counter()
         for job in jobs:
             job.progress, job.started_at = (0, spec.steps), now
-        items = tuple(RenderItem(job.id, job.spec.prompt, job.spec.seed) for job in jobs)
+        items = tuple(
+            RenderItem(job.id, job.spec.prompt, job.spec.seed, job.request_id) for job in jobs
+        )
         self.batch = (batch_id, jobs)
         self.batch_done = asyncio.get_running_loop().create_future()
         self.send(

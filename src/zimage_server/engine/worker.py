@@ -131,7 +131,10 @@ def _render(
     except Cancelled:
         out.send(BatchFailed(batch.batch_id, "cancelled", "cancelled"))
     except Exception as exc:
-        log.error("batch %s failed:\n%s", batch.batch_id, traceback.format_exc())
+        requests = ",".join(item.request_id or item.job_id for item in batch.items)
+        log.error(
+            "batch %s (requests %s) failed:\n%s", batch.batch_id, requests, traceback.format_exc()
+        )
         kind = "oom" if "OutOfMemory" in type(exc).__name__ else "error"
         if kind == "oom":
             _release_accelerator_memory()
