@@ -32,6 +32,7 @@ def soak_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server.stop()
 
 
+@pytest.mark.timeout(1200)
 def test_memory_stays_flat_under_sustained_load(soak_server: Server) -> None:
     duration = float(os.environ.get("ZIMAGE_SOAK_S", "300"))
     for _ in range(30):  # warm caches and allocator pools before the baseline
