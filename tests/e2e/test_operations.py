@@ -16,7 +16,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.conftest import Server, fresh_database_url
+from tests.conftest import ROOT, Server, fresh_database_url
 
 ADMIN = "ops-admin"
 SMALL = {"prompt": "an operator's cat", "width": 256, "height": 256, "steps": 1}
@@ -118,6 +118,16 @@ def test_burst_of_ten_times_the_queue(ops: Server) -> None:
     with ThreadPoolExecutor(max_workers=40) as pool:
         results = list(pool.map(call, range(40)))
     statuses = {status for status, _ in results}
+    figures = {
+        "requests": len(results),
+        "threads": 40,
+        "max_queue": 4,
+        "ok": sum(1 for status, _ in results if status == 200),
+        "rejected_429": sum(1 for status, _ in results if status == 429),
+        "max_latency_s": round(max(seconds for _, seconds in results), 3),
+    }
+    (ROOT / "artifacts").mkdir(exist_ok=True)
+    (ROOT / "artifacts" / "burst.json").write_text(json.dumps(figures, indent=2) + "\n")
     assert statuses <= {200, 429} and 200 in statuses and 429 in statuses
     assert max(seconds for _, seconds in results) < 120
     ready = requests.get(ops.url + "/readyz", timeout=10).json()
