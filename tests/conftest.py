@@ -103,6 +103,18 @@ class Server:
         self._log.close()
 
 
+def create_key(server: Server, admin_token: str, credits: float = 10, **extra: object) -> str:
+    """A new API key through the admin API (the server must have ZIMAGE_ADMIN_TOKEN set)."""
+    r = requests.post(
+        server.url + "/admin/keys",
+        headers={"x-admin-token": admin_token},
+        json={"name": "test", "credits": credits, **extra},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["key"])
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = Server(tmp_path_factory.mktemp("server"))

@@ -16,7 +16,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import Server
+from tests.conftest import Server, create_key
 from zimage_server.client import (
     AsyncZImageClient,
     AuthenticationError,
@@ -42,13 +42,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def new_key(server: Server, **extra: object) -> str:
-    r = requests.post(
-        server.url + "/admin/keys",
-        headers={"x-admin-token": ADMIN},
-        timeout=10,
-        json={"name": "clients", "credits": 100, **extra},
-    )
-    return str(r.json()["key"])
+    return create_key(server, ADMIN, 100, **extra)
 
 
 @pytest.fixture(scope="module")

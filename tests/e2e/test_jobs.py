@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import Server
+from tests.conftest import Server, create_key
 from zimage_server.billing import Pricing, format_credits
 from zimage_server.jobs.webhooks import verify
 
@@ -41,14 +41,7 @@ ENV = {
 
 
 def new_key(server: Server, credits: str = "10") -> str:
-    r = requests.post(
-        server.url + "/admin/keys",
-        json={"name": "jobs", "credits": float(credits)},
-        headers={"x-admin-token": ADMIN},
-        timeout=10,
-    )
-    assert r.status_code == 201
-    return str(r.json()["key"])
+    return create_key(server, ADMIN, float(credits))
 
 
 def usage(server: Server, key: str) -> dict[str, Any]:

@@ -16,20 +16,14 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.conftest import ROOT, Server, fresh_database_url
+from tests.conftest import ROOT, Server, create_key, fresh_database_url
 
 ADMIN = "ops-admin"
 SMALL = {"prompt": "an operator's cat", "width": 256, "height": 256, "steps": 1}
 
 
 def new_key(server: Server, credits: float = 10) -> str:
-    r = requests.post(
-        server.url + "/admin/keys",
-        headers={"x-admin-token": ADMIN},
-        timeout=10,
-        json={"name": "ops", "credits": credits},
-    )
-    return str(r.json()["key"])
+    return create_key(server, ADMIN, credits)
 
 
 def balance(server: Server, key: str) -> str:
