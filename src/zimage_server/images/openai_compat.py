@@ -75,6 +75,8 @@ def to_params(data: object) -> tuple[ImageGenerationRequest, list[GenerationPara
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else "body"
+        if field == "size" and isinstance(data, dict):
+            parse_size(str(data.get("size")))  # raises with the readable message
         raise InvalidRequest(f"Invalid '{field}': {error['msg']}.", field) from None
     if request.model is not None and request.model not in MODEL_NAMES:
         raise UnknownModel(f"The model '{request.model[:80]}' does not exist; use '{MODEL_SLUG}'.")
