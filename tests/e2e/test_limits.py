@@ -48,6 +48,8 @@ def test_full_queue_is_429_and_deadline_is_504(slow_server: tuple[Server, int]) 
     thread.start()
     time.sleep(0.5)
     busy = server.post({**slow, "steps": 1})
+    ready = requests.get(server.url + "/readyz", timeout=5)
+    assert ready.status_code == 503 and ready.json()["status"] == "BUSY"
     assert busy.status_code == 429
     assert int(busy.headers["retry-after"]) >= 1
     assert "queue is full" in busy.json()["error"]
