@@ -73,8 +73,23 @@ def serve(
     no_auth: Annotated[
         bool, typer.Option("--no-auth", help="Serve without API keys (local use only).")
     ] = False,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Deploy on Ray Serve (a local Ray, or --ray-address).")
+    ] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --ray: auto, or ray://head:10001.")
+    ] = None,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: a fixed number of engine replicas.")
+    ] = None,
+    min_replicas: Annotated[
+        int | None, typer.Option(min=0, help="With --ray: autoscaling floor (0 = scale to zero).")
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: autoscaling ceiling.")
+    ] = None,
 ) -> None:
-    """Run the HTTP server."""
+    """Run the HTTP server (on this machine, or on Ray Serve with --ray)."""
     from zimage_server.api import create_app, serving
     from zimage_server.telemetry.logs import setup_logging
 
@@ -90,11 +105,21 @@ def serve(
         )
     )
     setup_logging(settings.log_level, settings.log_format)
+    _warn(settings)
     try:
+        if ray:
+            from zimage_server.deploy.cli import serve_ray
+
+            serve_ray(settings, ray_address, replicas, min_replicas, max_replicas)
+            return
         application = create_app(settings, on_progress=_LoadProgress())
     except StartupError as exc:
         console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
         raise typer.Exit(2) from None
+    serving.run(application, settings)
+
+
+def _warn(settings: Settings) -> None:
     if not settings.auth_required:
         console.print(
             "[bold yellow]WARNING: authentication is OFF: anyone who can reach "
@@ -104,7 +129,6 @@ def serve(
         console.print(
             "[yellow]Serving the tiny random model: images are noise, for trying the API.[/]"
         )
-    serving.run(application, settings)
 
 
 @app.command("tiny-model")

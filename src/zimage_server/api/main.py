@@ -93,8 +93,8 @@ def build_services(
     if engine is None:
         config, label = engine_config(settings)
         engine = Engine(config, on_progress)
-    else:
-        label = settings.model
+    else:  # weights live where that engine runs (e.g. Ray GPU replicas)
+        label = "tiny (random weights)" if settings.tiny else settings.model
     outputs_store = OutputStore(
         settings.outputs_dir, settings.output_ttl_s, settings.output_min_free_bytes
     )

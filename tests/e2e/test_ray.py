@@ -1,0 +1,432 @@
+"""Scale-out on Ray Serve, for real: a local Ray on CPU, the tiny model, PostgreSQL.
+
+One Ray instance and one Serve HTTP proxy (loopback) per module. Two applications share it:
+``main`` (two fixed engine replicas, keys on, the PostgreSQL store when available) and
+``zero`` (autoscaling 0..1 with a short idle delay, under ``/zero``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import Server, fresh_database_url
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from zimage_server.core.config import Settings  # noqa: E402
+from zimage_server.deploy import RayOptions  # noqa: E402
+from zimage_server.deploy.options import ENGINE_DEPLOYMENT  # noqa: E402
+
+ADMIN = "ray-admin-token"
+SMALL = {"prompt": "a paid-for cat", "width": 256, "height": 256, "steps": 1}
+SLOW = {"prompt": "a slow cat", "width": 256, "height": 256, "steps": 8}
+DEPLOY_TIMEOUT_S = 180
+log = logging.getLogger("tests.ray")
+pytestmark = pytest.mark.timeout(300)
+
+
+@dataclass
+class App:
+    name: str
+    url: str
+    db_url: str
+    postgres: bool
+
+    def post(
+        self, body: dict[str, Any], key: str | None = None, **headers: str
+    ) -> requests.Response:
+        if key:
+            headers["x-api-key"] = key
+        return requests.post(
+            self.url + "/v1/z-image-turbo", json=body, headers=headers, timeout=120
+        )
+
+    def key(self, credits: str) -> str:
+        from zimage_server.accounts import KeyService
+        from zimage_server.billing import Ledger
+        from zimage_server.billing.pricing import to_micro
+        from zimage_server.store.db import Database
+
+        db = Database(self.db_url)
+        try:
+            key, _ = KeyService(db, Ledger(db)).create("ray-test", to_micro(credits))
+        finally:
+            db.dispose()
+        return key
+
+    def usage(self, key: str) -> dict[str, str]:
+        prefix = key.split("_")[1]
+        r = requests.get(
+            f"{self.url}/admin/keys/{prefix}/usage",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _settings(folder: Path, db_url: str, **values: Any) -> Settings:
+    return Settings(
+        tiny=True,
+        device="cpu",
+        data_dir=folder,
+        database_url=db_url,
+        warmup_size=256,
+        warmup_steps=1,
+        **values,
+    )
+
+
+def _engine_replicas(app: str) -> list[str]:
+    """Names of the live engine replica actors of ``app`` (``...#EngineReplica#<id>``)."""
+    prefix = f"SERVE_REPLICA::{app}#{ENGINE_DEPLOYMENT}#"
+    return [
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(prefix)
+    ]
+
+
+def _running(app: str) -> int:
+    deployment = serve.status().applications[app].deployments[ENGINE_DEPLOYMENT]
+    return int(deployment.replica_states.get("RUNNING", 0))
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.25)
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def proxy_url() -> Iterator[str]:
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _deploy(settings: Settings, options: RayOptions) -> None:
+    from zimage_server.deploy.ray_app import build_application
+
+    serve.run(
+        build_application(settings, options),
+        name=options.app_name,
+        route_prefix=options.route_prefix,
+    )
+
+
+@pytest.fixture(scope="module")
+def main_app(proxy_url: str, tmp_path_factory: pytest.TempPathFactory) -> App:
+    """Two fixed engine replicas behind the full API, keys on, PostgreSQL if available."""
+    import os
+
+    folder = tmp_path_factory.mktemp("ray-main")
+    postgres = bool(os.environ.get("ZIMAGE_TEST_POSTGRES_URL"))
+    db_url = fresh_database_url("postgresql" if postgres else "sqlite", folder)
+    settings = _settings(
+        folder,
+        db_url,
+        auth=True,
+        admin_token=ADMIN,
+        default_max_in_flight=32,
+        max_queue=32,
+        debug_step_delay_s=0.05,
+    )
+    options = RayOptions(replicas=2, num_gpus=0, app_name="main", route_prefix="/")
+    _deploy(settings, options)
+    return App("main", proxy_url, db_url, postgres)
+
+
+@pytest.fixture(scope="module")
+def zero_app(proxy_url: str, tmp_path_factory: pytest.TempPathFactory) -> App:
+    """Autoscaling 0..1; it starts with one replica, which goes away when idle."""
+    folder = tmp_path_factory.mktemp("ray-zero")
+    db_url = fresh_database_url("sqlite", folder)
+    options = RayOptions(
+        min_replicas=0,
+        max_replicas=1,
+        initial_replicas=1,
+        downscale_delay_s=2,
+        upscale_delay_s=0,
+        num_gpus=0,
+        app_name="zero",
+        route_prefix="/zero",
+    )
+    _deploy(_settings(folder, db_url, auth=False), options)
+    return App("zero", proxy_url + "/zero", db_url, False)
+
+
+def test_two_replicas_share_a_burst_and_match_the_single_machine_image(
+    main_app: App, server: Server
+) -> None:
+    key = main_app.key("10")
+    assert requests.get(main_app.url + "/readyz", timeout=10).json()["status"] == "READY"
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: main_app.post(SLOW, key), range(8)))
+    assert [r.status_code for r in replies] == [200] * 8, [r.text for r in replies]
+    replicas = {r.headers["X-Replica"] for r in replies}
+    assert len(replicas) == 2, replicas
+    assert {name.rsplit("#", 1)[1] for name in _engine_replicas("main")} == replicas
+
+    body = {**SMALL, "seed": 1234, "image_format": "png"}
+    on_ray = main_app.post(body, key, Accept="image/png")
+    alone = server.post(body, headers={"Accept": "image/png"})
+    assert on_ray.status_code == alone.status_code == 200, (on_ray.text, alone.text)
+    assert on_ray.headers["content-type"] == "image/png"
+    assert on_ray.content == alone.content
+
+
+def test_async_jobs_and_metrics_work_through_the_ingress(main_app: App) -> None:
+    key = main_app.key("1")
+    headers = {"x-api-key": key}
+    submitted = requests.post(
+        main_app.url + "/v2/z-image-turbo", json={**SMALL, "seed": 5}, headers=headers, timeout=30
+    )
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()
+    deadline = time.monotonic() + 60
+    while (status := requests.get(job["status_url"], headers=headers, timeout=30).json())[
+        "status"
+    ] not in ("COMPLETED", "FAILED", "CANCELLED"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert status["status"] == "COMPLETED", status
+    result = requests.get(job["response_url"], headers=headers, timeout=30).json()
+    image = requests.get(result["output"], timeout=30)
+    assert image.status_code == 200 and image.headers["content-type"] == "image/webp"
+    metrics = requests.get(main_app.url + "/metrics", timeout=10)
+    assert metrics.status_code == 200 and "zimage_worker_restarts" in metrics.text
+
+
+def test_a_killed_replica_is_answered_for_and_replaced(main_app: App) -> None:
+    key = main_app.key("10")
+    before = _engine_replicas("main")
+    assert len(before) == 2
+    victim = before[0]
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(main_app.post, SLOW, key) for _ in range(12)]
+        time.sleep(1.5)  # both replicas are rendering, more requests wait in Serve's queue
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        replies = [f.result() for f in futures]
+    codes = [r.status_code for r in replies]
+    assert set(codes) <= {200, 502}, [r.text for r in replies]
+    assert codes.count(200) >= 6, codes  # everything the survivor took, and the retries
+    for reply in replies:
+        if reply.status_code == 502:
+            assert "replica died" in reply.json()["error"]
+
+    took = _wait(
+        "Serve to replace the killed replica",
+        lambda: victim not in _engine_replicas("main") and _running("main") == 2,
+        DEPLOY_TIMEOUT_S,
+    )
+    after = main_app.post(SMALL, key)
+    assert after.status_code == 200, after.text
+    metrics = requests.get(main_app.url + "/metrics", timeout=10).text
+    deaths = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("zimage_worker_restarts ")
+    )
+    assert deaths >= 1  # the ingress saw requests die with the replica (and re-sent them)
+    log.warning(f"replica replaced in {took:.1f}s; codes {sorted(codes)}")
+
+
+def test_credits_stay_exact_across_replicas(main_app: App) -> None:
+    if not main_app.postgres:
+        pytest.skip("ZIMAGE_TEST_POSTGRES_URL is not set (scripts/start-postgres prints one)")
+    key = main_app.key("0.03")  # exactly three 256x256 one-step images
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda _: main_app.post(SMALL, key), range(12)))
+    codes = sorted(r.status_code for r in replies)
+    assert codes == [200] * 3 + [406] * 9, [r.text for r in replies]
+    usage = main_app.usage(key)
+    assert usage["balance"] == "0" and usage["ledger_sum"] == "0", usage
+    assert usage["images"] == 3, usage
+
+
+def test_scale_to_zero_then_a_request_starts_a_replica(zero_app: App) -> None:
+    idle = _wait(
+        "the idle replica to be removed",
+        lambda: _running("zero") == 0 and not _engine_replicas("zero"),
+        120,
+    )
+    ready = requests.get(zero_app.url + "/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text  # ready: requests wait for a replica
+
+    start = time.monotonic()
+    reply = zero_app.post({**SMALL, "seed": 7}, **{"X-Deadline-Seconds": "120"})
+    cold = time.monotonic() - start
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["X-Replica"]
+    assert _running("zero") == 1
+    log.warning(f"scaled to zero after {idle:.1f}s idle; cold request took {cold:.1f}s")
+
+
+# -- RayEngine against a fake handle: error mapping, the bound, cancel, deadline ------------
+
+
+class _FakeResponse:
+    def __init__(self, outcome: Callable[[], Any], delay: float) -> None:
+        self.outcome, self.delay, self.cancelled = outcome, delay, False
+
+    def __await__(self) -> Any:
+        return self._run().__await__()
+
+    async def _run(self) -> Any:
+        await asyncio.sleep(self.delay)
+        return self.outcome()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _FakeMethod:
+    def __init__(self, outcomes: list[Callable[[], Any]], delay: float) -> None:
+        self.outcomes, self.delay, self.sent = outcomes, delay, []
+
+    def remote(self, *args: Any) -> _FakeResponse:
+        self.sent.append(args)
+        outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
+        return _FakeResponse(outcome, self.delay)
+
+
+class _FakeHandle:
+    def __init__(self, *outcomes: Callable[[], Any], delay: float = 0.0) -> None:
+        self.render = _FakeMethod(list(outcomes), delay)
+        self.status = _FakeMethod([lambda: _status("READY")], 0.0)
+
+
+def _status(state: str) -> Any:
+    from zimage_server.deploy.replica import ReplicaStatus
+
+    return ReplicaStatus("r1", state, None, 1.5, 0.0, 0)
+
+
+def _result() -> Any:
+    from zimage_server.engine import RenderResult
+
+    return RenderResult(b"\0" * 12, 2, 2, {}, 1, 1, 3, "r1")
+
+
+def _raise(exc: BaseException) -> Callable[[], Any]:
+    def outcome() -> Any:
+        raise exc
+
+    return outcome
+
+
+def _spec() -> Any:
+    from zimage_server.engine import RenderSpec
+
+    return RenderSpec("a cat", 1, 256, 256, 1, 1.0)
+
+
+def test_ray_engine_maps_ray_failures_to_our_errors() -> None:
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from zimage_server.core import errors
+    from zimage_server.deploy.ray_engine import RayEngine
+    from zimage_server.deploy.replica import RemoteError
+
+    async def run() -> None:
+        retried = RayEngine(_FakeHandle(_raise(ActorDiedError()), _result), 4)
+        assert (await retried.render(_spec(), 5)).worker == "r1"
+        assert retried.restarts() == 1
+        died = RayEngine(_FakeHandle(_raise(ActorDiedError())), 4, replica_retries=0)
+        with pytest.raises(errors.WorkerDied):
+            await died.render(_spec(), 5)
+        busy = RayEngine(_FakeHandle(_raise(BackPressureError(9, 8, 503, 7.0))), 4)
+        with pytest.raises(errors.Overloaded) as overloaded:
+            await busy.render(_spec(), 5)
+        assert overloaded.value.retry_after == 7
+        remote = RemoteError.of(errors.Overloaded("full", retry_after=3))
+        full = RayEngine(_FakeHandle(lambda: remote), 4)
+        with pytest.raises(errors.Overloaded) as replica_full:
+            await full.render(_spec(), 5)
+        assert replica_full.value.retry_after == 3
+        oom = RayEngine(_FakeHandle(lambda: RemoteError("GenerationFailed", "Out of memory")), 4)
+        with pytest.raises(errors.GenerationFailed, match="Out of memory"):
+            await oom.render(_spec(), 5)
+
+    asyncio.run(run())
+
+
+def test_ray_engine_bounds_admission_cancels_and_keeps_deadlines() -> None:
+    from zimage_server.core import errors
+    from zimage_server.deploy.ray_engine import RayEngine
+    from zimage_server.engine import EngineState
+
+    async def run() -> None:
+        handle = _FakeHandle(_result, delay=0.5)
+        engine = RayEngine(handle, max_queue=2)
+        assert engine.state == EngineState.STARTING
+        await engine.start()
+        first = asyncio.create_task(engine.render(_spec(), 5, "job-1"))
+        second = asyncio.create_task(engine.render(_spec(), 5, "job-2"))
+        await asyncio.sleep(0.05)
+        assert engine.depth == 2
+        with pytest.raises(errors.Overloaded):
+            await engine.render(_spec(), 5)
+        assert engine.cancel("job-2")
+        with pytest.raises(errors.Cancelled):
+            await second
+        assert (await first).worker == "r1"
+        assert engine.state == EngineState.READY and engine.load_seconds() == 1.5
+        with pytest.raises(errors.DeadlineExceeded):
+            await engine.render(_spec(), 0.1)
+        assert engine.depth == 0
+        await engine.stop()
+        zero = RayEngine(_FakeHandle(_result), 2, scales_to_zero=True)
+        await zero.start()
+        assert zero.state == EngineState.READY  # without asking (which would start a replica)
+
+    asyncio.run(run())
+
+
+def test_cli_options_fixed_or_autoscaling_and_refuse_bad_bounds() -> None:
+    from zimage_server.core.errors import StartupError
+    from zimage_server.deploy.cli import ray_options
+
+    cpu = Settings(device="cpu")
+    fixed = ray_options(cpu, None, 2, None, None)
+    assert fixed.replicas == 2 and fixed.num_gpus == 0 and fixed.autoscaling_config() is None
+    scaled = ray_options(cpu, None, None, 0, 3)
+    assert scaled.scales_to_zero and scaled.autoscaling_config() == {
+        "min_replicas": 0,
+        "max_replicas": 3,
+        "target_ongoing_requests": 2.0,
+        "downscale_delay_s": 60.0,
+        "upscale_delay_s": 3.0,
+        "metrics_interval_s": 1.0,
+        "look_back_period_s": 5.0,
+    }
+    assert ray_options(Settings(device="auto"), "auto", None, None, None).num_gpus == 1
+    with pytest.raises(StartupError, match="exceeds max_replicas"):
+        ray_options(cpu, None, None, 3, 2)
+    assert RayOptions.model_validate({"min_replicas": "0", "max_replicas": "2"}).scales_to_zero
