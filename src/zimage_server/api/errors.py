@@ -7,6 +7,7 @@ their traceback and answered with a generic 500 that names only the request id.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,7 +15,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from zimage_server.core import errors as e
 
@@ -122,13 +122,15 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method that some route accepts on this path (Starlette names only one route's)."""
+    """Every method that some route accepts on this path, from the OpenAPI paths (Starlette
+    names only one route's, and FastAPI's included routers hide theirs)."""
     methods: set[str] = set()
-    for route in request.app.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        route_methods = getattr(route, "methods", None)
-        if match != Match.NONE and route_methods:
-            methods |= set(route_methods)
+    for template, operations in request.app.openapi()["paths"].items():
+        pattern = "^" + re.sub(r"\{[^/}]+\}", "[^/]+", template) + "$"
+        if re.match(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
     return sorted(methods)
 
 
