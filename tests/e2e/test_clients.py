@@ -191,3 +191,11 @@ def test_cli_401_is_a_clear_error(api: Server, tmp_path: Path) -> None:
     assert run.returncode == 1
     assert "error 401" in run.stderr and "Invalid API key" in run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "x.webp").exists()
+
+
+def test_openai_prompt_over_the_server_limit_is_a_bad_request(api: Server, key: str) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        oai(api, key).images.generate(prompt="a" * 10_001, size="256x256")
+    body = error.value.body
+    assert isinstance(body, dict) and body["param"] == "prompt"
+    assert "at most 10000 characters" in body["message"]

@@ -236,7 +236,11 @@ class _Worker:
         self.conn = None
         self.ready.clear()
         if self.process is not None:
-            self.process.join(timeout=5)  # reap it: no zombie left behind
+            # A worker whose pipe is gone is useless even if alive: end it, then reap it
+            # (no zombie). It has normally exited already, so this does not wait.
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(timeout=1)
         code = self.process.exitcode if self.process else None
         if self.batch:
             _, jobs = self.batch
@@ -357,9 +361,6 @@ class Engine:
 
     def load_seconds(self) -> float:
         return max((w.load_s for w in self._workers), default=0.0)
-
-    def worker_pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers if w.process is not None]
 
     @property
     def depth(self) -> int:

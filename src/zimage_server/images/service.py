@@ -100,13 +100,17 @@ class GenerationService:
 
     def validate(self, data: object) -> GenerationParams:
         params = validate_params(data)
-        if len(params.prompt) > self.settings.max_prompt_chars:
+        self.check_prompt(params.prompt)
+        return params
+
+    def check_prompt(self, prompt: str) -> None:
+        """The server's own limit, on top of the contract's (operators set it)."""
+        if len(prompt) > self.settings.max_prompt_chars:
             raise InvalidRequest(
                 f"Invalid 'prompt': at most {self.settings.max_prompt_chars} characters "
-                f"(got {len(params.prompt)}).",
+                f"(got {len(prompt)}).",
                 "prompt",
             )
-        return params
 
     def price(self, params: GenerationParams) -> int:
         return self.pricing.price(params.width, params.height, params.steps)

@@ -35,8 +35,7 @@ async def generations(
 ) -> JSONResponse:
     service: GenerationService = request.app.state.generation
     body, batch = to_params(parse_json(await request.body()))
-    for params in batch:
-        service.validate(params.model_dump())  # server limits, e.g. prompt length
+    service.check_prompt(body.prompt)
     as_url = body.response_format == "url"
     images = await service.generate_many(batch, admission, store=as_url)
     base = public_base(request)
