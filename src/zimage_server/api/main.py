@@ -25,6 +25,7 @@ from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
 from zimage_server.engine import Engine, EngineLike
 from zimage_server.engine.model_source import detect_devices, resolve_model
+from zimage_server.engine.speedups import Speedups
 from zimage_server.engine.supervisor import EngineConfig, ProgressCallback
 from zimage_server.images import GenerationService
 from zimage_server.jobs import JobRunner
@@ -54,8 +55,24 @@ def engine_config(settings: Settings) -> tuple[EngineConfig, str]:
         faults=settings.debug_faults,
         build_tiny_at=source.path if source.build_tiny else None,
         start_timeout_s=settings.worker_start_timeout_s,
+        speedups=speedups(settings),
+        warmup_sizes=tuple(settings.warmup_sizes),
     )
     return config, source.label
+
+
+def speedups(settings: Settings) -> Speedups:
+    return Speedups(
+        prompt_bucket=settings.prompt_bucket_tokens,
+        prompt_cache=settings.prompt_cache_size,
+        attention=settings.attention_backend,
+        compile=settings.compile,
+        compile_mode=settings.compile_mode,
+        compile_cache_dir=str(settings.compile_cache_dir),
+        vae_channels_last=settings.vae_channels_last,
+        fp8=settings.fp8,
+        step_cache=settings.step_cache,
+    )
 
 
 async def _sweep_forever(store: OutputStore) -> None:

@@ -7,12 +7,26 @@ Nothing reads the environment at import time: the CLI builds a ``Settings`` and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+PROMPT_BUCKETS = (0, 16, 32, 64, 128, 256, 512)  # divisors of the 512-token text window
+AttentionBackend = Literal[
+    "auto",
+    "native",
+    "_native_cudnn",
+    "_native_flash",
+    "_native_efficient",
+    "_native_math",
+    "flash",
+    "_flash_3",
+    "sage",
+    "xformers",
+]
+Toggle = Literal["auto", "on", "off"]
 
 
 def _default_data_dir() -> Path:
@@ -69,6 +83,9 @@ class Settings(BaseSettings):
     warmup: bool = True
     warmup_size: int = Field(1024, ge=256, le=2048, description="Square size of warm-up render.")
     warmup_steps: int = Field(2, ge=1, le=75)
+    warmup_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, description="More square sizes to warm (and compile) at start."
+    )
     worker_start_timeout_s: float = Field(900.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = Field("json", description="One JSON object per line.")
@@ -77,6 +94,22 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="Drain time on SIGTERM.")
     output_min_free_bytes: int = Field(
         100 * 2**20, ge=0, description="Refuse renders (507) when the output disk has less."
+    )
+
+    # Speed-ups; benchmarks/README.md measures each. The lossy ones (fp8, step_cache) are off.
+    prompt_bucket_tokens: int = Field(
+        64, description="Pad prompts to the batch's longest, rounded up to this; 0 = 512 as stock."
+    )
+    prompt_cache_size: int = Field(32, ge=0, le=4096, description="Prompt embeddings kept.")
+    attention_backend: AttentionBackend = Field("auto", description="diffusers backend name.")
+    compile: Toggle = Field("auto", description="Regional torch.compile (auto: on for CUDA).")
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field("default", description="torch.compile mode; reduce-overhead adds CUDA graphs.")
+    vae_channels_last: Toggle = Field("auto", description="Channels-last VAE decode.")
+    fp8: bool = Field(False, description="fp8 matmuls via torchao (lossy; Ada/Hopper GPUs).")
+    step_cache: float = Field(
+        0.0, ge=0, le=1, description="First-block cache threshold (lossy); 0 = off."
     )
 
     # Fault-injection seams for tests and chaos drills; harmless at their defaults.
@@ -89,6 +122,35 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @field_validator("warmup_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _valid_sizes(cls, value: list[int]) -> list[int]:
+        for size in value:
+            if not 256 <= size <= 2048:
+                raise ValueError(f"warm-up sizes must be in 256..2048, got {size}")
+        return value
+
+    @field_validator("prompt_bucket_tokens")
+    @classmethod
+    def _valid_bucket(cls, value: int) -> int:
+        if value not in PROMPT_BUCKETS:
+            allowed = ", ".join(map(str, PROMPT_BUCKETS))
+            raise ValueError(f"prompt_bucket_tokens must be one of {allowed}; got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _fp8_needs_gpu(self) -> Settings:
+        if self.fp8 and self.device == "cpu":
+            raise ValueError("fp8 needs an NVIDIA GPU (compute capability 8.9+), not device=cpu")
+        return self
 
     @field_validator("default_rate_limit")
     @classmethod
@@ -109,6 +171,10 @@ class Settings(BaseSettings):
     @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        return self.data_dir / "compile-cache"
 
     @property
     def tiny_model_dir(self) -> Path:

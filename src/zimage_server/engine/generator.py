@@ -7,17 +7,19 @@ that each stage is timed and can be optimised on its own.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch
 from zimage_server.engine.random_model import build_random_pipeline, is_random_model
+from zimage_server.engine.speedups import Speedups, apply_speedups, use_compile_cache
 
+log = logging.getLogger("zimage.worker")
 ProgressFn = Callable[[str, int, int], None]
 StepFn = Callable[[int, int], None]
-MAX_SEQUENCE_LENGTH = 512  # Z-Image's text window; longer prompts are truncated.
 
 
 class Cancelled(Exception):
@@ -55,6 +57,8 @@ class GeneratorConfig:
     warmup_steps: int = 2
     step_delay_s: float = 0.0
     faults: bool = False  # honour [[fault:...]] markers in prompts (tests, chaos drills)
+    speedups: Speedups = field(default_factory=Speedups)
+    warmup_sizes: tuple[int, ...] = ()  # more sizes to warm up (and compile) at start
 
 
 def make_generator(config: GeneratorConfig) -> ImageGenerator:
@@ -73,6 +77,8 @@ class DiffusersGenerator:
         self.config = config
         self.pipe: Any = None
         self.torch: Any = None
+        self.text: Any = None  # PromptEncoder
+        self.step_cache: Any = None  # CacheState when step caching is on
         self._passes = 0
 
     @property
@@ -81,6 +87,7 @@ class DiffusersGenerator:
 
     def load(self, progress: ProgressFn) -> None:
         progress("importing torch and diffusers", 1, 3)
+        use_compile_cache(self.config.speedups.compile_cache_dir)
         import torch
         from diffusers import ZImagePipeline
 
@@ -97,14 +104,34 @@ class DiffusersGenerator:
         pipe.set_progress_bar_config(disable=True)
         pipe.transformer.register_forward_pre_hook(self._count_passes)
         self.pipe = pipe
+        self._speed_up(pipe)
+
+    def _speed_up(self, pipe: Any) -> None:
+        from zimage_server.engine.text import PromptEncoder
+
+        speedups, device = self.config.speedups, self.config.device
+        applied = apply_speedups(pipe, speedups, device)
+        if speedups.step_cache > 0:
+            from zimage_server.engine.step_cache import install_step_cache
+
+            self.step_cache = install_step_cache(pipe.transformer, speedups.step_cache)
+            applied.append(f"step_cache={speedups.step_cache}")
+        self.text = PromptEncoder(
+            pipe.tokenizer, pipe.text_encoder, speedups.prompt_bucket, speedups.prompt_cache
+        )
+        log.info("speed-ups on %s: %s", device, ", ".join(applied))
 
     def _count_passes(self, _module: Any, args: tuple[Any, ...]) -> None:
         self._passes += len(args[0])
 
     def warmup(self) -> None:
-        size = self.config.warmup_size
-        batch = RenderBatch("warmup", (), size, size, self.config.warmup_steps, 1.0)
-        self._run(batch, ["warm-up"], [0], lambda _s, _t: None, lambda: False)
+        """Render each warm-up size once; compiled, also with CFG (a batch of two)."""
+        sizes = dict.fromkeys((self.config.warmup_size, *self.config.warmup_sizes))
+        compiled = self.config.speedups.enabled(self.config.speedups.compile, self.config.device)
+        for i, size in enumerate(sizes):
+            for guidance in (1.0, 2.0) if compiled and i == 0 else (1.0,):
+                batch = RenderBatch("warmup", (), size, size, self.config.warmup_steps, guidance)
+                self._run(batch, ["warm-up"], [0], lambda _s, _t: None, lambda: False)
 
     def generate(
         self, batch: RenderBatch, on_step: StepFn, is_cancelled: Callable[[], bool]
@@ -126,19 +153,14 @@ class DiffusersGenerator:
         on_step: StepFn,
         is_cancelled: Callable[[], bool],
     ) -> tuple[Any, dict[str, float], int, list[int]]:
-        torch, pipe = self.torch, self.pipe
+        torch = self.torch
         guidance = diffusers_guidance(batch.guidance_scale)
         timings: dict[str, float] = {}
         self._passes = 0
         with torch.inference_mode():
             start = time.perf_counter()
-            # encode_prompt rewrites the list it is given: pass a copy.
-            positive, negative = pipe.encode_prompt(
-                prompt=list(prompts),
-                device=pipe._execution_device,
-                do_classifier_free_guidance=guidance > 0,
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
-            )
+            positive = self.text.encode(prompts)
+            negative = self.text.encode([""] * len(prompts)) if guidance > 0 else []
             timings["text_encode"] = self._lap(start)
             latents = self._denoise(
                 batch, positive, negative, guidance, seeds, on_step, is_cancelled
@@ -146,7 +168,10 @@ class DiffusersGenerator:
             timings["denoise"] = self._lap(start, sum(timings.values()))
             pixels = self._decode(latents)
             timings["vae_decode"] = self._lap(start, sum(timings.values()))
-        return pixels, timings, self._passes, [int(p.shape[0]) for p in positive]
+        passes = self._passes
+        if self.step_cache is not None:
+            passes -= self.step_cache.skipped * len(seeds) * (2 if guidance > 0 else 1)
+        return pixels, timings, passes, [int(p.shape[0]) for p in positive]
 
     def _denoise(
         self,
@@ -162,6 +187,8 @@ class DiffusersGenerator:
         device = pipe._execution_device
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         delay = self.config.step_delay_s
+        if self.step_cache is not None:
+            self.step_cache.begin(batch.steps)
 
         def step_end(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
             if delay:
@@ -187,6 +214,8 @@ class DiffusersGenerator:
         """VAE decode, then the stock post-processing (denormalise, round to uint8)."""
         torch, vae = self.torch, self.pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        if self.config.speedups.enabled(self.config.speedups.vae_channels_last, self.config.device):
+            latents = latents.to(memory_format=torch.channels_last)
         image = vae.decode(latents, return_dict=False)[0]
         image = (image.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
         return image.permute(0, 2, 3, 1).contiguous().cpu().numpy()

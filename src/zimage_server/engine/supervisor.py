@@ -47,6 +47,7 @@ from zimage_server.engine.protocol import (
     Shutdown,
     StepProgress,
 )
+from zimage_server.engine.speedups import Speedups
 from zimage_server.engine.worker import WorkerConfig, worker_main
 from zimage_server.telemetry import context
 
@@ -114,6 +115,8 @@ class EngineConfig:
     faults: bool = False
     build_tiny_at: str | None = None
     start_timeout_s: float = 900.0
+    speedups: Speedups = field(default_factory=Speedups)
+    warmup_sizes: tuple[int, ...] = ()
 
 
 class _Worker:
@@ -143,6 +146,8 @@ class _Worker:
             cfg.warmup_steps,
             cfg.step_delay_s,
             cfg.faults,
+            cfg.speedups,
+            cfg.warmup_sizes,
         )
         wcfg = WorkerConfig(gen, cfg.warmup, cfg.build_tiny_at)
         ctx = mp.get_context("spawn")

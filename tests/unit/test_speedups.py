@@ -1,0 +1,173 @@
+"""Each engine speed-up, on the tiny model: lossless ones change nothing, lossy ones say so."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ZImagePipeline
+from pydantic import ValidationError
+
+from zimage_server.core.config import Settings
+from zimage_server.engine.generator import DiffusersGenerator, GeneratorConfig
+from zimage_server.engine.protocol import BatchDone, RenderBatch, RenderItem
+from zimage_server.engine.speedups import SpeedupError, Speedups, attention_backend, quantize_fp8
+from zimage_server.engine.text import PromptEncoder
+
+PROMPTS = ["a cat", "ड्रैगन फ्रूट, a much longer prompt about a lighthouse on a cliff at dawn " * 3]
+
+
+def render(
+    model: Path, speedups: Speedups, guidance: float = 1.0, steps: int = 3
+) -> tuple[DiffusersGenerator, BatchDone, list[np.ndarray]]:
+    generator = DiffusersGenerator(GeneratorConfig(str(model), "cpu", speedups=speedups))
+    generator.load(lambda *_: None)
+    items = tuple(RenderItem(f"job{i}", p, 11 + i) for i, p in enumerate(PROMPTS))
+    batch = RenderBatch("b", items, 256, 256, steps, guidance)
+    done = generator.generate(batch, lambda *_: None, lambda: False)
+    pixels = [np.frombuffer(image.rgb, np.uint8).astype(np.int16) for image in done.images]
+    return generator, done, pixels
+
+
+def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> int:
+    return max(int(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def stock_padded(tiny_model_dir: Path) -> tuple[BatchDone, list[np.ndarray]]:
+    """The reference: every speed-up off, prompts padded to 512 like stock."""
+    reference = Speedups(prompt_bucket=0, prompt_cache=0, compile="off", vae_channels_last="off")
+    _, done, pixels = render(tiny_model_dir, reference, guidance=2.0)
+    return done, pixels
+
+
+def test_bucketed_prompts_give_stock_embeddings(tiny_model_dir: Path) -> None:
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        stock, _ = pipe.encode_prompt(list(PROMPTS), do_classifier_free_guidance=False)
+        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, bucket=64, cache_size=0)
+        ours = encoder.encode(list(PROMPTS))
+    assert encoder.padded_tokens % 64 == 0 and encoder.padded_tokens < 2 * 512
+    assert encoder.padded_tokens == 2 * -(-max(len(e) for e in stock) // 64) * 64
+    for theirs, mine in zip(stock, ours, strict=True):
+        assert mine.shape == theirs.shape
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_prompt_cache_reuses_and_evicts(tiny_model_dir: Path) -> None:
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, bucket=64, cache_size=2)
+    with torch.inference_mode():
+        first = encoder.encode(["a", "b", "a"])
+        assert encoder.hits == 0 and first[0] is first[2]  # encoded once
+        again = encoder.encode(["b"])
+        assert encoder.hits == 1 and encoder.padded_tokens == 0 and again[0] is first[1]
+        encoder.encode(["c"])  # evicts "a", the least recently used
+        encoder.encode(["a"])
+    assert encoder.hits == 1 and encoder.padded_tokens == 64
+
+
+def test_default_speedups_render_the_stock_image(
+    tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
+) -> None:
+    _, done, pixels = render(tiny_model_dir, Speedups(vae_channels_last="on"), guidance=2.0)
+    assert max_diff(pixels, stock_padded[1]) <= 1
+    assert done.transformer_passes == stock_padded[0].transformer_passes == 2 * 2 * 3
+
+
+def test_math_attention_backend_renders_the_same_image(
+    tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
+) -> None:
+    _, _, pixels = render(tiny_model_dir, Speedups(attention="_native_math"), guidance=2.0)
+    assert max_diff(pixels, stock_padded[1]) <= 1
+    assert attention_backend("auto", "cpu") == "native"
+
+
+def test_step_cache_off_threshold_changes_nothing(
+    tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
+) -> None:
+    generator, done, pixels = render(tiny_model_dir, Speedups(step_cache=1e-12), guidance=2.0)
+    assert generator.step_cache is not None and generator.step_cache.skipped == 0
+    assert max_diff(pixels, stock_padded[1]) <= 1
+    assert done.transformer_passes == stock_padded[0].transformer_passes
+
+
+def test_step_cache_skips_inner_steps_only(
+    tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
+) -> None:
+    steps = 6
+    generator, done, pixels = render(tiny_model_dir, Speedups(step_cache=1.0), 2.0, steps)
+    skipped = generator.step_cache.skipped
+    assert 0 < skipped <= steps - 2  # the first and the last step always run in full
+    assert done.transformer_passes == 2 * 2 * (steps - skipped)
+    _, _, full = render(tiny_model_dir, Speedups(), 2.0, steps)
+    assert max_diff(pixels, full) > 0  # lossy, and the benchmark reports by how much
+
+
+def test_fp8_refuses_a_cpu_with_a_reason(tiny_model_dir: Path) -> None:
+    with pytest.raises(SpeedupError, match=r"compute capability 8\.9"):
+        quantize_fp8(torch.nn.Linear(16, 16), "cpu")
+    with pytest.raises(ValidationError, match="fp8 needs an NVIDIA GPU"):
+        Settings(fp8=True, device="cpu")
+
+
+def test_speedup_settings_name_the_allowed_values() -> None:
+    with pytest.raises(ValidationError, match="0, 16, 32, 64, 128, 256, 512"):
+        Settings(prompt_bucket_tokens=100)
+    with pytest.raises(ValidationError, match="attention_backend"):
+        Settings(attention_backend="fastest")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"256\.\.2048"):
+        Settings(warmup_sizes=[4096])
+
+
+def test_warmup_sizes_read_from_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZIMAGE_WARMUP_SIZES", "512, 2048")
+    assert Settings().warmup_sizes == [512, 2048]
+
+
+COMPILE_SCRIPT = """
+import json, sys
+from torch._dynamo.utils import counters
+from zimage_server.engine.generator import DiffusersGenerator, GeneratorConfig
+from zimage_server.engine.protocol import RenderBatch, RenderItem
+from zimage_server.engine.speedups import Speedups
+
+model, cache = sys.argv[1], sys.argv[2]
+speedups = Speedups(compile="on", compile_cache_dir=cache)
+generator = DiffusersGenerator(GeneratorConfig(model, "cpu", speedups=speedups))
+generator.load(lambda *_: None)
+batch = RenderBatch("b", (RenderItem("j", "a cat", 5),), 256, 256, 2, 1.0)
+done = generator.generate(batch, lambda *_: None, lambda: False)
+hits = counters["inductor"]["fxgraph_cache_hit"]
+print(json.dumps({"rgb": done.images[0].rgb.hex(), "hits": hits}))
+"""
+
+
+def test_regional_compile_matches_eager_and_its_cache_serves_a_restart(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Compiled blocks render the eager image; a second process reuses the compiled graphs."""
+    cache = tmp_path / "compile-cache"
+
+    def compiled_run() -> dict[str, object]:
+        args = [sys.executable, "-c", COMPILE_SCRIPT, str(tiny_model_dir), str(cache)]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=280, check=True)
+        result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
+
+    cold = compiled_run()
+    assert any((cache / "inductor").rglob("*")), "the compile cache folder stayed empty"
+    warm = compiled_run()
+    assert cold["hits"] == 0 and int(warm["hits"]) > 0  # type: ignore[call-overload]
+
+    generator = DiffusersGenerator(GeneratorConfig(str(tiny_model_dir), "cpu"))
+    generator.load(lambda *_: None)
+    batch = RenderBatch("b", (RenderItem("j", "a cat", 5),), 256, 256, 2, 1.0)
+    eager = generator.generate(batch, lambda *_: None, lambda: False).images[0].rgb
+    compiled = np.frombuffer(bytes.fromhex(str(warm["rgb"])), np.uint8).astype(np.int16)
+    assert int(np.abs(compiled - np.frombuffer(eager, np.uint8)).max()) <= 1
