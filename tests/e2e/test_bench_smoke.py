@@ -41,10 +41,13 @@ def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
 def test_bench_on_the_tiny_model(tmp_path: Path) -> None:
     args = ["--model", "tiny", "--sizes", "256", "--steps", "2", "--iterations", "2"]
     args += ["--concurrency", "1,2", "--variant", "batch2:ZIMAGE_MAX_BATCH_SIZE=2"]
+    args += ["--variant", "fp8:ZIMAGE_FP8=true"]  # cannot run on a CPU: recorded, not fatal
     report = run_bench(tmp_path, *args)
 
     variants = report["variants"]
-    assert set(variants) == {"stock", "stock_cfg_off", "ours_bf16", "ours_batch2"}
+    assert set(variants) == {"stock", "stock_cfg_off", "ours_bf16", "ours_batch2", "ours_fp8"}
+    assert "fp8 needs an NVIDIA GPU" in variants.pop("ours_fp8")["error"]
+    assert variants["ours_batch2"]["speedup_vs_ours_bf16"] > 0
     for entry in variants.values():
         assert 0 < entry["e2e_p50_s"] <= entry["e2e_p90_s"] < 60
         assert entry["sizes"]["256x256"]["e2e_p50_s"] == entry["e2e_p50_s"]

@@ -12,9 +12,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from zimage_server.bench.environment import resolve_device
 from zimage_server.bench.report import result_path, show, write_report
 from zimage_server.bench.runner import (
+    ABLATION_VARIANTS,
     DEFAULT_PROMPT,
+    LOSSY_VARIANTS,
     BenchConfig,
     Variant,
     run_benchmark,
@@ -66,6 +69,12 @@ def parse_variant(text: str) -> Variant:
     return Variant(name if name.startswith("ours_") else f"ours_{name}", env)
 
 
+def preset_variants(device: str, lossy: bool | None, ablation: bool) -> tuple[Variant, ...]:
+    if lossy is None:
+        lossy = resolve_device(device).startswith("cuda")
+    return (LOSSY_VARIANTS if lossy else ()) + (ABLATION_VARIANTS if ablation else ())
+
+
 def current_command() -> str:
     """The command line as the user typed it (near enough to re-run it)."""
     program = Path(sys.argv[0]).name
@@ -88,6 +97,13 @@ def bench(
         list[str] | None,
         typer.Option(help="Opt-in variant NAME:ZIMAGE_KEY=VALUE,... (repeatable)."),
     ] = None,
+    lossy: Annotated[
+        bool | None,
+        typer.Option(help="Also fp8 and step caching, with deviation (default: on a GPU)."),
+    ] = None,
+    ablation: Annotated[
+        bool, typer.Option("--ablation", help="Each lossless speed-up switched off alone.")
+    ] = False,
     overhead: Annotated[
         bool, typer.Option("--overhead", help="Measure the server's own overhead instead.")
     ] = False,
@@ -113,7 +129,8 @@ def bench(
         warmup=warmup,
         iterations=iterations,
         concurrency=parse_ints(concurrency, "--concurrency"),
-        variants=tuple(parse_variant(v) for v in variant or ()),
+        variants=preset_variants(device.value, lossy, ablation)
+        + tuple(parse_variant(v) for v in variant or ()),
         device=device.value,
         skip_stock=skip_stock,
         max_batch_size=max_batch_size,

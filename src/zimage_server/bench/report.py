@@ -36,7 +36,9 @@ def variants_table(report: Mapping[str, Any]) -> Table:
     for column in ("variant", "size", "p50", "p90", *STAGES):
         table.add_column(column, justify="left" if column in ("variant", "size") else "right")
     for name, entry in report["variants"].items():
-        for size, figures in entry["sizes"].items():
+        if "error" in entry:
+            table.add_row(name, "failed", *([""] * (len(STAGES) + 2)))
+        for size, figures in entry.get("sizes", {}).items():
             stages = figures["stages_p50_s"]
             table.add_row(
                 name,
@@ -63,6 +65,10 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
             f"{report['settings']['peak_tflops_assumed']:g} TFLOP/s)"
         )
     for name, entry in report.get("variants", {}).items():
+        if "error" in entry:
+            lines.append(f"{name} failed: {entry['error'].splitlines()[0]}")
+        if "speedup_vs_ours_bf16" in entry:
+            lines.append(f"{name}: {entry['speedup_vs_ours_bf16']:.2f}x ours_bf16's speed")
         for key, dev in entry.items():
             if key.startswith("deviation_vs_"):
                 psnr = "identical" if dev["psnr_db"] is None else f"PSNR {dev['psnr_db']:.1f} dB"
