@@ -25,7 +25,7 @@ log = logging.getLogger("zimage.worker")
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first with fp8 tensor cores
 FP8_MODULES = ("layers.", "noise_refiner.", "context_refiner.")  # the repeated blocks
-RECOMPILE_LIMIT = 64  # sizes x batch shapes x masks; dynamo then marks dims dynamic
+RECOMPILE_LIMIT = 64  # graphs per block: batch of 1 / many, with / without a mask, ...
 
 
 class SpeedupError(RuntimeError):
@@ -96,12 +96,18 @@ def apply_speedups(pipe: Any, speedups: Speedups, device: str) -> list[str]:
 
 
 def compile_blocks(transformer: Any, mode: str) -> None:
-    """Regional compile: each repeated block shares one compiled graph (minutes -> seconds)."""
+    """Regional compile: each repeated block shares one compiled graph (minutes -> seconds).
+
+    Dynamic shapes from the start: the sequence length moves with the image size and the
+    prompt's bucket, and a static graph would recompile (seconds) on the first request of
+    each new shape. Batch size 1 still gets its own graph (dynamo specialises on 1), which
+    is why the warm-up also renders a CFG batch of two.
+    """
     import torch
 
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     torch._dynamo.config.accumulated_recompile_limit = RECOMPILE_LIMIT * 4
-    transformer.compile_repeated_blocks(fullgraph=True, mode=mode)
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, mode=mode)
 
 
 def fp8_capable(device: str) -> str | None:
