@@ -41,6 +41,7 @@ class Speedups:
     attention: str = "auto"  # a diffusers backend name, or auto
     compile: Toggle = "auto"
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead = CUDA graphs
+    compile_dynamic: bool = True  # one graph for all sizes (False: a graph per shape)
     compile_cache_dir: str | None = None
     vae_channels_last: Toggle = "auto"
     fp8: bool = False
@@ -89,25 +90,27 @@ def apply_speedups(pipe: Any, speedups: Speedups, device: str) -> list[str]:
         pipe.vae.to(memory_format=torch.channels_last)
         applied.append("vae=channels_last")
     if speedups.enabled(speedups.compile, device):
-        compile_blocks(pipe.transformer, speedups.compile_mode)
-        applied.append(f"compile=blocks({speedups.compile_mode})")
+        compile_blocks(pipe.transformer, speedups.compile_mode, speedups.compile_dynamic)
+        shapes = "dynamic" if speedups.compile_dynamic else "static"
+        applied.append(f"compile=blocks({speedups.compile_mode}, {shapes})")
     applied.append(f"prompt_bucket={speedups.prompt_bucket or 'stock-512'}")
     return applied
 
 
-def compile_blocks(transformer: Any, mode: str) -> None:
+def compile_blocks(transformer: Any, mode: str, dynamic: bool = True) -> None:
     """Regional compile: each repeated block shares one compiled graph (minutes -> seconds).
 
-    Dynamic shapes from the start: the sequence length moves with the image size and the
-    prompt's bucket, and a static graph would recompile (seconds) on the first request of
-    each new shape. Batch size 1 still gets its own graph (dynamo specialises on 1), which
-    is why the warm-up also renders a CFG batch of two.
+    Dynamic shapes from the start by default: the sequence length moves with the image
+    size and the prompt's bucket, and static graphs recompile (seconds) on the first
+    request of each new shape; static ones may run faster, so the benchmark measures both.
+    Batch size 1 still gets its own graph (dynamo specialises on 1), which is why the
+    warm-up also renders a CFG batch of two.
     """
     import torch
 
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     torch._dynamo.config.accumulated_recompile_limit = RECOMPILE_LIMIT * 4
-    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True, mode=mode)
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=mode)
 
 
 def fp8_capable(device: str) -> str | None:
