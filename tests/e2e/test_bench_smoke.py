@@ -45,6 +45,7 @@ def test_bench_on_the_tiny_model(tmp_path: Path) -> None:
     report = run_bench(tmp_path, *args)
 
     variants = report["variants"]
+    assert report["complete"] is True
     assert set(variants) == {"stock", "stock_cfg_off", "ours_bf16", "ours_batch2", "ours_fp8"}
     assert "fp8 needs an NVIDIA GPU" in variants.pop("ours_fp8")["error"]
     assert variants["ours_batch2"]["speedup_vs_ours_bf16"] > 0

@@ -7,7 +7,7 @@ import sys
 from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -142,8 +142,12 @@ def bench(
         overhead_requests=overhead_requests,
     )
     config = replace(config, command=current_command())
+
+    def checkpoint(partial: dict[str, Any]) -> None:
+        write_report(partial, output or result_path(partial, results_dir))
+
     try:
-        report = run_overhead(config) if overhead else run_benchmark(config)
+        report = run_overhead(config) if overhead else run_benchmark(config, checkpoint)
     except BenchError as exc:
         console.print(f"[bold red]bench failed:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None

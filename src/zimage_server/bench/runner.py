@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,25 +141,41 @@ def base_report(config: BenchConfig, device: str, benchmark: str) -> dict[str, A
     }
 
 
-def run_benchmark(config: BenchConfig) -> dict[str, Any]:
-    """Stock, stock with CFG off, ours and each opt-in variant; returns the report."""
+def run_benchmark(
+    config: BenchConfig, checkpoint: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Stock, stock with CFG off, ours and each opt-in variant; returns the report.
+
+    ``checkpoint`` gets the report so far after each part (``complete`` false until the
+    end), so that a run cut short by a time limit still leaves its figures behind.
+    """
     device = resolve_device(config.device)
     if config.model == "random:full" and not device.startswith("cuda"):
         raise BenchError("random:full needs a GPU; on CPU use --model random:small or tiny.")
-    report = base_report(config, device, "model")
-    report["variants"] = {}
+    report = {**base_report(config, device, "model"), "complete": False, "variants": {}}
     references: dict[str, np.ndarray] = {}
     with _data_dir(config) as data:
         model = ModelChoice(config.model, data)
+
+        def save() -> None:
+            if OURS in report["variants"]:
+                _derive(config, model, report)
+            if checkpoint is not None:
+                checkpoint(report)
+
         if not config.skip_stock:
             _run_stock(config, model, device, report, references)
+            save()
         _run_ours(config, model, device, Variant(OURS), report, references)
+        save()
         for variant in config.variants:
             try:
                 _run_ours(config, model, device, variant, report, references)
             except BenchError as exc:  # one variant that cannot run here does not sink the rest
                 report["variants"][variant.name] = {"env": dict(variant.env), "error": str(exc)}
-        _derive(config, model, report)
+            save()
+        report["complete"] = True
+        save()
     return report
 
 
