@@ -171,3 +171,30 @@ def test_regional_compile_matches_eager_and_its_cache_serves_a_restart(
     eager = generator.generate(batch, lambda *_: None, lambda: False).images[0].rgb
     compiled = np.frombuffer(bytes.fromhex(str(warm["rgb"])), np.uint8).astype(np.int16)
     assert int(np.abs(compiled - np.frombuffer(eager, np.uint8)).max()) <= 1
+
+
+def test_a_failing_compiled_render_falls_back_to_eager(
+    tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
+) -> None:
+    """A compiler failure (here: every compiled block raises) costs speed, not the render."""
+    generator = DiffusersGenerator(
+        GeneratorConfig(str(tiny_model_dir), "cpu", speedups=Speedups(compile="on"))
+    )
+    generator.load(lambda *_: None)
+    assert generator.compiled
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("simulated inductor failure")
+
+    compiled = [m for m in generator.pipe.transformer.modules() if m._compiled_call_impl]
+    assert compiled, "compile=on compiled nothing"
+    for module in compiled:
+        module._compiled_call_impl = broken
+    items = tuple(RenderItem(f"job{i}", p, 11 + i) for i, p in enumerate(PROMPTS))
+    done = generator.generate(
+        RenderBatch("b", items, 256, 256, 3, 2.0), lambda *_: None, lambda: False
+    )
+    assert not generator.compiled and "simulated inductor failure" in str(generator.compile_error)
+    pixels = [np.frombuffer(image.rgb, np.uint8).astype(np.int16) for image in done.images]
+    assert max_diff(pixels, stock_padded[1]) <= 1
+    assert not any(m._compiled_call_impl for m in generator.pipe.transformer.modules())

@@ -69,6 +69,7 @@ def speedups(settings: Settings) -> Speedups:
         compile=settings.compile,
         compile_mode=settings.compile_mode,
         compile_dynamic=settings.compile_dynamic,
+        compile_vae=settings.compile_vae,
         compile_cache_dir=str(settings.compile_cache_dir),
         vae_channels_last=settings.vae_channels_last,
         fp8=settings.fp8,

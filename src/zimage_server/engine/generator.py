@@ -15,7 +15,12 @@ from typing import Any, Protocol
 
 from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch
 from zimage_server.engine.random_model import build_random_pipeline, is_random_model
-from zimage_server.engine.speedups import Speedups, apply_speedups, use_compile_cache
+from zimage_server.engine.speedups import (
+    Speedups,
+    apply_speedups,
+    uncompile,
+    use_compile_cache,
+)
 
 log = logging.getLogger("zimage.worker")
 ProgressFn = Callable[[str, int, int], None]
@@ -79,6 +84,8 @@ class DiffusersGenerator:
         self.torch: Any = None
         self.text: Any = None  # PromptEncoder
         self.step_cache: Any = None  # CacheState when step caching is on
+        self.compiled = False
+        self.compile_error: str | None = None
         self._passes = 0
 
     @property
@@ -111,6 +118,7 @@ class DiffusersGenerator:
 
         speedups, device = self.config.speedups, self.config.device
         applied = apply_speedups(pipe, speedups, device)
+        self.compiled = speedups.enabled(speedups.compile, device)
         if speedups.step_cache > 0:
             from zimage_server.engine.step_cache import install_step_cache
 
@@ -127,9 +135,9 @@ class DiffusersGenerator:
     def warmup(self) -> None:
         """Render each warm-up size once; compiled, also with CFG (a batch of two)."""
         sizes = dict.fromkeys((self.config.warmup_size, *self.config.warmup_sizes))
-        compiled = self.config.speedups.enabled(self.config.speedups.compile, self.config.device)
+        with_cfg = self.compiled
         for i, size in enumerate(sizes):
-            for guidance in (1.0, 2.0) if compiled and i == 0 else (1.0,):
+            for guidance in (1.0, 2.0) if with_cfg and i == 0 else (1.0,):
                 batch = RenderBatch("warmup", (), size, size, self.config.warmup_steps, guidance)
                 self._run(batch, ["warm-up"], [0], lambda _s, _t: None, lambda: False)
 
@@ -146,6 +154,29 @@ class DiffusersGenerator:
         return BatchDone(batch.batch_id, images, timings, passes, tuple(tokens))
 
     def _run(
+        self,
+        batch: RenderBatch,
+        prompts: list[str],
+        seeds: list[int],
+        on_step: StepFn,
+        is_cancelled: Callable[[], bool],
+    ) -> tuple[Any, dict[str, float], int, list[int]]:
+        """Render; if the compiled path fails (not OOM, not a cancel), fall back to eager.
+
+        A compiler bug on some GPU/driver/torch mix must cost speed, not the service.
+        """
+        try:
+            return self._render(batch, prompts, seeds, on_step, is_cancelled)
+        except Exception as exc:
+            if not self.compiled or isinstance(exc, Cancelled) or "OutOfMemory" in repr(exc):
+                raise
+            self.compiled = False
+            self.compile_error = f"{type(exc).__name__}: {exc}"
+            modules = uncompile(self.pipe.transformer, self.pipe.vae)
+            log.exception("compiled render failed; %d modules back to eager", modules)
+        return self._render(batch, prompts, seeds, on_step, is_cancelled)
+
+    def _render(
         self,
         batch: RenderBatch,
         prompts: list[str],

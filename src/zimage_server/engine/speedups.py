@@ -42,6 +42,7 @@ class Speedups:
     compile: Toggle = "auto"
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead = CUDA graphs
     compile_dynamic: bool = True  # one graph for all sizes (False: a graph per shape)
+    compile_vae: Toggle = "auto"  # the VAE decoder too (when compile is on)
     compile_cache_dir: str | None = None
     vae_channels_last: Toggle = "auto"
     fp8: bool = False
@@ -93,6 +94,9 @@ def apply_speedups(pipe: Any, speedups: Speedups, device: str) -> list[str]:
         compile_blocks(pipe.transformer, speedups.compile_mode, speedups.compile_dynamic)
         shapes = "dynamic" if speedups.compile_dynamic else "static"
         applied.append(f"compile=blocks({speedups.compile_mode}, {shapes})")
+        if speedups.enabled(speedups.compile_vae, device):
+            pipe.vae.decoder.compile(mode=speedups.compile_mode, dynamic=speedups.compile_dynamic)
+            applied.append("compile=vae_decoder")
     applied.append(f"prompt_bucket={speedups.prompt_bucket or 'stock-512'}")
     return applied
 
@@ -111,6 +115,20 @@ def compile_blocks(transformer: Any, mode: str, dynamic: bool = True) -> None:
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     torch._dynamo.config.accumulated_recompile_limit = RECOMPILE_LIMIT * 4
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=mode)
+
+
+def uncompile(*modules: Any) -> int:
+    """Back to eager: drop every compiled call (the fallback when compiling fails)."""
+    import torch
+
+    count = 0
+    for module in modules:
+        for sub in module.modules():
+            if getattr(sub, "_compiled_call_impl", None) is not None:
+                sub._compiled_call_impl = None
+                count += 1
+    torch._dynamo.reset()
+    return count
 
 
 def fp8_capable(device: str) -> str | None:
