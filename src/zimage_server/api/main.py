@@ -70,6 +70,7 @@ def speedups(settings: Settings) -> Speedups:
         compile_mode=settings.compile_mode,
         compile_dynamic=settings.compile_dynamic,
         compile_vae=settings.compile_vae,
+        compile_real_rope=settings.compile_real_rope,
         compile_cache_dir=str(settings.compile_cache_dir),
         vae_channels_last=settings.vae_channels_last,
         fp8=settings.fp8,

@@ -58,6 +58,7 @@ ABLATION_VARIANTS = (
     Variant("ours_eager", {"ZIMAGE_COMPILE": "off"}),
     Variant("ours_compile_static", {"ZIMAGE_COMPILE_DYNAMIC": "false"}),
     Variant("ours_vae_eager", {"ZIMAGE_COMPILE_VAE": "off"}),
+    Variant("ours_complex_rope", {"ZIMAGE_COMPILE_REAL_ROPE": "false"}),
     Variant("ours_cudagraphs", {"ZIMAGE_COMPILE_MODE": "reduce-overhead"}),
     Variant("ours_pad512", {"ZIMAGE_PROMPT_BUCKET_TOKENS": "0"}),
     Variant("ours_attn_cudnn", {"ZIMAGE_ATTENTION_BACKEND": "_native_cudnn"}),

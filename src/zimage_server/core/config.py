@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     ] = Field("default", description="torch.compile mode; reduce-overhead adds CUDA graphs.")
     compile_dynamic: bool = Field(True, description="One compiled graph for every size.")
     compile_vae: Toggle = Field("auto", description="Compile the VAE decoder too.")
+    compile_real_rope: bool = Field(True, description="Compiled RoPE in real arithmetic.")
     vae_channels_last: Toggle = Field("auto", description="Channels-last VAE decode.")
     fp8: bool = Field(False, description="fp8 matmuls via torchao (lossy; Ada/Hopper GPUs).")
     step_cache: float = Field(

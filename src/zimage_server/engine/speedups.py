@@ -43,6 +43,7 @@ class Speedups:
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead = CUDA graphs
     compile_dynamic: bool = True  # one graph for all sizes (False: a graph per shape)
     compile_vae: Toggle = "auto"  # the VAE decoder too (when compile is on)
+    compile_real_rope: bool = True  # RoPE in real arithmetic, which Inductor fuses
     compile_cache_dir: str | None = None
     vae_channels_last: Toggle = "auto"
     fp8: bool = False
@@ -78,6 +79,11 @@ def attention_backend(name: str, device: str) -> str:
 def apply_speedups(pipe: Any, speedups: Speedups, device: str) -> list[str]:
     """Switch on what ``speedups`` asks for; returns a line per speed-up for the log."""
     applied = []
+    compiled = speedups.enabled(speedups.compile, device)
+    if compiled and speedups.compile_real_rope:
+        from zimage_server.engine.rope import use_real_rope
+
+        applied.append("rope=real" if use_real_rope(pipe.transformer) else "rope=complex")
     backend = attention_backend(speedups.attention, device)
     if backend != "native":
         pipe.transformer.set_attention_backend(backend)
@@ -90,7 +96,7 @@ def apply_speedups(pipe: Any, speedups: Speedups, device: str) -> list[str]:
 
         pipe.vae.to(memory_format=torch.channels_last)
         applied.append("vae=channels_last")
-    if speedups.enabled(speedups.compile, device):
+    if compiled:
         compile_blocks(pipe.transformer, speedups.compile_mode, speedups.compile_dynamic)
         shapes = "dynamic" if speedups.compile_dynamic else "static"
         applied.append(f"compile=blocks({speedups.compile_mode}, {shapes})")
