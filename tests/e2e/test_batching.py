@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from tests.conftest import Server
@@ -85,3 +87,27 @@ def test_batched_images_match_their_single_renders(batching_server: Server) -> N
         assert diff.max() <= TOLERANCE, f"prompt {index}: differs by up to {diff.max()}"
         assert (diff > 0).mean() <= MAX_DIFFERING, f"prompt {index}: {(diff > 0).mean():.2%}"
     assert len({pixels(s).tobytes() for s in singles}) == len(PROMPTS)  # not all the same
+
+
+def wait_for_metric(server: Server, line: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in requests.get(server.url + "/metrics", timeout=10).text:
+        assert time.monotonic() < deadline, f"no '{line}' in /metrics"
+        time.sleep(0.05)
+
+
+def test_prompts_queued_behind_a_batch_are_encoded_while_it_denoises(tmp_path: Path) -> None:
+    """With prefetch on, the second request's prompt is encoded during the first's denoise."""
+    env = {"ZIMAGE_PREFETCH_PROMPTS": "on", "ZIMAGE_DEBUG_STEP_DELAY_S": "0.5"}
+    server = Server(tmp_path, env=env)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(render, server, 0)
+            wait_for_metric(server, "zimage_queue_depth 1.0")  # the first is in (1 s render)
+            second = pool.submit(render, server, 1)
+            assert first.result()["seed"] == 1000 and second.result()["seed"] == 1001
+        metrics = requests.get(server.url + "/metrics", timeout=10).text
+        assert 'zimage_prompt_embeddings_total{source="encoded"} 1.0' in metrics
+        assert 'zimage_prompt_embeddings_total{source="prefetch"} 1.0' in metrics
+    finally:
+        server.stop()

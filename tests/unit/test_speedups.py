@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +225,30 @@ def test_a_failing_compiled_render_falls_back_to_eager(
     pixels = [np.frombuffer(image.rgb, np.uint8).astype(np.int16) for image in done.images]
     assert max_diff(pixels, stock_padded[1]) <= 1
     assert not any(m._compiled_call_impl for m in generator.pipe.transformer.modules())
+
+
+def test_prefetched_prompts_are_encoded_once_and_waited_for(tiny_model_dir: Path) -> None:
+    """A render whose prompt is being prefetched waits for it instead of encoding it again."""
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, bucket=64, cache_size=0)
+    calls: list[int] = []
+    pipe.text_encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    published = threading.Event()
+
+    def slow_publish(_embeddings: list[object]) -> None:
+        published.set()
+        time.sleep(0.5)  # the render asks while the prefetch is still publishing
+
+    with torch.inference_mode():
+        thread = threading.Thread(target=encoder.prefetch, args=(PROMPTS[:1], slow_publish))
+        thread.start()
+        assert published.wait(30)
+        ours = encoder.encode(PROMPTS[:1])
+        thread.join()
+        assert encoder.sources == ["prefetch"] and len(calls) == 1
+        assert encoder.prefetch(PROMPTS[:1], lambda _e: None) == 1  # used up: encoded again
+        both = encoder.encode(PROMPTS)
+        assert encoder.sources == ["prefetch", "encoded"] and len(calls) == 3
+        fresh, _ = pipe.encode_prompt(list(PROMPTS[:1]), do_classifier_free_guidance=False)
+    torch.testing.assert_close(ours[0], fresh[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both[0], fresh[0], atol=1e-5, rtol=1e-4)

@@ -73,6 +73,7 @@ def speedups(settings: Settings) -> Speedups:
         compile_real_rope=settings.compile_real_rope,
         compile_cache_dir=str(settings.compile_cache_dir),
         vae_channels_last=settings.vae_channels_last,
+        prefetch=settings.prefetch_prompts,
         fp8=settings.fp8,
         step_cache=settings.step_cache,
     )

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     compile_vae: Toggle = Field("auto", description="Compile the VAE decoder too.")
     compile_real_rope: bool = Field(True, description="Compiled RoPE in real arithmetic.")
     vae_channels_last: Toggle = Field("auto", description="Channels-last VAE decode.")
+    prefetch_prompts: Toggle = Field(
+        "auto", description="Encode queued prompts while a batch denoises (auto: on for CUDA)."
+    )
     fp8: bool = Field(False, description="fp8 matmuls via torchao (lossy; Ada/Hopper GPUs).")
     step_cache: float = Field(
         0.0, ge=0, le=1, description="First-block cache threshold (lossy); 0 = off."

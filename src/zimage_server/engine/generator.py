@@ -53,6 +53,8 @@ class ImageGenerator(Protocol):
         self, batch: RenderBatch, on_step: StepFn, is_cancelled: Callable[[], bool]
     ) -> BatchDone: ...
 
+    def prefetch(self, prompts: list[str]) -> None: ...
+
 
 @dataclass(frozen=True)
 class GeneratorConfig:
@@ -86,6 +88,8 @@ class DiffusersGenerator:
         self.step_cache: Any = None  # CacheState when step caching is on
         self.compiled = False
         self.compile_error: str | None = None
+        self._side_stream: Any = None
+        self._sources: list[str] = []
         self._passes = 0
 
     @property
@@ -151,7 +155,31 @@ class DiffusersGenerator:
             RawImage(item.job_id, batch.width, batch.height, pixels[i].tobytes())
             for i, item in enumerate(batch.items)
         )
-        return BatchDone(batch.batch_id, images, timings, passes, tuple(tokens))
+        sources = tuple(self._sources)
+        return BatchDone(batch.batch_id, images, timings, passes, tuple(tokens), sources)
+
+    def prefetch(self, prompts: list[str]) -> None:
+        """Encode queued prompts now (another thread); on a GPU, on a side stream.
+
+        Embeddings made on the side stream are marked as used by the main one, so their
+        memory is not reused while the denoise that reads them is still queued.
+        """
+        torch, device = self.torch, self.config.device
+        if not device.startswith("cuda"):
+            with torch.inference_mode():
+                self.text.prefetch(prompts, lambda _embeddings: None)
+            return
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device)
+        stream, main = self._side_stream, torch.cuda.default_stream(device)
+
+        def publish(embeddings: list[Any]) -> None:
+            for embedding in embeddings:
+                embedding.record_stream(main)
+            stream.synchronize()
+
+        with torch.cuda.stream(stream), torch.inference_mode():
+            self.text.prefetch(prompts, publish)
 
     def _run(
         self,
@@ -191,6 +219,7 @@ class DiffusersGenerator:
         with torch.inference_mode():
             start = time.perf_counter()
             positive = self.text.encode(prompts)
+            self._sources = list(self.text.sources)
             negative = self.text.encode([""] * len(prompts)) if guidance > 0 else []
             timings["text_encode"] = self._lap(start)
             latents = self._denoise(

@@ -46,3 +46,6 @@ class NullGenerator:
         )
         timings = dict.fromkeys(STAGES, 0.0)
         return BatchDone(batch.batch_id, images, timings, 0, tuple(0 for _ in batch.items))
+
+    def prefetch(self, prompts: list[str]) -> None:
+        """No text encoder: nothing to do ahead."""

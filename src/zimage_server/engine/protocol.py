@@ -1,7 +1,8 @@
 """Messages between the API process and a worker process.
 
 Plain frozen dataclasses, pickled over a ``multiprocessing`` pipe. The API side sends
-commands (``RenderBatch``, ``Cancel``, ``Shutdown``); the worker answers with events.
+commands (``RenderBatch``, ``Cancel``, ``Prefetch``, ``Shutdown``); the worker answers
+with events.
 Images travel as raw RGB bytes at render size: encoding happens in the API process,
 off the accelerator's critical path.
 """
@@ -39,11 +40,18 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Prompts of renders queued behind the running batch: encode them meanwhile."""
+
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     pass
 
 
-Command = RenderBatch | Cancel | Shutdown
+Command = RenderBatch | Cancel | Prefetch | Shutdown
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +97,8 @@ class BatchDone:
     # without guidance, two with it. Counted by a forward hook on the real module.
     transformer_passes: int = 0
     prompt_tokens: tuple[int, ...] = ()
+    # Where each prompt's embedding came from: "encoded", "cache" or "prefetch".
+    prompt_sources: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

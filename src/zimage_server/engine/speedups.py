@@ -46,6 +46,7 @@ class Speedups:
     compile_real_rope: bool = True  # RoPE in real arithmetic, which Inductor fuses
     compile_cache_dir: str | None = None
     vae_channels_last: Toggle = "auto"
+    prefetch: Toggle = "auto"  # encode queued prompts while the current batch denoises
     fp8: bool = False
     step_cache: float = 0.0  # first-block cache threshold; 0 = off
 

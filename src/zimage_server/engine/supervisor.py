@@ -38,9 +38,11 @@ from zimage_server.engine.protocol import (
     BatchDone,
     BatchFailed,
     Cancel,
+    Command,
     Event,
     LoadFailed,
     LoadProgress,
+    Prefetch,
     Ready,
     RenderBatch,
     RenderItem,
@@ -88,6 +90,7 @@ class RenderResult:
     batch_size: int
     prompt_tokens: int
     worker: str
+    prompt_source: str = ""  # encoded | cache | prefetch ("" from a generator without one)
 
 
 @dataclass
@@ -132,6 +135,7 @@ class _Worker:
         self.process: Any = None
         self.conn: Connection | None = None
         self.batch: tuple[str, list[_Job]] | None = None
+        self.batch_started = 0.0
         self.batch_done: asyncio.Future[None] | None = None
         self.last_batch_s = 1.0
         self.load_s = 0.0
@@ -173,7 +177,7 @@ class _Worker:
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             loop.call_soon_threadsafe(self.on_exit, conn)
 
-    def send(self, command: RenderBatch | Cancel | Shutdown) -> None:
+    def send(self, command: Command) -> None:
         if self.conn is not None:
             with contextlib.suppress(OSError):
                 self.conn.send(command)
@@ -224,6 +228,7 @@ class _Worker:
     def _result(self, job: _Job, event: BatchDone, index: int, size: int) -> RenderResult:
         image = event.images[index]
         tokens = event.prompt_tokens[index] if index < len(event.prompt_tokens) else 0
+        source = event.prompt_sources[index] if index < len(event.prompt_sources) else ""
         return RenderResult(
             image.rgb,
             image.width,
@@ -233,6 +238,7 @@ class _Worker:
             size,
             tokens,
             self.name,
+            source,
         )
 
     def on_exit(self, conn: Connection) -> None:
@@ -286,6 +292,7 @@ class _Worker:
         batch_id = secrets.token_hex(6)
         spec = jobs[0].spec
         now = time.perf_counter()
+        self.batch_started = now
         for job in jobs:
             job.progress, job.started_at = (0, spec.steps), now
         items = tuple(
@@ -296,6 +303,7 @@ class _Worker:
         self.send(
             RenderBatch(batch_id, items, spec.width, spec.height, spec.steps, spec.guidance_scale)
         )
+        self.engine.hint_next(self)
         await self.batch_done
         self.last_batch_s = time.perf_counter() - now
 
@@ -396,6 +404,7 @@ class Engine:
         self._pending.append(job)
         self._index[job.id] = job
         self._wakeup.set()
+        self._hint_queued(job)
         try:
             result = await asyncio.wait_for(asyncio.shield(job.future), max(timeout, 0.001))
         except TimeoutError:
@@ -447,6 +456,21 @@ class Engine:
         ready = max(1, sum(1 for w in self._workers if w.ready.is_set()))
         per_batch = max(w.last_batch_s for w in self._workers) if self._workers else 1.0
         return max(1, math.ceil(per_batch * self.depth / (ready * self.config.max_batch_size)))
+
+    def hint_next(self, worker: _Worker) -> None:
+        """A batch just went to ``worker``: let it encode the next batch's prompts meanwhile."""
+        if self.config.speedups.prefetch != "off" and self._pending:
+            queued = list(self._pending)[: self.config.max_batch_size]
+            worker.send(Prefetch(tuple(job.spec.prompt for job in queued)))
+
+    def _hint_queued(self, job: _Job) -> None:
+        """Every worker busy and ``job`` in the next round: hint the one that started first."""
+        busy = [w for w in self._workers if w.ready.is_set() and w.batch is not None]
+        if self.config.speedups.prefetch == "off" or not busy or len(busy) < len(self._workers):
+            return
+        if len(self._pending) <= self.config.max_batch_size * len(busy):
+            first = min(busy, key=lambda w: w.batch_started)
+            first.send(Prefetch((job.spec.prompt,)))
 
     def _abandon(self, job: _Job) -> None:
         if job in self._pending:

@@ -4,16 +4,22 @@ Stock ``ZImagePipeline.encode_prompt`` pads every prompt to 512 tokens and then 
 the real tokens: a 30-token prompt pays for 512 through a 4B-parameter encoder. Here a
 batch is padded to its longest prompt, rounded up to a bucket (so a compiled or
 cuDNN-planned encoder sees few distinct shapes). The text encoder is causal and padding
-sits after the real tokens, so the kept embeddings are the same computation. The empty
-negative prompt (CFG) is encoded once, and recent prompts are kept in a small LRU cache.
+sits after the real tokens, so the kept embeddings are the same computation.
+
+Three sources, in order: prompts prefetched while the previous batch was denoising
+(``prefetch``, run from another thread), a small LRU cache of recent prompts (the empty
+CFG negative lives there too), and the encoder itself.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 MAX_SEQUENCE_LENGTH = 512  # Z-Image's text window; longer prompts are truncated.
+PREFETCH_LIMIT = 64  # embeddings encoded ahead and not yet used
 
 
 def chat_text(tokenizer: Any, prompt: str) -> str:
@@ -28,30 +34,77 @@ def chat_text(tokenizer: Any, prompt: str) -> str:
 class PromptEncoder:
     """Encodes prompt batches to per-prompt embeddings (only the real tokens kept).
 
-    ``bucket`` = 0 reproduces stock padding (every prompt to 512 tokens).
+    ``bucket`` = 0 reproduces stock padding (every prompt to 512 tokens). Thread-safe:
+    the render thread calls ``encode``, a prefetch thread ``prefetch``.
     """
 
     def __init__(self, tokenizer: Any, text_encoder: Any, bucket: int, cache_size: int) -> None:
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.bucket, self.cache_size = bucket, cache_size
         self._cache: OrderedDict[str, Any] = OrderedDict()
-        self.hits = 0
+        self._prefetched: OrderedDict[str, Any] = OrderedDict()
+        self._in_flight: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.hits = 0  # prompts served from the LRU cache
         self.padded_tokens = 0  # tokens through the encoder in the last call (padding included)
+        self.sources: list[str] = []  # per prompt of the last call: encoded | cache | prefetch
 
     def encode(self, prompts: list[str]) -> list[Any]:
         """One embedding tensor ``(tokens, hidden)`` per prompt, in order."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        self.hits += len(prompts) - sum(prompts.count(p) for p in missing)
+        self._await_prefetch(prompts)
+        found: dict[str, tuple[Any, str]] = {}
+        with self._lock:
+            for prompt in dict.fromkeys(prompts):
+                if prompt in self._prefetched:
+                    found[prompt] = (self._prefetched.pop(prompt), "prefetch")
+                elif prompt in self._cache:
+                    self._cache.move_to_end(prompt)
+                    found[prompt] = (self._cache[prompt], "cache")
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
         self.padded_tokens = 0
-        fresh = dict(zip(missing, self._run(missing), strict=True)) if missing else {}
-        found = {p: fresh[p] if p in fresh else self._touch(p) for p in prompts}
-        for prompt, embedding in fresh.items():
-            self._remember(prompt, embedding)
-        return [found[p] for p in prompts]
+        if missing:
+            embeddings, self.padded_tokens = self._run(missing)
+            found.update(zip(missing, ((e, "encoded") for e in embeddings), strict=True))
+        with self._lock:
+            for prompt, (embedding, source) in found.items():
+                if source != "cache":
+                    self._remember(prompt, embedding)
+        self.sources = [found[p][1] for p in prompts]
+        self.hits += self.sources.count("cache")
+        return [found[p][0] for p in prompts]
 
-    def _touch(self, prompt: str) -> Any:
-        self._cache.move_to_end(prompt)
-        return self._cache[prompt]
+    def prefetch(self, prompts: list[str], publish: Callable[[list[Any]], None]) -> int:
+        """Encode prompts ahead of their batch; ``publish`` runs before others may use them
+        (on a GPU it waits for the side stream). Returns how many were encoded."""
+        with self._lock:
+            todo = [
+                p
+                for p in dict.fromkeys(prompts)
+                if p not in self._cache and p not in self._prefetched and p not in self._in_flight
+            ]
+            for prompt in todo:
+                self._in_flight[prompt] = threading.Event()
+        if not todo:
+            return 0
+        try:
+            embeddings, _tokens = self._run(todo)
+            publish(embeddings)
+            with self._lock:
+                self._prefetched.update(zip(todo, embeddings, strict=True))
+                while len(self._prefetched) > PREFETCH_LIMIT:
+                    self._prefetched.popitem(last=False)
+        finally:
+            with self._lock:
+                for prompt in todo:
+                    self._in_flight.pop(prompt).set()
+        return len(todo)
+
+    def _await_prefetch(self, prompts: list[str]) -> None:
+        """A prompt being prefetched right now is nearly done: wait rather than encode twice."""
+        with self._lock:
+            events = [self._in_flight[p] for p in prompts if p in self._in_flight]
+        for event in events:
+            event.wait()
 
     def _remember(self, prompt: str, embedding: Any) -> None:
         if self.cache_size <= 0:
@@ -61,7 +114,8 @@ class PromptEncoder:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    def _run(self, prompts: list[str]) -> list[Any]:
+    def _run(self, prompts: list[str]) -> tuple[list[Any], int]:
+        """Embeddings of ``prompts``, and the tokens that went through (padding included)."""
         texts = [chat_text(self.tokenizer, p) for p in prompts]
         if self.bucket:
             padding: dict[str, Any] = {"padding": "longest", "pad_to_multiple_of": self.bucket}
@@ -77,8 +131,7 @@ class PromptEncoder:
         device = self.text_encoder.device
         ids = inputs.input_ids.to(device)
         mask = inputs.attention_mask.to(device).bool()
-        self.padded_tokens = int(ids.numel())
         hidden = self.text_encoder(
             input_ids=ids, attention_mask=mask, output_hidden_states=True
         ).hidden_states[-2]
-        return [hidden[i][mask[i]] for i in range(len(prompts))]
+        return [hidden[i][mask[i]] for i in range(len(prompts))], int(ids.numel())

@@ -29,6 +29,7 @@ from zimage_server.engine.protocol import (
     Event,
     LoadFailed,
     LoadProgress,
+    Prefetch,
     Ready,
     RenderBatch,
     Shutdown,
@@ -58,7 +59,10 @@ class _Outbox:
 
 
 def _read_commands(
-    conn: Connection, inbox: queue.Queue[RenderBatch | None], cancelled: set[str]
+    conn: Connection,
+    inbox: queue.Queue[RenderBatch | None],
+    cancelled: set[str],
+    prefetches: queue.Queue[Prefetch] | None,
 ) -> None:
     while True:
         try:
@@ -69,9 +73,24 @@ def _read_commands(
             inbox.put(command)
         elif isinstance(command, Cancel):
             cancelled.add(command.job_id)
+        elif isinstance(command, Prefetch) and prefetches is not None:
+            prefetches.put(command)
         elif isinstance(command, Shutdown):
             break
     inbox.put(None)
+
+
+def _prefetch_forever(generator: ImageGenerator, prefetches: queue.Queue[Prefetch]) -> None:
+    """Encode the prompts of queued renders while the current batch denoises.
+
+    Best effort: a failure here only means the render encodes its prompt itself.
+    """
+    while True:
+        hint = prefetches.get()
+        try:
+            generator.prefetch(list(hint.prompts))
+        except Exception:
+            log.warning("prompt prefetch failed:\n%s", traceback.format_exc())
 
 
 def _load(config: WorkerConfig, out: _Outbox) -> ImageGenerator | None:
@@ -157,11 +176,18 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     out = _Outbox(conn)
     inbox: queue.Queue[RenderBatch | None] = queue.Queue()
+    speedups, device = config.generator.speedups, config.generator.device
+    prefetches = queue.Queue[Prefetch]() if speedups.enabled(speedups.prefetch, device) else None
     cancelled: set[str] = set()
-    reader = threading.Thread(target=_read_commands, args=(conn, inbox, cancelled), daemon=True)
+    reader = threading.Thread(
+        target=_read_commands, args=(conn, inbox, cancelled, prefetches), daemon=True
+    )
     reader.start()
     generator = _load(config, out)
     if generator is None:
         return
+    if prefetches is not None:
+        args = (generator, prefetches)
+        threading.Thread(target=_prefetch_forever, args=args, daemon=True).start()
     while (batch := inbox.get()) is not None:
         _render(generator, batch, cancelled, out, config.generator.faults)

@@ -41,6 +41,7 @@ class Generated:
     batch_size: int = 1
     prompt_tokens: int = 0
     worker: str = ""
+    prompt_source: str = ""  # encoded | cache | prefetch
     output_id: str | None = None
     credits_consumed: int | None = None  # micro-credits; None when auth is off
     credits_remaining: int | None = None
@@ -141,7 +142,9 @@ class GenerationService:
     def _record(self, admission: Admission, images: list[Generated]) -> None:
         key = admission.principal.prefix if admission.principal else None
         for generated in images:
-            self.metrics.record_render(key, generated.timings, generated.batch_size)
+            self.metrics.record_render(
+                key, generated.timings, generated.batch_size, prompt_source=generated.prompt_source
+            )
 
     async def generate_many(
         self, batch: list[GenerationParams], admission: Admission, store: bool = False
@@ -222,4 +225,5 @@ class GenerationService:
             result.batch_size,
             result.prompt_tokens,
             result.worker,
+            result.prompt_source,
         )

@@ -45,6 +45,13 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("zimage_images", "Images delivered, by key", ["key"], registry=r)
+        self.prompt_embeddings = Counter(
+            "zimage_prompt_embeddings",
+            "Prompt embeddings by source: encoded, cache, or prefetch (encoded while the "
+            "previous batch denoised)",
+            ["source"],
+            registry=r,
+        )
         self.gpu_seconds = Counter(
             "zimage_gpu_seconds",
             "Accelerator seconds (encode + denoise + decode) by key",
@@ -85,8 +92,15 @@ class Metrics:
         return "other"
 
     def record_render(
-        self, key: str | None, timings: dict[str, float], batch_size: int, images: int = 1
+        self,
+        key: str | None,
+        timings: dict[str, float],
+        batch_size: int,
+        images: int = 1,
+        prompt_source: str = "",
     ) -> None:
+        if prompt_source:
+            self.prompt_embeddings.labels(prompt_source).inc(images)
         for stage, seconds in timings.items():
             self.stages.labels(stage).observe(seconds)
         self.batch_size.observe(batch_size)
