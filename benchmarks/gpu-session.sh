@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark in one command, each step under 10 minutes (a lent GPU machine's
-# per-command limit): main run, ablation, overhead. Run from the repository root:
+# per-command limit): stock vs ours at three sizes, the lossy opt-ins, the ablation in two
+# halves, the server's overhead. About 25 minutes in all on an H100; main and lossy first.
+# Run from the repository root:
 #
-#   bash benchmarks/gpu-session.sh            # all three steps
-#   bash benchmarks/gpu-session.sh main       # or one: main | ablation | overhead
+#   bash benchmarks/gpu-session.sh            # every step
+#   bash benchmarks/gpu-session.sh main lossy # or some of: main lossy ablation1 ablation2 overhead
 #
 # On a box without diffusers (or torchao for the fp8 variant) it installs the wheels carried
 # in wheels/ first (see benchmarks/README.md). Results land in benchmarks/results/ and, when
@@ -23,22 +25,32 @@ GPU=$(python -c "from zimage_server.bench.environment import slug, device_name; 
 
 run() {  # run NAME ARGS...: one bench step under the time limit
     local name=$1; shift
+    mkdir -p "$DATA/$name" "$DATA/compile-cache"
+    ln -sfn "$DATA/compile-cache" "$DATA/$name/compile-cache"  # compiled once, reused by all
     echo "== $name: $*"
     timeout "$STEP_LIMIT_S" python benchmarks/run.py --data-dir "$DATA/$name" "$@"
     echo "== $name exit $?"
 }
 
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(main ablation overhead)
+[[ ${#steps[@]} -eq 0 ]] && steps=(main lossy ablation1 ablation2 overhead)
 for step in "${steps[@]}"; do
     case $step in
-        main) run main --model random:full --sizes 1024,512,2048 --iterations 5 ;;
-        ablation) run ablation --model random:full --sizes 1024 --iterations 5 --skip-stock \
-            --no-lossy --ablation --concurrency 1 \
-            --output "benchmarks/results/$DAY-$GPU-ablation.json" ;;
+        main) run main --model random:full --sizes 1024,512,2048 --iterations 5 --no-lossy ;;
+        lossy) run lossy --model random:full --sizes 1024 --iterations 5 --skip-stock --lossy \
+            --output "benchmarks/results/$DAY-$GPU-lossy.json" ;;
+        ablation1|ablation2)  # two halves: each fits the limit
+            if [[ $step == ablation1 ]]; then
+                names=eager,compile_static,vae_eager,complex_rope,cudagraphs,pad512
+            else
+                names=attn_cudnn,attn_flash,vae_nchw,prompt_cache,no_prefetch
+            fi
+            run "$step" --model random:full --sizes 1024 --iterations 5 --skip-stock --no-lossy \
+                --ablation "$names" --concurrency 4 \
+                --output "benchmarks/results/$DAY-$GPU-$step.json" ;;
         overhead) run overhead --overhead --device cpu --overhead-requests 500 --warmup 20 \
             --output "benchmarks/results/$DAY-$GPU-host-overhead.json" ;;
-        *) echo "unknown step $step (main | ablation | overhead)"; exit 2 ;;
+        *) echo "unknown step $step (main | lossy | ablation1 | ablation2 | overhead)"; exit 2 ;;
     esac
 done
 if [[ -n "${OUT:-}" ]]; then

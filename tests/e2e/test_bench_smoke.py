@@ -42,12 +42,17 @@ def test_bench_on_the_tiny_model(tmp_path: Path) -> None:
     args = ["--model", "tiny", "--sizes", "256", "--steps", "2", "--iterations", "2"]
     args += ["--concurrency", "1,2", "--variant", "batch2:ZIMAGE_MAX_BATCH_SIZE=2"]
     args += ["--variant", "fp8:ZIMAGE_FP8=true"]  # cannot run on a CPU: recorded, not fatal
+    args += ["--ablation", "pad512"]
     report = run_bench(tmp_path, *args)
 
     variants = report["variants"]
     assert report["complete"] is True
-    assert set(variants) == {"stock", "stock_cfg_off", "ours_bf16", "ours_batch2", "ours_fp8"}
+    names = {"stock", "stock_cfg_off", "ours_bf16", "ours_pad512", "ours_batch2", "ours_fp8"}
+    assert set(variants) == names
     assert "fp8 needs an NVIDIA GPU" in variants.pop("ours_fp8")["error"]
+    assert variants["ours_pad512"]["prompt_tokens"] == variants["ours_bf16"]["prompt_tokens"]
+    assert variants["ours_pad512"]["deviation_vs_ours_bf16"]["max_abs"] <= 2
+    assert set(variants["ours_pad512"]["throughput_img_s"]) == {"1", "2"}
     assert variants["ours_batch2"]["speedup_vs_ours_bf16"] > 0
     for entry in variants.values():
         assert 0 < entry["e2e_p50_s"] <= entry["e2e_p90_s"] < 60

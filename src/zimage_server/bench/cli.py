@@ -69,10 +69,24 @@ def parse_variant(text: str) -> Variant:
     return Variant(name if name.startswith("ours_") else f"ours_{name}", env)
 
 
-def preset_variants(device: str, lossy: bool | None, ablation: bool) -> tuple[Variant, ...]:
+def preset_variants(device: str, lossy: bool | None, ablation: str | None) -> tuple[Variant, ...]:
     if lossy is None:
         lossy = resolve_device(device).startswith("cuda")
-    return (LOSSY_VARIANTS if lossy else ()) + (ABLATION_VARIANTS if ablation else ())
+    return (LOSSY_VARIANTS if lossy else ()) + ablation_variants(ablation)
+
+
+def ablation_variants(names: str | None) -> tuple[Variant, ...]:
+    """``all`` or ``eager,pad512,...`` (the variant names without ``ours_``)."""
+    if not names:
+        return ()
+    known = {v.name.removeprefix("ours_"): v for v in ABLATION_VARIANTS}
+    if names == "all":
+        return ABLATION_VARIANTS
+    wanted = [n.strip().removeprefix("ours_") for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise typer.BadParameter(f"--ablation: unknown {unknown}; known: all, {', '.join(known)}")
+    return tuple(known[n] for n in wanted)
 
 
 def current_command() -> str:
@@ -102,8 +116,9 @@ def bench(
         typer.Option(help="Also fp8 and step caching, with deviation (default: on a GPU)."),
     ] = None,
     ablation: Annotated[
-        bool, typer.Option("--ablation", help="Each lossless speed-up switched off alone.")
-    ] = False,
+        str | None,
+        typer.Option(help="Lossless speed-ups switched off one at a time: all, or NAME,..."),
+    ] = None,
     overhead: Annotated[
         bool, typer.Option("--overhead", help="Measure the server's own overhead instead.")
     ] = False,

@@ -65,6 +65,7 @@ ABLATION_VARIANTS = (
     Variant("ours_attn_flash", {"ZIMAGE_ATTENTION_BACKEND": "_native_flash"}),
     Variant("ours_vae_nchw", {"ZIMAGE_VAE_CHANNELS_LAST": "off"}),
     Variant("ours_prompt_cache", {"ZIMAGE_PROMPT_CACHE_SIZE": "32"}),
+    Variant("ours_no_prefetch", {"ZIMAGE_PREFETCH_PROMPTS": "off"}),
 )
 
 
@@ -266,9 +267,11 @@ def _run_ours(
             entry = {**_entry(per_size, config.primary), "env": dict(variant.env)}
             pixels = client.pixels(config.body(config.primary))
             entry.update(_deviations(variant, pixels, references))
+            throughput = _throughput(config, client)
+            entry["throughput_img_s"] = {c: t["img_s"] for c, t in throughput.items()}
             if variant.name == OURS:
                 references[OURS] = pixels
-                report["throughput"] = _throughput(config, client)
+                report["throughput"] = throughput
         finally:
             client.close()
     report["variants"][variant.name] = entry
