@@ -7,28 +7,39 @@
 #   bash benchmarks/gpu-session.sh            # every step
 #   bash benchmarks/gpu-session.sh main lossy # or some of: main lossy ablation1 ablation2 overhead
 #
-# On a box without diffusers (or torchao for the fp8 variant) it installs the wheels carried
-# in wheels/ first (see benchmarks/README.md). Results land in benchmarks/results/ and, when
+# On a box without diffusers, FastAPI, ... it first installs the wheels that
+# scripts/gpu-wheels downloaded into .whl/ (see benchmarks/README.md). Results land in benchmarks/results/ and, when
 # $OUT is set (the lent machine's output folder), are copied there too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 STEP_LIMIT_S=${STEP_LIMIT_S:-570}
 DATA=${BENCH_DATA_DIR:-/tmp/zimage-bench}  # shared: the compile cache is warm after step 1
 DAY=$(date -u +%F)
+PY=${PYTHON:-python3}  # the GPU image's python3 is the one with torch
+# Overridable only to dry-run this script on a CPU (BENCH_MODEL=tiny BENCH_DEVICE=cpu ...).
+MODEL=${BENCH_MODEL:-random:full}
+DEVICE=${BENCH_DEVICE:-cuda}
+SIZES=${BENCH_SIZES:-1024,512,2048}
+SIZE=${SIZES%%,*}
 
-if ! python -c "import diffusers" 2>/dev/null && ls wheels/*.whl >/dev/null 2>&1; then
-    pip install --no-deps wheels/*.whl
+if [[ -d .whl ]] && ! $PY -c "import diffusers, fastapi" 2>/dev/null; then
+    # Wheels from scripts/gpu-wheels, carried here: installed beside, not over, the image's.
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/zimage-site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/zimage-site:$PYTHONPATH
 fi
-python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
-GPU=$(python -c "from zimage_server.bench.environment import slug, device_name; print(slug(device_name('cuda:0')))")
+GPU=$($PY -c "
+from zimage_server.bench.environment import device_name, resolve_device, slug
+print(slug(device_name(resolve_device('$DEVICE'))))") || exit 1
+echo "device: $GPU"
 
 run() {  # run NAME ARGS...: one bench step under the time limit
     local name=$1; shift
     mkdir -p "$DATA/$name" "$DATA/compile-cache"
     ln -sfn "$DATA/compile-cache" "$DATA/$name/compile-cache"  # compiled once, reused by all
     echo "== $name: $*"
-    timeout "$STEP_LIMIT_S" python benchmarks/run.py --data-dir "$DATA/$name" "$@"
+    timeout "$STEP_LIMIT_S" $PY benchmarks/run.py --data-dir "$DATA/$name" --device "$DEVICE" "$@"
     echo "== $name exit $?"
 }
 
@@ -36,8 +47,8 @@ steps=("$@")
 [[ ${#steps[@]} -eq 0 ]] && steps=(main lossy ablation1 ablation2 overhead)
 for step in "${steps[@]}"; do
     case $step in
-        main) run main --model random:full --sizes 1024,512,2048 --iterations 5 --no-lossy ;;
-        lossy) run lossy --model random:full --sizes 1024 --iterations 5 --skip-stock --lossy \
+        main) run main --model "$MODEL" --sizes "$SIZES" --iterations 5 --no-lossy ;;
+        lossy) run lossy --model "$MODEL" --sizes "$SIZE" --iterations 5 --skip-stock --lossy \
             --output "benchmarks/results/$DAY-$GPU-lossy.json" ;;
         ablation1|ablation2)  # two halves: each fits the limit
             if [[ $step == ablation1 ]]; then
@@ -45,10 +56,10 @@ for step in "${steps[@]}"; do
             else
                 names=attn_cudnn,attn_flash,vae_nchw,prompt_cache,no_prefetch
             fi
-            run "$step" --model random:full --sizes 1024 --iterations 5 --skip-stock --no-lossy \
+            run "$step" --model "$MODEL" --sizes "$SIZE" --iterations 5 --skip-stock --no-lossy \
                 --ablation "$names" --concurrency 4 \
                 --output "benchmarks/results/$DAY-$GPU-$step.json" ;;
-        overhead) run overhead --overhead --device cpu --overhead-requests 500 --warmup 20 \
+        overhead) DEVICE=cpu run overhead --overhead --overhead-requests 500 --warmup 20 \
             --output "benchmarks/results/$DAY-$GPU-host-overhead.json" ;;
         *) echo "unknown step $step (main | lossy | ablation1 | ablation2 | overhead)"; exit 2 ;;
     esac

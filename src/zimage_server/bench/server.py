@@ -94,8 +94,11 @@ class BenchServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise self._fail("the server exited while loading")
-            if httpx.get(self.url + "/readyz", timeout=10).status_code == 200:
+            reply = httpx.get(self.url + "/readyz", timeout=10)
+            if reply.status_code == 200:
                 return
+            if reply.json().get("status") == "FAILED":  # gave up loading: no point waiting
+                raise self._fail(f"the model failed to load: {reply.json().get('reason')}")
             time.sleep(0.2)
         raise self._fail("the model did not become ready in time")
 
