@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
 import threading
@@ -17,10 +18,11 @@ from pydantic import ValidationError
 
 from zimage_server.core.config import Settings
 from zimage_server.engine.generator import DiffusersGenerator, GeneratorConfig
-from zimage_server.engine.protocol import BatchDone, RenderBatch, RenderItem
+from zimage_server.engine.protocol import BatchDone, Prefetch, RenderBatch, RenderItem
 from zimage_server.engine.rope import rotate, use_real_rope
 from zimage_server.engine.speedups import SpeedupError, Speedups, attention_backend, quantize_fp8
 from zimage_server.engine.text import PromptEncoder
+from zimage_server.engine.worker import prefetch_forever
 
 PROMPTS = ["a cat", "ड्रैगन फ्रूट, a much longer prompt about a lighthouse on a cliff at dawn " * 3]
 
@@ -252,3 +254,36 @@ def test_prefetched_prompts_are_encoded_once_and_waited_for(tiny_model_dir: Path
         fresh, _ = pipe.encode_prompt(list(PROMPTS[:1]), do_classifier_free_guidance=False)
     torch.testing.assert_close(ours[0], fresh[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(both[0], fresh[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_failed_prefetch_is_logged_and_the_next_one_still_runs(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Prefetch is best effort: a failure (here the text encoder raising once) is logged."""
+    generator = DiffusersGenerator(GeneratorConfig(str(tiny_model_dir), "cpu"))
+    generator.load(lambda *_: None)
+    encoder = generator.pipe.text_encoder
+    forward = encoder.forward
+    failures = iter([RuntimeError("simulated prefetch failure")])
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return forward(*args, **kwargs)
+
+    encoder.forward = flaky
+    hints: queue.Queue[Prefetch] = queue.Queue()
+    hints.put(Prefetch(("first",)))
+    hints.put(Prefetch(("second",)))
+    args = (generator, hints)
+    threading.Thread(target=prefetch_forever, args=args, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while "second" not in generator.text._prefetched:
+        assert time.monotonic() < deadline, "the second prefetch never ran"
+        time.sleep(0.05)
+    assert "simulated prefetch failure" in caplog.text
+    assert "first" not in generator.text._prefetched and not generator.text._in_flight
+    with torch.inference_mode():
+        generator.text.encode(["first", "second"])
+    assert generator.text.sources == ["encoded", "prefetch"]

@@ -80,7 +80,7 @@ def _read_commands(
     inbox.put(None)
 
 
-def _prefetch_forever(generator: ImageGenerator, prefetches: queue.Queue[Prefetch]) -> None:
+def prefetch_forever(generator: ImageGenerator, prefetches: queue.Queue[Prefetch]) -> None:
     """Encode the prompts of queued renders while the current batch denoises.
 
     Best effort: a failure here only means the render encodes its prompt itself.
@@ -188,6 +188,6 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
         return
     if prefetches is not None:
         args = (generator, prefetches)
-        threading.Thread(target=_prefetch_forever, args=args, daemon=True).start()
+        threading.Thread(target=prefetch_forever, args=args, daemon=True).start()
     while (batch := inbox.get()) is not None:
         _render(generator, batch, cancelled, out, config.generator.faults)
