@@ -20,7 +20,7 @@ import numpy as np
 from zimage_server.bench.stats import Sample
 
 WEBP_QUALITY = 90  # the API's default
-WEBP_METHOD = 4  # Pillow's default, as the server uses
+WEBP_METHOD = 4  # Pillow's default, what a naive server uses
 
 
 @dataclass(frozen=True)
