@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from zimage_server.core.errors import OutputNotFound
+from zimage_server.core.errors import InsufficientStorage, OutputNotFound
 from zimage_server.engine.generator import diffusers_guidance
 from zimage_server.images.encode import encode_image, round_up_16
 from zimage_server.store import OutputStore
@@ -64,3 +64,14 @@ def test_output_store_sweep(tmp_path: Path) -> None:
 def test_output_store_refuses_malformed_ids(tmp_path: Path, bad: str) -> None:
     with pytest.raises(OutputNotFound):
         OutputStore(tmp_path, ttl_s=60).path(bad)
+
+
+def test_output_store_trusts_a_free_space_reading_briefly(tmp_path: Path) -> None:
+    store = OutputStore(tmp_path, ttl_s=60, min_free_bytes=0)
+    assert not store.room_recently_seen()
+    store.check_space()
+    assert store.room_recently_seen()
+    full = OutputStore(tmp_path, ttl_s=60, min_free_bytes=10**18)
+    with pytest.raises(InsufficientStorage):
+        full.check_space()
+    assert not full.room_recently_seen()  # a full disk is checked on every request

@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from zimage_server.billing.ledger import Ledger
 from zimage_server.core.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
@@ -22,6 +22,17 @@ from zimage_server.store.models import ApiKey
 
 SCOPES = frozenset({"generate"})
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
+_KEYS = ApiKey.metadata.tables[ApiKey.__tablename__]
+# Every authenticated request runs this: a Core statement built once (see Ledger).
+_LOOKUP = select(
+    _KEYS.c.id,
+    _KEYS.c.prefix,
+    _KEYS.c.key_hash,
+    _KEYS.c.disabled,
+    _KEYS.c.scopes,
+    _KEYS.c.rate_limit,
+    _KEYS.c.max_in_flight,
+).where(_KEYS.c.prefix == bindparam("prefix"))
 
 
 def _hash(key: str) -> str:
@@ -127,10 +138,8 @@ class KeyService:
             )
         parts = key.split("_")
         prefix = parts[1] if len(parts) >= 3 and parts[0] == "zk" else ""
-        with self.db.session() as session:
-            row = session.execute(
-                select(ApiKey).where(ApiKey.prefix == prefix)
-            ).scalar_one_or_none()
+        with self.db.transaction() as connection:
+            row = connection.execute(_LOOKUP, {"prefix": prefix}).one_or_none()
         stored = row.key_hash if row else _DUMMY_HASH
         if not hmac.compare_digest(stored, _hash(key)) or row is None:
             raise Unauthenticated("Invalid API key.")

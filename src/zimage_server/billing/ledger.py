@@ -4,13 +4,17 @@ a ledger entry together.
 The hold is a conditional ``UPDATE ... WHERE balance >= price``: the database serialises
 concurrent holds on the row, so a balance never goes negative on SQLite or PostgreSQL,
 without application locks.
+
+The hold and the release run on every request, so their statements are Core statements
+built once (with bound parameters) and run on a plain connection: the same SQL and the
+same single transaction, without the ORM's per-statement work.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,6 +22,22 @@ from zimage_server.billing.pricing import format_credits
 from zimage_server.core.errors import InsufficientCredits
 from zimage_server.store.db import Database
 from zimage_server.store.models import ApiKey, LedgerEntry
+
+_KEYS = ApiKey.metadata.tables[ApiKey.__tablename__]
+_LEDGER = LedgerEntry.metadata.tables[LedgerEntry.__tablename__]
+_TAKE = (
+    update(_KEYS)
+    .where(_KEYS.c.id == bindparam("key_id"), _KEYS.c.balance >= bindparam("amount"))
+    .values(balance=_KEYS.c.balance - bindparam("amount"))
+    .returning(_KEYS.c.balance)
+)
+_GIVE = (
+    update(_KEYS)
+    .where(_KEYS.c.id == bindparam("key_id"))
+    .values(balance=_KEYS.c.balance + bindparam("amount"))
+)
+_BALANCE = select(_KEYS.c.balance).where(_KEYS.c.id == bindparam("key_id"))
+_ENTRY = insert(_LEDGER)
 
 
 @dataclass(frozen=True)
@@ -33,24 +53,18 @@ class Ledger:
         self.db = db
 
     def hold(self, key_id: int, amount: int, reference: str) -> int:
-        """Take ``amount`` from the balance for request ``reference``; returns the new balance."""
-        with self.db.session() as session:
-            return hold_in(session, key_id, amount, reference)
+        """Take ``amount`` from the balance for request ``reference``; returns the new balance.
+        Committed (and, on SQLite, fsynced) before it returns."""
+        with self.db.transaction() as connection:
+            return hold_in(connection, key_id, amount, reference)
 
     def release(self, key_id: int, amount: int, reference: str) -> bool:
         """Give a hold back (the request failed). Idempotent: False if already released."""
+        entry = {"key_id": key_id, "amount": amount, "kind": "release", "reference": reference}
         try:
-            with self.db.session() as session:
-                session.execute(
-                    insert(LedgerEntry).values(
-                        key_id=key_id, amount=amount, kind="release", reference=reference
-                    )
-                )
-                session.execute(
-                    update(ApiKey)
-                    .where(ApiKey.id == key_id)
-                    .values(balance=ApiKey.balance + amount)
-                )
+            with self.db.transaction() as connection:
+                connection.execute(_ENTRY, entry)
+                connection.execute(_GIVE, {"key_id": key_id, "amount": amount})
         except IntegrityError:
             return False
         return True
@@ -87,23 +101,18 @@ class Ledger:
         return Usage(holds - releases, -(held + released), int(balance), ledger_sum)
 
 
-def hold_in(session: Session, key_id: int, amount: int, reference: str) -> int:
+def hold_in(transaction: Connection | Session, key_id: int, amount: int, reference: str) -> int:
     """The hold, inside the caller's transaction (e.g. the one that creates a job)."""
-    new_balance = session.execute(
-        update(ApiKey)
-        .where(ApiKey.id == key_id, ApiKey.balance >= amount)
-        .values(balance=ApiKey.balance - amount)
-        .returning(ApiKey.balance)
-    ).scalar_one_or_none()
+    ids = {"key_id": key_id, "amount": amount}
+    new_balance = transaction.execute(_TAKE, ids).scalar_one_or_none()
     if new_balance is None:
-        balance = session.execute(select(ApiKey.balance).where(ApiKey.id == key_id)).scalar_one()
+        balance = transaction.execute(_BALANCE, ids).scalar_one()
         raise InsufficientCredits(
             f"Insufficient credits: this image costs {format_credits(amount)} credits "
             f"and the key's balance is {format_credits(balance)}.",
             balance=balance,
             price=amount,
         )
-    session.execute(
-        insert(LedgerEntry).values(key_id=key_id, amount=-amount, kind="hold", reference=reference)
-    )
+    entry = {"key_id": key_id, "amount": -amount, "kind": "hold", "reference": reference}
+    transaction.execute(_ENTRY, entry)
     return int(new_balance)

@@ -176,7 +176,8 @@ class GenerationService:
 
     @asynccontextmanager
     async def _billed(self, admission: Admission, price: int) -> AsyncIterator[int | None]:
-        await asyncio.to_thread(self.outputs.check_space)  # 507 before anything is held
+        if not self.outputs.room_recently_seen():
+            await asyncio.to_thread(self.outputs.check_space)  # 507 before anything is held
         if admission.principal is None:
             yield None
             return

@@ -9,7 +9,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,15 +37,16 @@ class Database:
 
         A database that cannot be reached becomes ``StoreUnavailable`` (503), never a 500.
         """
-        try:
-            with self._sessions.begin() as session:
-                yield session
-        except (OperationalError, InterfaceError) as exc:
-            if isinstance(exc, OperationalError) and _is_busy(exc):
-                raise
-            raise StoreUnavailable(
-                "The database is unavailable; nothing was charged. Retry shortly.", 5
-            ) from exc
+        with _unavailable_as_503(), self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """The same, as a Core connection: for the per-request statements (key lookup,
+        hold), built once and run without the ORM's per-statement work. On SQLite a hold
+        took ~2.5 ms through the ORM session and takes ~0.5 ms so, most of it the fsync."""
+        with _unavailable_as_503(), self.engine.begin() as connection:
+            yield connection
 
     def upgrade(self) -> None:
         """Apply every Alembic migration not yet applied."""
@@ -59,11 +60,27 @@ class Database:
         self.engine.dispose()
 
 
+@contextmanager
+def _unavailable_as_503() -> Iterator[None]:
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        if isinstance(exc, OperationalError) and _is_busy(exc):
+            raise
+        raise StoreUnavailable(
+            "The database is unavailable; nothing was charged. Retry shortly.", 5
+        ) from exc
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers run beside the one writer; busy_timeout queues writers instead of
-    # failing them; foreign keys are off by default in SQLite.
+    # failing them; foreign keys are off by default in SQLite. synchronous=FULL is said
+    # outright (it is WAL's usual default, but builds may lower it to NORMAL): every
+    # commit is fsynced, so a credit hold survives a power cut before the render starts.
+    # It costs one fsync per commit (~0.3 ms here); NORMAL would only lose that guarantee.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

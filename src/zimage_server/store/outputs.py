@@ -7,6 +7,7 @@ else is refused before touching the filesystem, so path tricks cannot escape the
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import secrets
@@ -17,6 +18,7 @@ from pathlib import Path
 from zimage_server.core.errors import InsufficientStorage, OutputNotFound
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{32}\.(webp|png|jpeg)$")
+SPACE_RECHECK_S = 1.0  # a free-space reading that found room is trusted this long
 
 
 class OutputStore:
@@ -24,7 +26,14 @@ class OutputStore:
         self.folder = folder
         self.ttl_s = ttl_s
         self.min_free_bytes = min_free_bytes
+        self._room_seen_at = -math.inf
         folder.mkdir(parents=True, exist_ok=True)
+
+    def room_recently_seen(self) -> bool:
+        """True when a check under ``SPACE_RECHECK_S`` ago found room: callers may skip
+        the next one (a thread hop per request). A full disk is checked every time, so
+        the 507s stop as soon as space is freed; ``save`` still turns ENOSPC into 507."""
+        return time.monotonic() - self._room_seen_at < SPACE_RECHECK_S
 
     def check_space(self) -> None:
         """Refuse new work before rendering when the disk is (nearly) full."""
@@ -34,6 +43,7 @@ class OutputStore:
                 f"The output disk is full ({free // 2**20} MiB free, "
                 f"{self.min_free_bytes // 2**20} MiB required); nothing was charged."
             )
+        self._room_seen_at = time.monotonic()
 
     def save(self, data: bytes, image_format: str) -> str:
         output_id = f"{secrets.token_urlsafe(24)}.{image_format}"

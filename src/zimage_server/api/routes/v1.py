@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from zimage_server.accounts import Admission
 from zimage_server.api.auth import admit_generate, deadline_from
+from zimage_server.api.responses import image_json, is_large
 from zimage_server.billing import format_credits
 from zimage_server.images import Generated, GenerationParams, GenerationService
 
@@ -103,9 +104,12 @@ async def generate(
         return Response(generated.data, media_type=generated.media_type, headers=headers)
     if generated.output_id:
         image = f"{public_base(request)}/v1/outputs/{generated.output_id}"
-    else:
-        image = generated.base64()
-    return JSONResponse({"image": image, **generated.summary()}, headers=headers)
+        return JSONResponse({"image": image, **generated.summary()}, headers=headers)
+    return await image_json(
+        lambda: {"image": generated.base64(), **generated.summary()},
+        is_large(len(generated.data)),
+        headers=headers,
+    )
 
 
 def public_base(request: Request) -> str:

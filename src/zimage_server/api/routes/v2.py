@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from zimage_server.accounts import Admission
 from zimage_server.api.auth import admit_generate, deadline_from, identify_caller
+from zimage_server.api.responses import image_json
 from zimage_server.api.routes.v1 import public_base
 from zimage_server.core.errors import InvalidRequest
 from zimage_server.images import GenerationService
@@ -124,12 +125,19 @@ async def status(request_id: str, request: Request, caller: Caller) -> JSONRespo
 
 
 @router.get("/v2/requests/{request_id}", summary="Result of an async request")
-async def result(request_id: str, request: Request, caller: Caller) -> JSONResponse:
+async def result(request_id: str, request: Request, caller: Caller) -> Response:
     runner = _runner(request)
     job = await runner.get(request_id, owner_of(caller))
-    body = result_body(job, runner.outputs)
-    body["status"] = runner.live_status(job)[0].value
-    return _reply(body)
+    status = runner.live_status(job)[0].value
+
+    def content() -> dict[str, Any]:
+        body = result_body(job, runner.outputs)  # reads and base64-encodes the image
+        body["status"] = status
+        return body
+
+    # A finished job's output may be an inline image: read and render it off the loop.
+    off_loop = job.output_id is not None
+    return await image_json(content, off_loop, status_code=422 if status == "FAILED" else 200)
 
 
 @router.post("/v2/requests/{request_id}/cancel", summary="Cancel a queued or running request")
