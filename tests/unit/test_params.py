@@ -47,3 +47,11 @@ def test_long_bad_values_are_shortened_in_the_message() -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_params(b'{"prompt": "x", "image_format": "' + b"z" * 500 + b'"}')
     assert len(info.value.message) < 200
+
+
+def test_bench_command_line_never_records_an_api_key() -> None:
+    from zimage_server.bench.cli import redact_key
+
+    args = ["--model", "tiny", "--api-key", "zk_abc_secret", "--api-key=zk_x_y", "--iterations"]
+    expected = ["--model", "tiny", "--api-key", "***", "--api-key=***", "--iterations"]
+    assert redact_key(args) == expected

@@ -90,10 +90,17 @@ def ablation_variants(names: str | None) -> tuple[Variant, ...]:
 
 
 def current_command() -> str:
-    """The command line as the user typed it (near enough to re-run it)."""
+    """The command line as the user typed it (near enough to re-run it), key redacted."""
     program = Path(sys.argv[0]).name
     prefix = [program] if program == "zimage" else ["python", sys.argv[0]]
-    return shlex.join([*prefix, *sys.argv[1:]])
+    return shlex.join([*prefix, *redact_key(sys.argv[1:])])
+
+
+def redact_key(args: list[str]) -> list[str]:
+    """The results JSON is committed: never write an API key into it."""
+    pairs = zip(["", *args], args, strict=False)
+    shown = [("***" if before == "--api-key" else arg) for before, arg in pairs]
+    return [("--api-key=***" if arg.startswith("--api-key=") else arg) for arg in shown]
 
 
 def bench(
