@@ -55,3 +55,16 @@ def test_bench_command_line_never_records_an_api_key() -> None:
     args = ["--model", "tiny", "--api-key", "zk_abc_secret", "--api-key=zk_x_y", "--iterations"]
     expected = ["--model", "tiny", "--api-key", "***", "--api-key=***", "--iterations"]
     assert redact_key(args) == expected
+
+
+def test_bench_servers_get_an_absolute_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PYTHONPATH=src python benchmarks/run.py`` must not lose ``src`` in the server."""
+    import os
+
+    from zimage_server.bench.server import absolute_pythonpath
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["src", "/opt/site"]))
+    expected = os.pathsep.join([os.path.join(os.getcwd(), "src"), "/opt/site"])
+    assert absolute_pythonpath() == {"PYTHONPATH": expected}
+    monkeypatch.delenv("PYTHONPATH")
+    assert absolute_pythonpath() == {}

@@ -35,6 +35,15 @@ class BenchError(RuntimeError):
     """The benchmark cannot go on (server failed to start, a request failed, ...)."""
 
 
+def absolute_pythonpath() -> dict[str, str]:
+    """``PYTHONPATH=src`` made absolute: the server starts in its data folder, where a
+    relative entry would silently import some other installed copy (or nothing)."""
+    path = os.environ.get("PYTHONPATH")
+    if not path:
+        return {}
+    return {"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in path.split(os.pathsep))}
+
+
 class BenchServer:
     """A ``zimage serve`` subprocess; a context manager that stops it on exit."""
 
@@ -53,7 +62,7 @@ class BenchServer:
             command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **absolute_pythonpath(), **env},
             cwd=log_path.parent,
         )
         self.url = ""
