@@ -64,6 +64,19 @@ def test_bucketed_prompts_give_stock_embeddings(tiny_model_dir: Path) -> None:
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
 
 
+def test_cfg_negative_is_stocks_and_encoded_once_without_a_cache(tiny_model_dir: Path) -> None:
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, bucket=64, cache_size=0)
+    calls: list[int] = []
+    pipe.text_encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        first, second = encoder.negatives(2)
+        encoder.negatives(3)
+        assert len(calls) == 1 and first is second
+        _, stock = pipe.encode_prompt(["x"], do_classifier_free_guidance=True)
+    torch.testing.assert_close(first, stock[0], atol=1e-5, rtol=1e-4)
+
+
 def test_prompt_cache_reuses_and_evicts(tiny_model_dir: Path) -> None:
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, bucket=64, cache_size=2)

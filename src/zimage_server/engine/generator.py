@@ -220,7 +220,7 @@ class DiffusersGenerator:
             start = time.perf_counter()
             positive = self.text.encode(prompts)
             self._sources = list(self.text.sources)
-            negative = self.text.encode([""] * len(prompts)) if guidance > 0 else []
+            negative = self.text.negatives(len(prompts)) if guidance > 0 else []
             timings["text_encode"] = self._lap(start)
             latents = self._denoise(
                 batch, positive, negative, guidance, seeds, on_step, is_cancelled

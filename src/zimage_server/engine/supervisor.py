@@ -459,18 +459,23 @@ class Engine:
 
     def hint_next(self, worker: _Worker) -> None:
         """A batch just went to ``worker``: let it encode the next batch's prompts meanwhile."""
-        if self.config.speedups.prefetch != "off" and self._pending:
+        if self._pending and self._prefetches(worker):
             queued = list(self._pending)[: self.config.max_batch_size]
             worker.send(Prefetch(tuple(job.spec.prompt for job in queued)))
 
     def _hint_queued(self, job: _Job) -> None:
         """Every worker busy and ``job`` in the next round: hint the one that started first."""
         busy = [w for w in self._workers if w.ready.is_set() and w.batch is not None]
-        if self.config.speedups.prefetch == "off" or not busy or len(busy) < len(self._workers):
+        if not busy or len(busy) < len(self._workers):
             return
-        if len(self._pending) <= self.config.max_batch_size * len(busy):
-            first = min(busy, key=lambda w: w.batch_started)
+        first = min(busy, key=lambda w: w.batch_started)
+        if self._prefetches(first) and len(self._pending) <= self.config.max_batch_size * len(busy):
             first.send(Prefetch((job.spec.prompt,)))
+
+    def _prefetches(self, worker: _Worker) -> bool:
+        """Whether ``worker`` acts on hints (``auto``: CUDA only); others would drop them."""
+        speedups = self.config.speedups
+        return speedups.enabled(speedups.prefetch, worker.device)
 
     def _abandon(self, job: _Job) -> None:
         if job in self._pending:

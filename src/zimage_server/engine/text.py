@@ -4,11 +4,12 @@ Stock ``ZImagePipeline.encode_prompt`` pads every prompt to 512 tokens and then 
 the real tokens: a 30-token prompt pays for 512 through a 4B-parameter encoder. Here a
 batch is padded to its longest prompt, rounded up to a bucket (so a compiled or
 cuDNN-planned encoder sees few distinct shapes). The text encoder is causal and padding
-sits after the real tokens, so the kept embeddings are the same computation.
+sits after the real tokens, so the kept embeddings are the same computation. The empty CFG
+negative is encoded once and kept.
 
 Three sources, in order: prompts prefetched while the previous batch was denoising
-(``prefetch``, run from another thread), a small LRU cache of recent prompts (the empty
-CFG negative lives there too), and the encoder itself.
+(``prefetch``, run from another thread), a small LRU cache of recent prompts, and the
+encoder itself.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class PromptEncoder:
         self._prefetched: OrderedDict[str, Any] = OrderedDict()
         self._in_flight: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self._empty: Any = None  # the CFG negative, kept whatever the cache size
         self.hits = 0  # prompts served from the LRU cache
         self.padded_tokens = 0  # tokens through the encoder in the last call (padding included)
         self.sources: list[str] = []  # per prompt of the last call: encoded | cache | prefetch
@@ -72,6 +74,12 @@ class PromptEncoder:
         self.sources = [found[p][1] for p in prompts]
         self.hits += self.sources.count("cache")
         return [found[p][0] for p in prompts]
+
+    def negatives(self, count: int) -> list[Any]:
+        """The empty prompt's embedding ``count`` times: CFG's negative, encoded once."""
+        if self._empty is None:
+            (self._empty,), _tokens = self._run([""])
+        return [self._empty] * count
 
     def prefetch(self, prompts: list[str], publish: Callable[[list[Any]], None]) -> int:
         """Encode prompts ahead of their batch; ``publish`` runs before others may use them
