@@ -330,7 +330,9 @@ def _status(state: str) -> Any:
 def _result() -> Any:
     from zimage_server.engine import RenderResult
 
-    return RenderResult(b"\0" * 12, 2, 2, {}, 1, 1, 3, "r1")
+    return RenderResult(
+        rgb=b"\0" * 12, width=2, height=2, transformer_passes=1, prompt_tokens=3, worker="r1"
+    )
 
 
 def _raise(exc: BaseException) -> Callable[[], Any]:
@@ -340,10 +342,20 @@ def _raise(exc: BaseException) -> Callable[[], Any]:
     return outcome
 
 
+def _from_replica(exc: BaseException) -> BaseException:
+    """What Ray hands the caller when a replica raises ``exc``."""
+    import pickle
+
+    from ray.exceptions import RayTaskError
+
+    cause = pickle.loads(pickle.dumps(exc))  # noqa: S301 - our own bytes
+    return RayTaskError("render", "traceback", cause).as_instanceof_cause()  # type: ignore[no-any-return]
+
+
 def _spec() -> Any:
     from zimage_server.engine import RenderSpec
 
-    return RenderSpec("a cat", 1, 256, 256, 1, 1.0)
+    return RenderSpec(prompt="a cat", seed=1, width=256, height=256, steps=1, guidance_scale=1.0)
 
 
 def test_ray_engine_maps_ray_failures_to_our_errors() -> None:
@@ -352,7 +364,6 @@ def test_ray_engine_maps_ray_failures_to_our_errors() -> None:
 
     from zimage_server.core import errors
     from zimage_server.deploy.ray_engine import RayEngine
-    from zimage_server.deploy.replica import RemoteError
 
     async def run() -> None:
         retried = RayEngine(_FakeHandle(_raise(ActorDiedError()), _result), 4)
@@ -365,13 +376,15 @@ def test_ray_engine_maps_ray_failures_to_our_errors() -> None:
         with pytest.raises(errors.Overloaded) as overloaded:
             await busy.render(_spec(), 5)
         assert overloaded.value.retry_after == 7
-        remote = RemoteError.of(errors.Overloaded("full", retry_after=3))
-        full = RayEngine(_FakeHandle(lambda: remote), 4)
+        # A replica's own error arrives wrapped by Ray, pickled: it comes out as it went in.
+        remote = _from_replica(errors.Overloaded("full", retry_after=3))
+        full = RayEngine(_FakeHandle(_raise(remote)), 4)
         with pytest.raises(errors.Overloaded) as replica_full:
             await full.render(_spec(), 5)
+        assert type(replica_full.value) is errors.Overloaded
         assert replica_full.value.retry_after == 3
-        oom = RayEngine(_FakeHandle(lambda: RemoteError("GenerationFailed", "Out of memory")), 4)
-        with pytest.raises(errors.GenerationFailed, match="Out of memory"):
+        oom = RayEngine(_FakeHandle(_raise(_from_replica(errors.GenerationFailed("OOM")))), 4)
+        with pytest.raises(errors.GenerationFailed, match="OOM"):
             await oom.render(_spec(), 5)
 
     asyncio.run(run())

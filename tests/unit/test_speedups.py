@@ -16,13 +16,28 @@ import torch
 from diffusers import ZImagePipeline
 from pydantic import ValidationError
 
-from zimage_server.core.config import Settings
-from zimage_server.engine.generator import DiffusersGenerator, GeneratorConfig
-from zimage_server.engine.protocol import BatchDone, Prefetch, RenderBatch, RenderItem
+from zimage_server.core.config import Settings, WorkerSettings
+from zimage_server.core.config import SpeedupSettings as Speedups
+from zimage_server.engine.generator import DiffusersGenerator
+from zimage_server.engine.protocol import BatchDone, Prefetch, RenderBatch, RenderItem, WorkerSpec
 from zimage_server.engine.rope import rotate, use_real_rope
-from zimage_server.engine.speedups import SpeedupError, Speedups, attention_backend, quantize_fp8
+from zimage_server.engine.speedups import SpeedupError, attention_backend, quantize_fp8
 from zimage_server.engine.text import PromptEncoder
 from zimage_server.engine.worker import prefetch_forever
+
+
+def spec(
+    model: Path | str, speedups: Speedups | None = None, cache: str | None = None
+) -> WorkerSpec:
+    return WorkerSpec(
+        name="worker-0",
+        model_path=str(model),
+        device="cpu",
+        worker=WorkerSettings(),
+        speedups=speedups or Speedups(),
+        compile_cache_dir=cache,
+    )
+
 
 PROMPTS = ["a cat", "ड्रैगन फ्रूट, a much longer prompt about a lighthouse on a cliff at dawn " * 3]
 
@@ -30,7 +45,7 @@ PROMPTS = ["a cat", "ड्रैगन फ्रूट, a much longer prompt ab
 def render(
     model: Path, speedups: Speedups, guidance: float = 1.0, steps: int = 3
 ) -> tuple[DiffusersGenerator, BatchDone, list[np.ndarray]]:
-    generator = DiffusersGenerator(GeneratorConfig(str(model), "cpu", speedups=speedups))
+    generator = DiffusersGenerator(spec(model, speedups))
     generator.load(lambda *_: None)
     items = tuple(RenderItem(f"job{i}", p, 11 + i) for i, p in enumerate(PROMPTS))
     batch = RenderBatch("b", items, 256, 256, steps, guidance)
@@ -46,7 +61,9 @@ def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> int:
 @pytest.fixture(scope="module")
 def stock_padded(tiny_model_dir: Path) -> tuple[BatchDone, list[np.ndarray]]:
     """The reference: every speed-up off, prompts padded to 512 like stock."""
-    reference = Speedups(prompt_bucket=0, prompt_cache=0, compile="off", vae_channels_last="off")
+    reference = Speedups(
+        prompt_bucket_tokens=0, prompt_cache_size=0, compile="off", vae_channels_last="off"
+    )
     _, done, pixels = render(tiny_model_dir, reference, guidance=2.0)
     return done, pixels
 
@@ -101,7 +118,7 @@ def test_default_speedups_render_the_stock_image(
 def test_math_attention_backend_renders_the_same_image(
     tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
 ) -> None:
-    _, _, pixels = render(tiny_model_dir, Speedups(attention="_native_math"), guidance=2.0)
+    _, _, pixels = render(tiny_model_dir, Speedups(attention_backend="_native_math"), guidance=2.0)
     assert max_diff(pixels, stock_padded[1]) <= 1
     assert attention_backend("auto", "cpu") == "native"
 
@@ -116,7 +133,7 @@ def test_real_rope_is_the_complex_rotation(
     expected = torch.view_as_real(complex_x * freqs[:, :, None]).flatten(3)
     torch.testing.assert_close(rotate(x, torch.view_as_real(freqs)), expected)
 
-    generator = DiffusersGenerator(GeneratorConfig(str(tiny_model_dir), "cpu"))
+    generator = DiffusersGenerator(spec(tiny_model_dir))
     generator.load(lambda *_: None)
     assert use_real_rope(generator.pipe.transformer)
     assert not use_real_rope(generator.pipe.transformer)  # already swapped: left alone
@@ -173,13 +190,21 @@ def test_warmup_sizes_read_from_a_comma_list(monkeypatch: pytest.MonkeyPatch) ->
 COMPILE_SCRIPT = """
 import json, sys
 from torch._dynamo.utils import counters
-from zimage_server.engine.generator import DiffusersGenerator, GeneratorConfig
+from zimage_server.core.config import SpeedupSettings, WorkerSettings
+from zimage_server.engine.generator import DiffusersGenerator
+from zimage_server.engine.protocol import WorkerSpec
 from zimage_server.engine.protocol import RenderBatch, RenderItem
-from zimage_server.engine.speedups import Speedups
 
 model, cache = sys.argv[1], sys.argv[2]
-speedups = Speedups(compile="on", compile_cache_dir=cache)
-generator = DiffusersGenerator(GeneratorConfig(model, "cpu", speedups=speedups))
+spec = WorkerSpec(
+    name="w",
+    model_path=model,
+    device="cpu",
+    worker=WorkerSettings(),
+    speedups=SpeedupSettings(compile="on"),
+    compile_cache_dir=cache,
+)
+generator = DiffusersGenerator(spec)
 generator.load(lambda *_: None)
 batch = RenderBatch("b", (RenderItem("j", "a cat", 5),), 256, 256, 2, 1.0)
 done = generator.generate(batch, lambda *_: None, lambda: False)
@@ -207,7 +232,7 @@ def test_regional_compile_matches_eager_and_its_cache_serves_a_restart(
     warm = compiled_run()
     assert cold["hits"] == 0 and int(warm["hits"]) > 0  # type: ignore[call-overload]
 
-    generator = DiffusersGenerator(GeneratorConfig(str(tiny_model_dir), "cpu"))
+    generator = DiffusersGenerator(spec(tiny_model_dir))
     generator.load(lambda *_: None)
     batch = RenderBatch("b", (RenderItem("j", "a cat", 5),), 256, 256, 2, 1.0)
     eager = generator.generate(batch, lambda *_: None, lambda: False).images[0].rgb
@@ -219,9 +244,7 @@ def test_a_failing_compiled_render_falls_back_to_eager(
     tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
 ) -> None:
     """A compiler failure (here: every compiled block raises) costs speed, not the render."""
-    generator = DiffusersGenerator(
-        GeneratorConfig(str(tiny_model_dir), "cpu", speedups=Speedups(compile="on"))
-    )
+    generator = DiffusersGenerator(spec(tiny_model_dir, Speedups(compile="on")))
     generator.load(lambda *_: None)
     assert generator.compiled
 
@@ -273,7 +296,7 @@ def test_a_failed_prefetch_is_logged_and_the_next_one_still_runs(
     tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Prefetch is best effort: a failure (here the text encoder raising once) is logged."""
-    generator = DiffusersGenerator(GeneratorConfig(str(tiny_model_dir), "cpu"))
+    generator = DiffusersGenerator(spec(tiny_model_dir))
     generator.load(lambda *_: None)
     encoder = generator.pipe.text_encoder
     forward = encoder.forward

@@ -24,9 +24,7 @@ from zimage_server.api.routes.playground import mount_playground
 from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
 from zimage_server.engine import Engine, EngineLike
-from zimage_server.engine.model_source import detect_devices, resolve_model
-from zimage_server.engine.speedups import Speedups
-from zimage_server.engine.supervisor import EngineConfig, ProgressCallback
+from zimage_server.engine.handle import ProgressCallback
 from zimage_server.images import GenerationService
 from zimage_server.jobs import JobRunner
 from zimage_server.jobs.repository import JobRepository
@@ -37,46 +35,6 @@ from zimage_server.telemetry import Metrics
 
 log = logging.getLogger("zimage.api")
 SWEEP_INTERVAL_S = 60.0
-
-
-def engine_config(settings: Settings) -> tuple[EngineConfig, str]:
-    """Resolve the model and devices (raises ``StartupError`` with a one-line reason)."""
-    source = resolve_model(settings)
-    config = EngineConfig(
-        model_path=source.path,
-        devices=detect_devices(settings.device),
-        max_queue=settings.max_queue,
-        max_batch_size=settings.max_batch_size,
-        batch_wait_s=settings.batch_wait_ms / 1000,
-        warmup=settings.warmup,
-        warmup_size=settings.warmup_size,
-        warmup_steps=settings.warmup_steps,
-        step_delay_s=settings.debug_step_delay_s,
-        faults=settings.debug_faults,
-        build_tiny_at=source.path if source.build_tiny else None,
-        start_timeout_s=settings.worker_start_timeout_s,
-        speedups=speedups(settings),
-        warmup_sizes=tuple(settings.warmup_sizes),
-    )
-    return config, source.label
-
-
-def speedups(settings: Settings) -> Speedups:
-    return Speedups(
-        prompt_bucket=settings.prompt_bucket_tokens,
-        prompt_cache=settings.prompt_cache_size,
-        attention=settings.attention_backend,
-        compile=settings.compile,
-        compile_mode=settings.compile_mode,
-        compile_dynamic=settings.compile_dynamic,
-        compile_vae=settings.compile_vae,
-        compile_real_rope=settings.compile_real_rope,
-        compile_cache_dir=str(settings.compile_cache_dir),
-        vae_channels_last=settings.vae_channels_last,
-        prefetch=settings.prefetch_prompts,
-        fp8=settings.fp8,
-        step_cache=settings.step_cache,
-    )
 
 
 async def _sweep_forever(store: OutputStore) -> None:
@@ -112,8 +70,8 @@ def build_services(
     engine: EngineLike | None = None,
 ) -> Services:
     if engine is None:
-        config, label = engine_config(settings)
-        engine = Engine(config, on_progress)
+        local = Engine.from_settings(settings, on_progress)
+        engine, label = local, local.model_label
     else:  # weights live where that engine runs (e.g. Ray GPU replicas)
         label = "tiny (random weights)" if settings.tiny else settings.model
     outputs_store = OutputStore(
@@ -224,8 +182,10 @@ def create_app(
         services.generation,
     )
     state.jobs, state.metrics, state.drain = services.jobs, services.metrics, services.drain
-    for module in (health, metrics, outputs, admin, openai_images, v2, v1):
+    for module in (health, metrics, outputs, openai_images, v2, v1):
         app.include_router(module.router)
+    # The admin API answers 404 without a token configured: then it is not documented either.
+    app.include_router(admin.router, include_in_schema=settings.admin_token is not None)
     install_error_handlers(app)
     mount_playground(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -7,9 +7,9 @@ Nothing reads the environment at import time: the CLI builds a ``Settings`` and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
@@ -33,8 +33,104 @@ def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "zimage-server"
 
 
-class Settings(BaseSettings):
-    """Server configuration. Every field is also the env var ``ZIMAGE_<FIELD>``."""
+class EngineSettings(BaseModel):
+    """The API-side scheduler: how much may wait, and how renders are batched."""
+
+    max_queue: int = Field(16, ge=1, description="Renders waiting or running before 429.")
+    max_batch_size: int = Field(1, ge=1, le=16, description="Compatible renders per batch.")
+    batch_wait_ms: int = Field(0, ge=0, le=1000, description="How long to wait to fill a batch.")
+
+
+class WorkerSettings(BaseModel):
+    """One worker process: its start, its warm-up, and the fault-injection seams."""
+
+    warmup: bool = True
+    warmup_size: int = Field(1024, ge=256, le=2048, description="Square size of warm-up render.")
+    warmup_steps: int = Field(2, ge=1, le=75)
+    warmup_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, description="More square sizes to warm (and compile) at start."
+    )
+    worker_start_timeout_s: float = Field(
+        900.0, gt=0, description="A worker not ready by then is ended and started again."
+    )
+    # Fault-injection seams for tests and chaos drills; harmless at their defaults.
+    debug_step_delay_s: float = Field(0.0, ge=0, description="Sleep after each denoising step.")
+    debug_faults: bool = Field(
+        False, description="Let prompt markers such as [[fault:error]] raise in the worker."
+    )
+
+    @field_validator("warmup_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _valid_sizes(cls, value: list[int]) -> list[int]:
+        for size in value:
+            if not 256 <= size <= 2048:
+                raise ValueError(f"warm-up sizes must be in 256..2048, got {size}")
+        return value
+
+
+class SpeedupSettings(BaseModel):
+    """The worker's speed-ups; benchmarks/README.md measures each. ``auto``: on for CUDA.
+
+    The lossy ones (fp8, step_cache) are off by default: random weights cannot show what
+    they do to an image.
+    """
+
+    prompt_bucket_tokens: int = Field(
+        64, description="Pad prompts to the batch's longest, rounded up to this; 0 = 512 as stock."
+    )
+    prompt_cache_size: int = Field(32, ge=0, le=4096, description="Prompt embeddings kept.")
+    attention_backend: AttentionBackend = Field("auto", description="diffusers backend name.")
+    compile: Toggle = Field("auto", description="Regional torch.compile (auto: on for CUDA).")
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field("default", description="torch.compile mode; reduce-overhead adds CUDA graphs.")
+    compile_dynamic: bool = Field(True, description="One compiled graph for every size.")
+    compile_vae: Toggle = Field("auto", description="Compile the VAE decoder too.")
+    compile_real_rope: bool = Field(True, description="Compiled RoPE in real arithmetic.")
+    vae_channels_last: Toggle = Field("auto", description="Channels-last VAE decode.")
+    prefetch_prompts: Toggle = Field(
+        "auto", description="Encode queued prompts while a batch denoises (auto: on for CUDA)."
+    )
+    fp8: bool = Field(False, description="fp8 matmuls via torchao (lossy; Ada/Hopper GPUs).")
+    step_cache: float = Field(
+        0.0, ge=0, le=1, description="First-block cache threshold (lossy); 0 = off."
+    )
+
+    @field_validator("prompt_bucket_tokens")
+    @classmethod
+    def _valid_bucket(cls, value: int) -> int:
+        if value not in PROMPT_BUCKETS:
+            allowed = ", ".join(map(str, PROMPT_BUCKETS))
+            raise ValueError(f"prompt_bucket_tokens must be one of {allowed}; got {value}")
+        return value
+
+    @staticmethod
+    def enabled(toggle: Toggle, device: str) -> bool:
+        return toggle == "on" or (toggle == "auto" and device.startswith("cuda"))
+
+
+Section = TypeVar("Section", EngineSettings, WorkerSettings, SpeedupSettings)
+
+
+def section(settings: BaseModel, kind: type[Section]) -> Section:
+    """The ``kind`` part of ``settings`` as an object of exactly that type (for pickling
+    to a worker, or handing to code that must not see the rest)."""
+    return kind.model_validate(settings.model_dump(include=set(kind.model_fields)))
+
+
+class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
+    """Server configuration. Every field is also the env var ``ZIMAGE_<FIELD>``.
+
+    The engine's, worker's and speed-ups' fields are declared once, in their own models;
+    ``settings.engine``, ``.worker`` and ``.speedups`` hand those parts down unchanged.
+    """
 
     model_config = SettingsConfigDict(env_prefix="ZIMAGE_", env_file=".env", extra="ignore")
 
@@ -47,9 +143,6 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, description="Base URL for image links behind a proxy.")
 
     output_ttl_s: int = Field(3600, ge=1, description="How long generated images stay served.")
-    max_queue: int = Field(16, ge=1, description="Renders waiting or running before 429.")
-    max_batch_size: int = Field(1, ge=1, le=16, description="Compatible renders per batch.")
-    batch_wait_ms: int = Field(0, ge=0, le=1000, description="How long to wait to fill a batch.")
     request_timeout_s: float = Field(300.0, gt=0, description="Default v1 deadline (then 504).")
     max_prompt_chars: int = Field(10_000, ge=1, description="Longer prompts get a 400.")
     v1_default_response: Literal["json", "binary"] = "json"
@@ -80,13 +173,6 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles.")
     webhook_timeout_s: float = Field(10.0, gt=0)
 
-    warmup: bool = True
-    warmup_size: int = Field(1024, ge=256, le=2048, description="Square size of warm-up render.")
-    warmup_steps: int = Field(2, ge=1, le=75)
-    warmup_sizes: Annotated[list[int], NoDecode] = Field(
-        default_factory=list, description="More square sizes to warm (and compile) at start."
-    )
-    worker_start_timeout_s: float = Field(900.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = Field("json", description="One JSON object per line.")
     log_prompts: bool = Field(False, description="Include prompts in the access log.")
@@ -96,61 +182,10 @@ class Settings(BaseSettings):
         100 * 2**20, ge=0, description="Refuse renders (507) when the output disk has less."
     )
 
-    # Speed-ups; benchmarks/README.md measures each. The lossy ones (fp8, step_cache) are off.
-    prompt_bucket_tokens: int = Field(
-        64, description="Pad prompts to the batch's longest, rounded up to this; 0 = 512 as stock."
-    )
-    prompt_cache_size: int = Field(32, ge=0, le=4096, description="Prompt embeddings kept.")
-    attention_backend: AttentionBackend = Field("auto", description="diffusers backend name.")
-    compile: Toggle = Field("auto", description="Regional torch.compile (auto: on for CUDA).")
-    compile_mode: Literal[
-        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
-    ] = Field("default", description="torch.compile mode; reduce-overhead adds CUDA graphs.")
-    compile_dynamic: bool = Field(True, description="One compiled graph for every size.")
-    compile_vae: Toggle = Field("auto", description="Compile the VAE decoder too.")
-    compile_real_rope: bool = Field(True, description="Compiled RoPE in real arithmetic.")
-    vae_channels_last: Toggle = Field("auto", description="Channels-last VAE decode.")
-    prefetch_prompts: Toggle = Field(
-        "auto", description="Encode queued prompts while a batch denoises (auto: on for CUDA)."
-    )
-    fp8: bool = Field(False, description="fp8 matmuls via torchao (lossy; Ada/Hopper GPUs).")
-    step_cache: float = Field(
-        0.0, ge=0, le=1, description="First-block cache threshold (lossy); 0 = off."
-    )
-
-    # Fault-injection seams for tests and chaos drills; harmless at their defaults.
-    debug_step_delay_s: float = Field(0.0, ge=0, description="Sleep after each denoising step.")
-    debug_faults: bool = Field(
-        False, description="Let prompt markers such as [[fault:error]] raise in the worker."
-    )
-
     @field_validator("public_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
-
-    @field_validator("warmup_sizes", mode="before")
-    @classmethod
-    def _split_sizes(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @field_validator("warmup_sizes")
-    @classmethod
-    def _valid_sizes(cls, value: list[int]) -> list[int]:
-        for size in value:
-            if not 256 <= size <= 2048:
-                raise ValueError(f"warm-up sizes must be in 256..2048, got {size}")
-        return value
-
-    @field_validator("prompt_bucket_tokens")
-    @classmethod
-    def _valid_bucket(cls, value: int) -> int:
-        if value not in PROMPT_BUCKETS:
-            allowed = ", ".join(map(str, PROMPT_BUCKETS))
-            raise ValueError(f"prompt_bucket_tokens must be one of {allowed}; got {value}")
-        return value
 
     @model_validator(mode="after")
     def _fp8_needs_gpu(self) -> Settings:
@@ -165,6 +200,18 @@ class Settings(BaseSettings):
 
         parse(value)  # raises ValueError with the offending text
         return value
+
+    @property
+    def engine(self) -> EngineSettings:
+        return section(self, EngineSettings)
+
+    @property
+    def worker(self) -> WorkerSettings:
+        return section(self, WorkerSettings)
+
+    @property
+    def speedups(self) -> SpeedupSettings:
+        return section(self, SpeedupSettings)
 
     @property
     def auth_required(self) -> bool:

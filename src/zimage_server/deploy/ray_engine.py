@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from zimage_server.core.errors import (
@@ -28,9 +28,10 @@ from zimage_server.core.errors import (
     NotReady,
     Overloaded,
     WorkerDied,
+    ZImageError,
 )
-from zimage_server.deploy.replica import RemoteError, ReplicaStatus
-from zimage_server.engine.supervisor import EngineState, RenderResult, RenderSpec
+from zimage_server.deploy.replica import ReplicaStatus
+from zimage_server.engine import EngineState, RenderResult, RenderSpec
 from zimage_server.telemetry import context
 
 log = logging.getLogger("zimage.deploy")
@@ -222,8 +223,10 @@ class RayEngine:
             ) from None
         except DeploymentUnavailableError:
             raise NotReady("The engine deployment is not available.", retry_after=10) from None
-        if isinstance(outcome, RemoteError):
-            raise outcome.to_exception()
+        except RayTaskError as exc:  # the replica raised: ours are re-raised as they were
+            if isinstance(exc.cause, ZImageError):
+                raise exc.cause from None
+            raise
         result: RenderResult = outcome
         return result
 

@@ -14,8 +14,8 @@ Why the engine's own batcher rather than ``@serve.batch``:
 Serve still bounds each replica (``max_ongoing_requests``, about twice the batch size) so
 that requests wait in Serve's queue, where any replica can take them, rather than behind one.
 
-Errors cross the actor boundary as ``RemoteError`` values, not exceptions: our exceptions
-carry data (``retry_after``) that plain exception pickling would lose.
+Errors cross the actor boundary as themselves: every ``ZImageError`` pickles with its data
+(``retry_after``, ...), and the ingress unwraps Ray's ``RayTaskError`` around it.
 """
 
 from __future__ import annotations
@@ -28,46 +28,12 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from zimage_server.core import errors
 from zimage_server.core.config import Settings
 from zimage_server.deploy.options import ENGINE_DEPLOYMENT
-from zimage_server.engine.supervisor import Engine, EngineState, RenderResult, RenderSpec
+from zimage_server.engine import Engine, EngineState, RenderResult, RenderSpec
 from zimage_server.telemetry import context
 
 log = logging.getLogger("zimage.deploy")
-
-_REMOTE_ERRORS: dict[str, type[errors.ZImageError]] = {
-    cls.__name__: cls
-    for cls in (
-        errors.Cancelled,
-        errors.DeadlineExceeded,
-        errors.GenerationFailed,
-        errors.NotReady,
-        errors.Overloaded,
-        errors.WorkerDied,
-    )
-}
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteError:
-    """A ``ZImageError`` raised in a replica, as plain data."""
-
-    kind: str
-    message: str
-    retry_after: int | None = None
-
-    @classmethod
-    def of(cls, exc: errors.ZImageError) -> RemoteError:
-        return cls(type(exc).__name__, exc.message, getattr(exc, "retry_after", None))
-
-    def to_exception(self) -> errors.ZImageError:
-        kind = _REMOTE_ERRORS.get(self.kind, errors.GenerationFailed)
-        if issubclass(kind, errors.Overloaded):
-            return kind(self.message, self.retry_after or 1)
-        if issubclass(kind, errors.NotReady):
-            return kind(self.message, self.retry_after or 5)
-        return kind(self.message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,17 +58,14 @@ class EngineReplica:
     """One engine (one worker process) per replica; ``render`` is what the ingress calls."""
 
     async def __init__(self, settings: Settings, max_ongoing: int) -> None:  # type: ignore[misc]
-        from zimage_server.api.main import engine_config
-
-        config, _label = engine_config(settings)
         # One device per replica (Ray gives each replica its own GPU), and a queue bound
         # that Serve's max_ongoing_requests keeps us below.
-        config = dataclasses.replace(config, devices=config.devices[:1], max_queue=max_ongoing)
+        bounded = settings.model_copy(update={"max_queue": max_ongoing})
         self.name = _replica_name()
-        self.engine = Engine(config)
+        self.engine = Engine.from_settings(bounded, max_devices=1)
         await self.engine.start()
         await self._wait_ready(settings.worker_start_timeout_s)
-        log.info("engine replica %s ready on %s", self.name, config.devices[0])
+        log.info("engine replica %s ready (%s)", self.name, self.engine.model_label)
 
     async def _wait_ready(self, timeout: float) -> None:
         """Return when the worker has loaded the model: only then does Serve route here."""
@@ -116,12 +79,10 @@ class EngineReplica:
 
     async def render(
         self, spec: RenderSpec, timeout: float, job_id: str, request_id: str
-    ) -> RenderResult | RemoteError:
+    ) -> RenderResult:
         token = context.request_id.set(request_id)
         try:
             result = await self.engine.render(spec, timeout, job_id)
-        except errors.ZImageError as exc:
-            return RemoteError.of(exc)
         finally:
             context.request_id.reset(token)
         return dataclasses.replace(result, worker=self.name)

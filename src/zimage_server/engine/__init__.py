@@ -1,7 +1,8 @@
 """The engine: a worker process per device running the diffusers pipeline, and the
-API-side supervisor that queues, batches and dispatches renders to it."""
+API-side scheduler and dispatchers that queue, batch and hand renders to it."""
 
 from zimage_server.engine.interface import EngineLike
-from zimage_server.engine.supervisor import Engine, EngineState, RenderResult, RenderSpec
+from zimage_server.engine.render import BatchKey, RenderResult, RenderSpec
+from zimage_server.engine.supervisor import Engine, EngineState
 
-__all__ = ["Engine", "EngineLike", "EngineState", "RenderResult", "RenderSpec"]
+__all__ = ["BatchKey", "Engine", "EngineLike", "EngineState", "RenderResult", "RenderSpec"]

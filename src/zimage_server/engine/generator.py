@@ -10,25 +10,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch
+import torch
+from diffusers import ZImagePipeline
+
+from zimage_server.core.errors import Cancelled
+from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch, WorkerSpec
 from zimage_server.engine.random_model import build_random_pipeline, is_random_model
-from zimage_server.engine.speedups import (
-    Speedups,
-    apply_speedups,
-    uncompile,
-    use_compile_cache,
-)
+from zimage_server.engine.speedups import apply_speedups, uncompile, use_compile_cache
+from zimage_server.engine.text import PromptEncoder
 
 log = logging.getLogger("zimage.worker")
 ProgressFn = Callable[[str, int, int], None]
 StepFn = Callable[[int, int], None]
-
-
-class Cancelled(Exception):
-    """Every image of the batch was cancelled; raised between denoising steps."""
 
 
 def diffusers_guidance(guidance_scale: float) -> float:
@@ -41,86 +37,55 @@ def diffusers_guidance(guidance_scale: float) -> float:
     return guidance_scale - 1.0 if guidance_scale > 1.0 else 0.0
 
 
-class ImageGenerator(Protocol):
-    @property
-    def dtype_name(self) -> str: ...
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rendered:
+    """One pipeline call's output, before it becomes a ``BatchDone``."""
 
-    def load(self, progress: ProgressFn) -> None: ...
-
-    def warmup(self) -> None: ...
-
-    def generate(
-        self, batch: RenderBatch, on_step: StepFn, is_cancelled: Callable[[], bool]
-    ) -> BatchDone: ...
-
-    def prefetch(self, prompts: list[str]) -> None: ...
-
-
-@dataclass(frozen=True)
-class GeneratorConfig:
-    model_path: str
-    device: str  # "cpu", "cuda", "cuda:1"
-    warmup_size: int = 1024
-    warmup_steps: int = 2
-    step_delay_s: float = 0.0
-    faults: bool = False  # honour [[fault:...]] markers in prompts (tests, chaos drills)
-    speedups: Speedups = field(default_factory=Speedups)
-    warmup_sizes: tuple[int, ...] = ()  # more sizes to warm up (and compile) at start
-
-
-def make_generator(config: GeneratorConfig) -> ImageGenerator:
-    """The null generator for ``--model null``; the diffusers pipeline otherwise."""
-    from zimage_server.engine.null import NULL_MODEL, NullGenerator
-
-    if config.model_path == NULL_MODEL:
-        return NullGenerator()
-    return DiffusersGenerator(config)
+    pixels: Any  # uint8 array (batch, height, width, 3)
+    timings: dict[str, float]
+    transformer_passes: int  # images through the transformer, summed over steps
+    prompt_tokens: list[int]
+    prompt_sources: list[str]  # encoded | cache | prefetch, per prompt
 
 
 class DiffusersGenerator:
     """``ZImagePipeline`` on one device, with stage timings and a pass counter."""
 
-    def __init__(self, config: GeneratorConfig) -> None:
-        self.config = config
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.device = spec.device
+        self.speedups = spec.speedups
         self.pipe: Any = None
-        self.torch: Any = None
-        self.text: Any = None  # PromptEncoder
+        self.text: PromptEncoder | None = None
         self.step_cache: Any = None  # CacheState when step caching is on
         self.compiled = False
         self.compile_error: str | None = None
         self._side_stream: Any = None
-        self._sources: list[str] = []
         self._passes = 0
 
     @property
     def dtype_name(self) -> str:
-        return "bfloat16" if self.config.device.startswith("cuda") else "float32"
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
 
     def load(self, progress: ProgressFn) -> None:
-        progress("importing torch and diffusers", 1, 3)
-        use_compile_cache(self.config.speedups.compile_cache_dir)
-        import torch
-        from diffusers import ZImagePipeline
-
-        self.torch = torch
+        progress("loading the model code", 1, 3)
+        use_compile_cache(self.spec.compile_cache_dir)
         dtype = getattr(torch, self.dtype_name)
-        if is_random_model(self.config.model_path):
-            progress("building random weights on " + self.config.device, 2, 3)
-            pipe = build_random_pipeline(self.config.model_path, self.config.device, dtype)
+        if is_random_model(self.spec.model_path):
+            progress("building random weights on " + self.device, 2, 3)
+            pipe = build_random_pipeline(self.spec.model_path, self.device, dtype)
         else:
             progress("loading weights", 2, 3)
-            pipe = ZImagePipeline.from_pretrained(self.config.model_path, dtype=dtype)
-        progress("moving to " + self.config.device, 3, 3)
-        pipe.to(self.config.device)
+            pipe = ZImagePipeline.from_pretrained(self.spec.model_path, dtype=dtype)
+        progress("moving to " + self.device, 3, 3)
+        pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         pipe.transformer.register_forward_pre_hook(self._count_passes)
         self.pipe = pipe
         self._speed_up(pipe)
 
     def _speed_up(self, pipe: Any) -> None:
-        from zimage_server.engine.text import PromptEncoder
-
-        speedups, device = self.config.speedups, self.config.device
+        speedups, device = self.speedups, self.device
         applied = apply_speedups(pipe, speedups, device)
         self.compiled = speedups.enabled(speedups.compile, device)
         if speedups.step_cache > 0:
@@ -129,7 +94,10 @@ class DiffusersGenerator:
             self.step_cache = install_step_cache(pipe.transformer, speedups.step_cache)
             applied.append(f"step_cache={speedups.step_cache}")
         self.text = PromptEncoder(
-            pipe.tokenizer, pipe.text_encoder, speedups.prompt_bucket, speedups.prompt_cache
+            pipe.tokenizer,
+            pipe.text_encoder,
+            speedups.prompt_bucket_tokens,
+            speedups.prompt_cache_size,
         )
         log.info("speed-ups on %s: %s", device, ", ".join(applied))
 
@@ -138,11 +106,11 @@ class DiffusersGenerator:
 
     def warmup(self) -> None:
         """Render each warm-up size once; compiled, also with CFG (a batch of two)."""
-        sizes = dict.fromkeys((self.config.warmup_size, *self.config.warmup_sizes))
-        with_cfg = self.compiled
+        settings = self.spec.worker
+        sizes = dict.fromkeys((settings.warmup_size, *settings.warmup_sizes))
         for i, size in enumerate(sizes):
-            for guidance in (1.0, 2.0) if with_cfg and i == 0 else (1.0,):
-                batch = RenderBatch("warmup", (), size, size, self.config.warmup_steps, guidance)
+            for guidance in (1.0, 2.0) if self.compiled and i == 0 else (1.0,):
+                batch = RenderBatch("warmup", (), size, size, settings.warmup_steps, guidance)
                 self._run(batch, ["warm-up"], [0], lambda _s, _t: None, lambda: False)
 
     def generate(
@@ -150,13 +118,19 @@ class DiffusersGenerator:
     ) -> BatchDone:
         prompts = [item.prompt for item in batch.items]
         seeds = [item.seed for item in batch.items]
-        pixels, timings, passes, tokens = self._run(batch, prompts, seeds, on_step, is_cancelled)
+        out = self._run(batch, prompts, seeds, on_step, is_cancelled)
         images = tuple(
-            RawImage(item.job_id, batch.width, batch.height, pixels[i].tobytes())
+            RawImage(item.job_id, batch.width, batch.height, out.pixels[i].tobytes())
             for i, item in enumerate(batch.items)
         )
-        sources = tuple(self._sources)
-        return BatchDone(batch.batch_id, images, timings, passes, tuple(tokens), sources)
+        return BatchDone(
+            batch.batch_id,
+            images,
+            out.timings,
+            out.transformer_passes,
+            tuple(out.prompt_tokens),
+            tuple(out.prompt_sources),
+        )
 
     def prefetch(self, prompts: list[str]) -> None:
         """Encode queued prompts now (another thread); on a GPU, on a side stream.
@@ -164,13 +138,13 @@ class DiffusersGenerator:
         Embeddings made on the side stream are marked as used by the main one, so their
         memory is not reused while the denoise that reads them is still queued.
         """
-        torch, device = self.torch, self.config.device
+        text, device = self._text(), self.device
         if not device.startswith("cuda"):
             with torch.inference_mode():
-                self.text.prefetch(prompts, lambda _embeddings: None)
+                text.prefetch(prompts, lambda _embeddings: None)
             return
         if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(device)
+            self._side_stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         stream, main = self._side_stream, torch.cuda.default_stream(device)
 
         def publish(embeddings: list[Any]) -> None:
@@ -179,7 +153,12 @@ class DiffusersGenerator:
             stream.synchronize()
 
         with torch.cuda.stream(stream), torch.inference_mode():
-            self.text.prefetch(prompts, publish)
+            text.prefetch(prompts, publish)
+
+    def _text(self) -> PromptEncoder:
+        if self.text is None:
+            raise RuntimeError("the generator is not loaded")
+        return self.text
 
     def _run(
         self,
@@ -188,7 +167,7 @@ class DiffusersGenerator:
         seeds: list[int],
         on_step: StepFn,
         is_cancelled: Callable[[], bool],
-    ) -> tuple[Any, dict[str, float], int, list[int]]:
+    ) -> Rendered:
         """Render; if the compiled path fails (not OOM, not a cancel), fall back to eager.
 
         A compiler bug on some GPU/driver/torch mix must cost speed, not the service.
@@ -196,7 +175,7 @@ class DiffusersGenerator:
         try:
             return self._render(batch, prompts, seeds, on_step, is_cancelled)
         except Exception as exc:
-            if not self.compiled or isinstance(exc, Cancelled) or "OutOfMemory" in repr(exc):
+            if not self.compiled or isinstance(exc, Cancelled | torch.OutOfMemoryError):
                 raise
             self.compiled = False
             self.compile_error = f"{type(exc).__name__}: {exc}"
@@ -211,16 +190,16 @@ class DiffusersGenerator:
         seeds: list[int],
         on_step: StepFn,
         is_cancelled: Callable[[], bool],
-    ) -> tuple[Any, dict[str, float], int, list[int]]:
-        torch = self.torch
+    ) -> Rendered:
+        text = self._text()
         guidance = diffusers_guidance(batch.guidance_scale)
         timings: dict[str, float] = {}
         self._passes = 0
         with torch.inference_mode():
             start = time.perf_counter()
-            positive = self.text.encode(prompts)
-            self._sources = list(self.text.sources)
-            negative = self.text.negatives(len(prompts)) if guidance > 0 else []
+            positive = text.encode(prompts)
+            sources = list(text.sources)
+            negative = text.negatives(len(prompts)) if guidance > 0 else []
             timings["text_encode"] = self._lap(start)
             latents = self._denoise(
                 batch, positive, negative, guidance, seeds, on_step, is_cancelled
@@ -231,7 +210,13 @@ class DiffusersGenerator:
         passes = self._passes
         if self.step_cache is not None:
             passes -= self.step_cache.skipped * len(seeds) * (2 if guidance > 0 else 1)
-        return pixels, timings, passes, [int(p.shape[0]) for p in positive]
+        return Rendered(
+            pixels=pixels,
+            timings=timings,
+            transformer_passes=passes,
+            prompt_tokens=[int(p.shape[0]) for p in positive],
+            prompt_sources=sources,
+        )
 
     def _denoise(
         self,
@@ -243,10 +228,10 @@ class DiffusersGenerator:
         on_step: StepFn,
         is_cancelled: Callable[[], bool],
     ) -> Any:
-        torch, pipe = self.torch, self.pipe
+        pipe = self.pipe
         device = pipe._execution_device
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-        delay = self.config.step_delay_s
+        delay = self.spec.worker.debug_step_delay_s
         if self.step_cache is not None:
             self.step_cache.begin(batch.steps)
 
@@ -254,7 +239,7 @@ class DiffusersGenerator:
             if delay:
                 time.sleep(delay)
             if is_cancelled():
-                raise Cancelled
+                raise Cancelled("every image of the batch was cancelled")
             on_step(step + 1, batch.steps)
             return {}
 
@@ -272,15 +257,15 @@ class DiffusersGenerator:
 
     def _decode(self, latents: Any) -> Any:
         """VAE decode, then the stock post-processing (denormalise, round to uint8)."""
-        torch, vae = self.torch, self.pipe.vae
+        vae = self.pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        if self.config.speedups.enabled(self.config.speedups.vae_channels_last, self.config.device):
+        if self.speedups.enabled(self.speedups.vae_channels_last, self.device):
             latents = latents.to(memory_format=torch.channels_last)
         image = vae.decode(latents, return_dict=False)[0]
         image = (image.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
         return image.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
     def _lap(self, start: float, before: float = 0.0) -> float:
-        if self.config.device.startswith("cuda"):
-            self.torch.cuda.synchronize()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
         return time.perf_counter() - start - before

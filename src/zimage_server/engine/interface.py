@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from zimage_server.engine.supervisor import EngineState, RenderResult, RenderSpec
+from zimage_server.engine.render import RenderResult, RenderSpec
+from zimage_server.engine.supervisor import EngineState
 
 
 class EngineLike(Protocol):

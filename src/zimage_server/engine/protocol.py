@@ -1,8 +1,8 @@
 """Messages between the API process and a worker process.
 
-Plain frozen dataclasses, pickled over a ``multiprocessing`` pipe. The API side sends
-commands (``RenderBatch``, ``Cancel``, ``Prefetch``, ``Shutdown``); the worker answers
-with events.
+Plain frozen dataclasses, pickled over a ``multiprocessing`` pipe. ``WorkerSpec`` is the
+worker's whole configuration, passed at spawn. The API side then sends commands
+(``RenderBatch``, ``Cancel``, ``Prefetch``, ``Shutdown``); the worker answers with events.
 Images travel as raw RGB bytes at render size: encoding happens in the API process,
 off the accelerator's critical path.
 """
@@ -10,6 +10,27 @@ off the accelerator's critical path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from zimage_server.core.config import SpeedupSettings, WorkerSettings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSpec:
+    """Everything a worker process needs, handed to it once at spawn."""
+
+    name: str  # worker-0, worker-1, ...
+    model_path: str  # a diffusers folder, ``null`` or ``random:...``
+    device: str  # "cpu", "cuda:0", ...
+    worker: WorkerSettings
+    speedups: SpeedupSettings
+    compile_cache_dir: str | None = None
+    build_tiny_at: str | None = None  # build the tiny model here first if it is missing
+
+    @property
+    def prefetches(self) -> bool:
+        """Whether this worker encodes hinted prompts ahead (others would drop hints)."""
+        return self.speedups.enabled(self.speedups.prefetch_prompts, self.device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +122,13 @@ class BatchDone:
     prompt_sources: tuple[str, ...] = ()
 
 
+FailureKind = Literal["cancelled", "oom", "error"]
+
+
 @dataclass(frozen=True, slots=True)
 class BatchFailed:
     batch_id: str
-    kind: str  # "cancelled" | "error"
+    kind: FailureKind
     message: str
 
 

@@ -6,8 +6,9 @@ repeated transformer block with a persistent compile cache, VAE decode in channe
 Lossy (off by default, because random weights cannot show what they do to an image):
 fp8 matmuls through torchao, and step caching (``engine/step_cache.py``).
 
-Imported by the API process too (the settings travel in ``GeneratorConfig``), so torch
-is imported inside the functions only.
+Switched by ``SpeedupSettings`` (``core/config.py``), which the worker gets in its
+``WorkerSpec``. Imported in the worker only, but torch still waits inside the functions:
+the null generator's worker never needs it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zimage_server.core.config import Toggle
+from zimage_server.core.config import SpeedupSettings
 
 log = logging.getLogger("zimage.worker")
 
@@ -30,28 +30,6 @@ RECOMPILE_LIMIT = 64  # graphs per block: batch of 1 / many, with / without a ma
 
 class SpeedupError(RuntimeError):
     """A requested speed-up cannot run here; the message says why and what to change."""
-
-
-@dataclass(frozen=True)
-class Speedups:
-    """What the worker switches on; ``auto`` means: on for CUDA, off for CPU."""
-
-    prompt_bucket: int = 64  # 0: pad every prompt to 512 tokens, as stock does
-    prompt_cache: int = 32  # recent prompts whose embeddings are kept (0: none)
-    attention: str = "auto"  # a diffusers backend name, or auto
-    compile: Toggle = "auto"
-    compile_mode: str = "default"  # torch.compile mode; reduce-overhead = CUDA graphs
-    compile_dynamic: bool = True  # one graph for all sizes (False: a graph per shape)
-    compile_vae: Toggle = "auto"  # the VAE decoder too (when compile is on)
-    compile_real_rope: bool = True  # RoPE in real arithmetic, which Inductor fuses
-    compile_cache_dir: str | None = None
-    vae_channels_last: Toggle = "auto"
-    prefetch: Toggle = "auto"  # encode queued prompts while the current batch denoises
-    fp8: bool = False
-    step_cache: float = 0.0  # first-block cache threshold; 0 = off
-
-    def enabled(self, toggle: Toggle, device: str) -> bool:
-        return toggle == "on" or (toggle == "auto" and device.startswith("cuda"))
 
 
 def use_compile_cache(cache_dir: str | None) -> None:
@@ -77,7 +55,7 @@ def attention_backend(name: str, device: str) -> str:
     return "native"
 
 
-def apply_speedups(pipe: Any, speedups: Speedups, device: str) -> list[str]:
+def apply_speedups(pipe: Any, speedups: SpeedupSettings, device: str) -> list[str]:
     """Switch on what ``speedups`` asks for; returns a line per speed-up for the log."""
     applied = []
     compiled = speedups.enabled(speedups.compile, device)
@@ -85,7 +63,7 @@ def apply_speedups(pipe: Any, speedups: Speedups, device: str) -> list[str]:
         from zimage_server.engine.rope import use_real_rope
 
         applied.append("rope=real" if use_real_rope(pipe.transformer) else "rope=complex")
-    backend = attention_backend(speedups.attention, device)
+    backend = attention_backend(speedups.attention_backend, device)
     if backend != "native":
         pipe.transformer.set_attention_backend(backend)
     applied.append(f"attention={backend}")
@@ -104,7 +82,7 @@ def apply_speedups(pipe: Any, speedups: Speedups, device: str) -> list[str]:
         if speedups.enabled(speedups.compile_vae, device):
             pipe.vae.decoder.compile(mode=speedups.compile_mode, dynamic=speedups.compile_dynamic)
             applied.append("compile=vae_decoder")
-    applied.append(f"prompt_bucket={speedups.prompt_bucket or 'stock-512'}")
+    applied.append(f"prompt_bucket={speedups.prompt_bucket_tokens or 'stock-512'}")
     return applied
 
 

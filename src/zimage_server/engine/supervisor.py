@@ -1,61 +1,36 @@
-"""API-side half of the engine: a bounded queue, a batcher and one worker process per device.
+"""The engine: a ``Scheduler`` feeding one dispatcher per worker. Never imports torch.
 
-Never imports torch. Requests wait in one queue; each worker's dispatcher takes the oldest
-request plus compatible ones (same size, steps and guidance) up to the batch size, sends
-them over the pipe and resolves their futures from the worker's events. A worker that
-dies fails its in-flight batch with ``WorkerDied`` and is started again; queued requests
-simply wait for it.
+Each dispatcher waits for its worker to be ready, takes a batch, has the worker render it
+and settles the batch's tickets. A worker that dies fails its batch with ``WorkerDied``
+and is restarted by its handle; queued renders wait for it. A batch taken while its
+worker became unavailable goes back to the front of the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import logging
-import math
-import multiprocessing as mp
-import secrets
-import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from enum import StrEnum
-from multiprocessing.connection import Connection
-from typing import Any
+from typing import TypeVar
 
+from zimage_server.core.config import EngineSettings, Settings
 from zimage_server.core.errors import (
     Cancelled,
     DeadlineExceeded,
-    GenerationFailed,
     NotReady,
-    Overloaded,
     WorkerDied,
+    ZImageError,
 )
-from zimage_server.engine.generator import GeneratorConfig
-from zimage_server.engine.protocol import (
-    BatchDone,
-    BatchFailed,
-    Cancel,
-    Command,
-    Event,
-    LoadFailed,
-    LoadProgress,
-    Prefetch,
-    Ready,
-    RenderBatch,
-    RenderItem,
-    Shutdown,
-    StepProgress,
-)
-from zimage_server.engine.speedups import Speedups
-from zimage_server.engine.worker import WorkerConfig, worker_main
+from zimage_server.engine.handle import ProgressCallback, WorkerHandle, WorkerLike, WorkerState
+from zimage_server.engine.model_source import detect_devices, resolve_model
+from zimage_server.engine.protocol import BatchDone, WorkerSpec
+from zimage_server.engine.render import RenderResult, RenderSpec
+from zimage_server.engine.scheduler import Batch, Clock, Scheduler, Ticket
 from zimage_server.telemetry import context
 
-log = logging.getLogger("zimage.engine")
-ProgressCallback = Callable[[str, str, int, int], None]  # worker, stage, step, total
-MAX_LOAD_FAILURES = 3
+T = TypeVar("T")
 
 
 class EngineState(StrEnum):
@@ -65,326 +40,109 @@ class EngineState(StrEnum):
     STOPPED = "STOPPED"
 
 
-@dataclass(frozen=True, slots=True)
-class RenderSpec:
-    """One image to render; width and height are multiples of 16."""
-
-    prompt: str
-    seed: int
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-
-    def batch_key(self) -> tuple[int, int, int, float]:
-        return (self.width, self.height, self.steps, self.guidance_scale)
-
-
-@dataclass(frozen=True, slots=True)
-class RenderResult:
-    rgb: bytes
-    width: int
-    height: int
-    timings: dict[str, float]
-    transformer_passes: int  # for the whole batch
-    batch_size: int
-    prompt_tokens: int
-    worker: str
-    prompt_source: str = ""  # encoded | cache | prefetch ("" from a generator without one)
-
-
-@dataclass
-class _Job:
-    spec: RenderSpec
-    future: asyncio.Future[RenderResult]
-    id: str
-    enqueued_at: float = field(default_factory=time.perf_counter)
-    started_at: float | None = None
-    progress: tuple[int, int] = (0, 0)
-    request_id: str = field(default_factory=context.request_id.get)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model_path: str
-    devices: tuple[str, ...]
-    max_queue: int = 16
-    max_batch_size: int = 1
-    batch_wait_s: float = 0.0
-    warmup: bool = True
-    warmup_size: int = 1024
-    warmup_steps: int = 2
-    step_delay_s: float = 0.0
-    faults: bool = False
-    build_tiny_at: str | None = None
-    start_timeout_s: float = 900.0
-    speedups: Speedups = field(default_factory=Speedups)
-    warmup_sizes: tuple[int, ...] = ()
-
-
-class _Worker:
-    """One worker process and the dispatcher that feeds it."""
-
-    def __init__(self, engine: Engine, name: str, device: str) -> None:
-        self.engine, self.name, self.device = engine, name, device
-        self.ready = asyncio.Event()
-        self.state = EngineState.STARTING
-        self.failure: str | None = None
-        self.load_failures = 0
-        self.restarts = 0
-        self.process: Any = None
-        self.conn: Connection | None = None
-        self.batch: tuple[str, list[_Job]] | None = None
-        self.batch_started = 0.0
-        self.batch_done: asyncio.Future[None] | None = None
-        self.last_batch_s = 1.0
-        self.load_s = 0.0
-
-    # -- process lifecycle -------------------------------------------------------------
-    def spawn(self) -> None:
-        cfg = self.engine.config
-        gen = GeneratorConfig(
-            cfg.model_path,
-            self.device,
-            cfg.warmup_size,
-            cfg.warmup_steps,
-            cfg.step_delay_s,
-            cfg.faults,
-            cfg.speedups,
-            cfg.warmup_sizes,
-        )
-        wcfg = WorkerConfig(gen, cfg.warmup, cfg.build_tiny_at)
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=worker_main, args=(child, wcfg), name=self.name, daemon=True
-        )
-        self.process.start()
-        child.close()
-        self.conn = parent
-        self.state = EngineState.STARTING
-        loop = asyncio.get_running_loop()
-        threading.Thread(target=self._read, args=(parent, loop), daemon=True).start()
-        log.info("worker %s started on %s (pid %s)", self.name, self.device, self.process.pid)
-
-    def _read(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            try:
-                event = conn.recv()
-            except (EOFError, OSError):
-                break
-            loop.call_soon_threadsafe(self.on_event, event)
-        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            loop.call_soon_threadsafe(self.on_exit, conn)
-
-    def send(self, command: Command) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(OSError):
-                self.conn.send(command)
-
-    # -- events --------------------------------------------------------------------------
-    def on_event(self, event: Event) -> None:
-        if isinstance(event, LoadProgress):
-            self.engine.report_progress(self.name, event.stage, event.step, event.total)
-        elif isinstance(event, Ready):
-            log.info(
-                "worker %s ready on %s (%s) in %.1fs",
-                self.name,
-                event.device,
-                event.dtype,
-                event.load_s,
-            )
-            self.state, self.failure, self.load_failures = EngineState.READY, None, 0
-            self.load_s = event.load_s
-            self.engine.report_progress(self.name, "ready", 1, 1)
-            self.ready.set()
-        elif isinstance(event, LoadFailed):
-            self.load_failures += 1
-            self.failure = event.error
-            log.error("worker %s failed to load the model: %s", self.name, event.error)
-        elif isinstance(event, StepProgress) and self.batch and self.batch[0] == event.batch_id:
-            for job in self.batch[1]:
-                job.progress = (event.step, event.total)
-        elif isinstance(event, BatchDone | BatchFailed):
-            self._finish_batch(event)
-
-    def _finish_batch(self, event: BatchDone | BatchFailed) -> None:
-        if not self.batch or self.batch[0] != event.batch_id:
-            return
-        _, jobs = self.batch
-        self.batch = None
-        if isinstance(event, BatchFailed) and event.kind == "cancelled":
-            log.info("batch %s cancelled between steps", event.batch_id)
-        for index, job in enumerate(jobs):
-            if job.future.done():
-                continue
-            if isinstance(event, BatchDone):
-                job.future.set_result(self._result(job, event, index, len(jobs)))
-            else:
-                job.future.set_exception(GenerationFailed(_failure_message(event, jobs)))
-        if self.batch_done and not self.batch_done.done():
-            self.batch_done.set_result(None)
-
-    def _result(self, job: _Job, event: BatchDone, index: int, size: int) -> RenderResult:
-        image = event.images[index]
-        tokens = event.prompt_tokens[index] if index < len(event.prompt_tokens) else 0
-        source = event.prompt_sources[index] if index < len(event.prompt_sources) else ""
-        return RenderResult(
-            image.rgb,
-            image.width,
-            image.height,
-            dict(event.timings),
-            event.transformer_passes,
-            size,
-            tokens,
-            self.name,
-            source,
-        )
-
-    def on_exit(self, conn: Connection) -> None:
-        if conn is not self.conn:
-            return
-        self.conn = None
-        self.ready.clear()
-        if self.process is not None:
-            # A worker whose pipe is gone is useless even if alive: end it, then reap it
-            # (no zombie). It has normally exited already, so this does not wait.
-            if self.process.is_alive():
-                self.process.kill()
-            self.process.join(timeout=1)
-        code = self.process.exitcode if self.process else None
-        if self.batch:
-            _, jobs = self.batch
-            self.batch = None
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(
-                        WorkerDied(
-                            "The worker process died while rendering this request "
-                            f"(exit code {code}); it has been restarted. Retry the request."
-                        )
-                    )
-            if self.batch_done and not self.batch_done.done():
-                self.batch_done.set_result(None)
-        if self.engine.stopping:
-            self.state = EngineState.STOPPED
-            return
-        if self.load_failures >= MAX_LOAD_FAILURES:
-            self.state = EngineState.FAILED
-            log.error("worker %s gave up after %d failed loads", self.name, self.load_failures)
-            self.engine.fail_pending_if_dead()
-            return
-        self.restarts += 1
-        log.warning("worker %s exited (code %s); restarting", self.name, code)
-        self.spawn()
-
-    # -- dispatch ------------------------------------------------------------------------
-    async def dispatch_forever(self) -> None:
-        while not self.engine.stopping:
-            await self.ready.wait()
-            jobs = await self.engine.take_batch()
-            if not jobs or not self.ready.is_set():
-                self.engine.requeue(jobs)
-                continue
-            await self._run(jobs)
-
-    async def _run(self, jobs: list[_Job]) -> None:
-        batch_id = secrets.token_hex(6)
-        spec = jobs[0].spec
-        now = time.perf_counter()
-        self.batch_started = now
-        for job in jobs:
-            job.progress, job.started_at = (0, spec.steps), now
-        items = tuple(
-            RenderItem(job.id, job.spec.prompt, job.spec.seed, job.request_id) for job in jobs
-        )
-        self.batch = (batch_id, jobs)
-        self.batch_done = asyncio.get_running_loop().create_future()
-        self.send(
-            RenderBatch(batch_id, items, spec.width, spec.height, spec.steps, spec.guidance_scale)
-        )
-        self.engine.hint_next(self)
-        await self.batch_done
-        self.last_batch_s = time.perf_counter() - now
-
-    def cancel(self, job: _Job) -> None:
-        if self.batch and job in self.batch[1]:
-            self.send(Cancel(job.id))
-
-
 class Engine:
-    """Queue, batch and dispatch renders to worker processes."""
+    """Queue, batch and dispatch renders to workers (``WorkerHandle`` processes)."""
 
-    def __init__(self, config: EngineConfig, on_progress: ProgressCallback | None = None) -> None:
-        self.config = config
-        self.on_progress = on_progress
-        self.stopping = False
-        self._pending: deque[_Job] = deque()
-        self._wakeup = asyncio.Event()
-        self._workers: list[_Worker] = []
+    def __init__(
+        self,
+        settings: EngineSettings,
+        workers: Sequence[WorkerLike],
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.scheduler = Scheduler(
+            max_queue=settings.max_queue,
+            max_batch_size=settings.max_batch_size,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            clock=clock,
+        )
+        self._workers = {worker.name: worker for worker in workers}
+        self._busy_since: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._index: dict[str, _Job] = {}
+        self._stopping = False
+        self.model_label = "custom workers"
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        on_progress: ProgressCallback | None = None,
+        *,
+        max_devices: int | None = None,
+    ) -> Engine:
+        """One worker process per device (at most ``max_devices``), configured from
+        ``settings``. Raises ``StartupError`` with a one-line reason when the model or
+        the device is missing."""
+        source = resolve_model(settings)
+        devices = detect_devices(settings.device)[:max_devices]
+        specs = [
+            WorkerSpec(
+                name=f"worker-{index}",
+                model_path=source.path,
+                device=device,
+                worker=settings.worker,
+                speedups=settings.speedups,
+                compile_cache_dir=str(settings.compile_cache_dir),
+                build_tiny_at=source.path if source.build_tiny else None,
+            )
+            for index, device in enumerate(devices)
+        ]
+        engine = cls(settings.engine, [WorkerHandle(spec, on_progress) for spec in specs])
+        engine.model_label = source.label
+        return engine
+
+    # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         """Spawn the workers and return at once; readiness is reported by ``state``."""
-        for index, device in enumerate(self.config.devices):
-            worker = _Worker(self, f"worker-{index}", device)
-            worker.spawn()
-            self._workers.append(worker)
-            self._tasks.append(asyncio.create_task(worker.dispatch_forever()))
+        for worker in self._workers.values():
+            worker.start()
+            self._tasks.append(asyncio.create_task(self._dispatch_forever(worker)))
 
     async def stop(self) -> None:
-        self.stopping = True
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for worker in self._workers:
-            worker.send(Shutdown())
-        for worker in self._workers:
-            if worker.process is not None:
-                await asyncio.to_thread(worker.process.join, 10)
-                if worker.process.is_alive():
-                    worker.process.kill()
-        for job in self._pending:
-            if not job.future.done():
-                job.future.set_exception(NotReady("The server is shutting down."))
-        self._pending.clear()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(worker.stop() for worker in self._workers.values()))
+        self.scheduler.fail_queued(NotReady("The server is shutting down."))
 
-    # -- state -----------------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------
     @property
     def state(self) -> EngineState:
-        states = {worker.state for worker in self._workers}
-        if EngineState.READY in states:
+        states = {worker.state for worker in self._workers.values()}
+        if states & {WorkerState.READY, WorkerState.BUSY} and not self._stopping:
             return EngineState.READY
-        if states == {EngineState.FAILED}:
-            return EngineState.FAILED
-        if self.stopping:
+        if self._stopping:
             return EngineState.STOPPED
+        if states == {WorkerState.FAILED}:
+            return EngineState.FAILED
         return EngineState.STARTING
 
     @property
     def max_queue(self) -> int:
-        return self.config.max_queue
+        return self.scheduler.max_queue
 
     @property
     def failure(self) -> str | None:
-        return next((w.failure for w in self._workers if w.failure), None)
-
-    def restarts(self) -> float:
-        return float(sum(w.restarts for w in self._workers))
-
-    def load_seconds(self) -> float:
-        return max((w.load_s for w in self._workers), default=0.0)
+        return next((w.failure for w in self._workers.values() if w.failure), None)
 
     @property
     def depth(self) -> int:
-        running = sum(len(w.batch[1]) for w in self._workers if w.batch)
-        return len(self._pending) + running
+        return self.scheduler.depth
 
-    def report_progress(self, worker: str, stage: str, step: int, total: int) -> None:
-        if self.on_progress:
-            self.on_progress(worker, stage, step, total)
+    def restarts(self) -> float:
+        return float(sum(worker.restarts for worker in self._workers.values()))
 
-    # -- requests --------------------------------------------------------------------------
+    def load_seconds(self) -> float:
+        return max((worker.load_s for worker in self._workers.values()), default=0.0)
+
+    # -- requests ------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Raise ``Overloaded`` when the queue is full, ``NotReady`` when the model failed."""
+        if self.state == EngineState.FAILED:
+            raise NotReady(f"The model failed to load: {self.failure}", retry_after=60)
+        self.scheduler.check_room(self._ready_workers())
+
     async def render(
         self,
         spec: RenderSpec,
@@ -399,128 +157,110 @@ class Engine:
         """
         if not admitted:
             self.admit()
-        loop = asyncio.get_running_loop()
-        job = _Job(spec, loop.create_future(), job_id or secrets.token_hex(8))
-        self._pending.append(job)
-        self._index[job.id] = job
-        self._wakeup.set()
-        self._hint_queued(job)
+        ticket = self.scheduler.submit(spec, ticket_id=job_id, request_id=context.request_id.get())
+        self._hint_queued(ticket)
         try:
-            result = await asyncio.wait_for(asyncio.shield(job.future), max(timeout, 0.001))
+            result = await asyncio.wait_for(asyncio.shield(ticket.future), max(timeout, 0.001))
         except TimeoutError:
-            self._abandon(job)
+            self._withdraw(ticket)
             raise DeadlineExceeded(
                 f"The request did not finish within its {timeout:g}s deadline."
             ) from None
         except asyncio.CancelledError:
-            self._abandon(job)
+            self._withdraw(ticket)
             raise
-        finally:
-            self._index.pop(job.id, None)
-        wait = (job.started_at or job.enqueued_at) - job.enqueued_at
-        return dataclasses.replace(result, timings={"queue_wait": wait, **result.timings})
+        return dataclasses.replace(
+            result, timings={"queue_wait": ticket.queue_wait, **result.timings}
+        )
 
     def position(self, job_id: str) -> int | None:
-        """0 for the next to run; None when not waiting (running, done or unknown)."""
-        job = self._index.get(job_id)
-        if job is None or job not in self._pending:
-            return None
-        return self._pending.index(job)
+        return self.scheduler.position(job_id)
 
     def progress(self, job_id: str) -> tuple[int, int] | None:
-        """(step, total) of a running render; None when it is not running."""
-        job = self._index.get(job_id)
-        return job.progress if job is not None and job.started_at is not None else None
+        return self.scheduler.progress(job_id)
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued render at once, or a running one between denoising steps."""
-        job = self._index.get(job_id)
-        if job is None or job.future.done():
+        ticket = self.scheduler.get(job_id)
+        if ticket is None:
             return False
-        job.future.set_exception(Cancelled("The request was cancelled."))
-        self._abandon(job)
+        self._withdraw(ticket, Cancelled("The request was cancelled."))
         return True
 
-    def admit(self) -> None:
-        """Raise ``Overloaded`` when the queue is full, ``NotReady`` when the model failed."""
+    def _withdraw(self, ticket: Ticket, error: ZImageError | None = None) -> None:
+        worker = self.scheduler.withdraw(ticket, error)
+        if worker is not None:
+            self._workers[worker].cancel(ticket.id)
+
+    def _ready_workers(self) -> int:
+        live = (WorkerState.READY, WorkerState.BUSY)
+        return sum(1 for worker in self._workers.values() if worker.state in live)
+
+    # -- dispatch ------------------------------------------------------------------------
+    async def _dispatch_forever(self, worker: WorkerLike) -> None:
+        while await worker.wait_ready():
+            batch = await self.scheduler.next_batch()
+            if worker.state != WorkerState.READY:  # it died while we waited for work
+                self.scheduler.requeue(batch)
+                continue
+            await self._run(worker, batch)
         if self.state == EngineState.FAILED:
-            raise NotReady(f"The model failed to load: {self.failure}", retry_after=60)
-        if self.depth >= self.config.max_queue:
-            raise Overloaded(
-                f"The queue is full ({self.config.max_queue} requests waiting or running). "
-                "Retry later.",
-                retry_after=self._retry_after(),
+            self.scheduler.fail_queued(
+                NotReady(f"The model failed to load: {self.failure}", retry_after=60)
             )
 
-    def _retry_after(self) -> int:
-        ready = max(1, sum(1 for w in self._workers if w.ready.is_set()))
-        per_batch = max(w.last_batch_s for w in self._workers) if self._workers else 1.0
-        return max(1, math.ceil(per_batch * self.depth / (ready * self.config.max_batch_size)))
+    async def _run(self, worker: WorkerLike, batch: Batch) -> None:
+        self.scheduler.start(batch, worker.name)
+        self._busy_since[worker.name] = time.monotonic()
+        self._hint_next(worker)
+        try:
+            done = await worker.render(
+                batch, lambda step, total: self.scheduler.report_step(batch, step, total)
+            )
+        except ZImageError as exc:
+            self.scheduler.fail(batch, exc)
+        except Exception as exc:  # a bug here must not leave callers waiting forever
+            self.scheduler.fail(batch, WorkerDied(f"The engine failed: {exc}"))
+            raise
+        else:
+            self.scheduler.complete(batch, _results(done, worker.name))
+        finally:
+            self._busy_since.pop(worker.name, None)
 
-    def hint_next(self, worker: _Worker) -> None:
+    def _hint_next(self, worker: WorkerLike) -> None:
         """A batch just went to ``worker``: let it encode the next batch's prompts meanwhile."""
-        if self._pending and self._prefetches(worker):
-            queued = list(self._pending)[: self.config.max_batch_size]
-            worker.send(Prefetch(tuple(job.spec.prompt for job in queued)))
+        queued = self.scheduler.peek(self.scheduler.max_batch_size)
+        if queued and worker.prefetches:
+            worker.prefetch(tuple(ticket.spec.prompt for ticket in queued))
 
-    def _hint_queued(self, job: _Job) -> None:
-        """Every worker busy and ``job`` in the next round: hint the one that started first."""
-        busy = [w for w in self._workers if w.ready.is_set() and w.batch is not None]
-        if not busy or len(busy) < len(self._workers):
+    def _hint_queued(self, ticket: Ticket) -> None:
+        """Every worker busy and ``ticket`` in the next round: hint the one that started first."""
+        if not self._busy_since or len(self._busy_since) < len(self._workers):
             return
-        first = min(busy, key=lambda w: w.batch_started)
-        if self._prefetches(first) and len(self._pending) <= self.config.max_batch_size * len(busy):
-            first.send(Prefetch((job.spec.prompt,)))
-
-    def _prefetches(self, worker: _Worker) -> bool:
-        """Whether ``worker`` acts on hints (``auto``: CUDA only); others would drop them."""
-        speedups = self.config.speedups
-        return speedups.enabled(speedups.prefetch, worker.device)
-
-    def _abandon(self, job: _Job) -> None:
-        if job in self._pending:
-            self._pending.remove(job)
-        for worker in self._workers:
-            worker.cancel(job)
-        if not job.future.done():
-            job.future.cancel()
-
-    async def take_batch(self) -> list[_Job]:
-        """Wait for a request, then gather compatible ones up to the batch size."""
-        while not self._pending:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        first = self._pending.popleft()
-        jobs = [first, *self._take_compatible(first, self.config.max_batch_size - 1)]
-        if self.config.batch_wait_s and len(jobs) < self.config.max_batch_size:
-            await asyncio.sleep(self.config.batch_wait_s)
-            jobs += self._take_compatible(first, self.config.max_batch_size - len(jobs))
-        return [job for job in jobs if not job.future.done()]
-
-    def _take_compatible(self, first: _Job, limit: int) -> list[_Job]:
-        key = first.spec.batch_key()
-        taken = [job for job in self._pending if job.spec.batch_key() == key][: max(0, limit)]
-        for job in taken:
-            self._pending.remove(job)
-        return taken
-
-    def fail_pending_if_dead(self) -> None:
-        if self.state != EngineState.FAILED:
-            return
-        while self._pending:
-            job = self._pending.popleft()
-            if not job.future.done():
-                job.future.set_exception(NotReady(f"The model failed to load: {self.failure}", 60))
-
-    def requeue(self, jobs: list[_Job]) -> None:
-        self._pending.extendleft(reversed(jobs))
+        first = self._workers[min(self._busy_since, key=self._busy_since.__getitem__)]
+        next_round = self.scheduler.max_batch_size * len(self._busy_since)
+        if first.prefetches and len(self.scheduler.peek(next_round + 1)) <= next_round:
+            first.prefetch((ticket.spec.prompt,))
 
 
-def _failure_message(event: BatchFailed, jobs: list[_Job]) -> str:
-    if event.kind == "oom":
-        spec = jobs[0].spec
-        return (
-            f"Out of accelerator memory rendering {len(jobs)} image(s) of "
-            f"{spec.width}x{spec.height}; try a smaller size. The server is still serving."
+def _results(done: BatchDone, worker: str) -> list[RenderResult]:
+    """One ``RenderResult`` per image of the batch, in the batch's order."""
+    size = len(done.images)
+    return [
+        RenderResult(
+            rgb=image.rgb,
+            width=image.width,
+            height=image.height,
+            timings=dict(done.timings),
+            transformer_passes=done.transformer_passes,
+            batch_size=size,
+            prompt_tokens=_at(done.prompt_tokens, index, 0),
+            worker=worker,
+            prompt_source=_at(done.prompt_sources, index, ""),
         )
-    return f"Generation failed: {event.message}"
+        for index, image in enumerate(done.images)
+    ]
+
+
+def _at(values: tuple[T, ...], index: int, default: T) -> T:
+    return values[index] if index < len(values) else default

@@ -10,23 +10,23 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Protocol
 
-from zimage_server.engine.generator import (
-    Cancelled,
-    GeneratorConfig,
-    ImageGenerator,
-    make_generator,
-)
+from zimage_server.core.errors import Cancelled
+from zimage_server.engine.null import NULL_MODEL, NullGenerator
 from zimage_server.engine.protocol import (
+    BatchDone,
     BatchFailed,
     Cancel,
     Event,
+    FailureKind,
     LoadFailed,
     LoadProgress,
     Prefetch,
@@ -34,16 +34,38 @@ from zimage_server.engine.protocol import (
     RenderBatch,
     Shutdown,
     StepProgress,
+    WorkerSpec,
 )
 
 log = logging.getLogger("zimage.worker")
+ProgressFn = Callable[[str, int, int], None]
+StepFn = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    generator: GeneratorConfig
-    warmup: bool = True
-    build_tiny_at: str | None = None  # build the tiny model here first if it is missing
+class ImageGenerator(Protocol):
+    """The model behind the worker: load, warm up, render a batch, encode ahead."""
+
+    @property
+    def dtype_name(self) -> str: ...
+
+    def load(self, progress: ProgressFn) -> None: ...
+
+    def warmup(self) -> None: ...
+
+    def generate(
+        self, batch: RenderBatch, on_step: StepFn, is_cancelled: Callable[[], bool]
+    ) -> BatchDone: ...
+
+    def prefetch(self, prompts: list[str]) -> None: ...
+
+
+def make_generator(spec: WorkerSpec) -> ImageGenerator:
+    """The null generator for ``--model null`` (no torch at all); diffusers otherwise."""
+    if spec.model_path == NULL_MODEL:
+        return NullGenerator()
+    from zimage_server.engine.generator import DiffusersGenerator
+
+    return DiffusersGenerator(spec)
 
 
 class _Outbox:
@@ -93,24 +115,24 @@ def prefetch_forever(generator: ImageGenerator, prefetches: queue.Queue[Prefetch
             log.warning("prompt prefetch failed:\n%s", traceback.format_exc())
 
 
-def _load(config: WorkerConfig, out: _Outbox) -> ImageGenerator | None:
+def _load(spec: WorkerSpec, out: _Outbox) -> ImageGenerator | None:
     start = time.perf_counter()
     try:
-        if config.build_tiny_at and not (Path(config.build_tiny_at) / "model_index.json").exists():
+        if spec.build_tiny_at and not (Path(spec.build_tiny_at) / "model_index.json").exists():
             from zimage_server.engine.tiny import build_tiny_model
 
             out.send(LoadProgress("building the tiny model", 0, 3))
-            build_tiny_model(Path(config.build_tiny_at))
-        generator = make_generator(config.generator)
+            build_tiny_model(Path(spec.build_tiny_at))
+        generator = make_generator(spec)
         generator.load(lambda stage, i, n: out.send(LoadProgress(stage, i, n)))
-        if config.warmup:
+        if spec.worker.warmup:
             out.send(LoadProgress("warming up", 3, 3))
             generator.warmup()
     except Exception as exc:  # any load failure is reported, not raised into the void
         log.error("model load failed:\n%s", traceback.format_exc())
         out.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return None
-    out.send(Ready(config.generator.device, generator.dtype_name, time.perf_counter() - start))
+    out.send(Ready(spec.device, generator.dtype_name, time.perf_counter() - start))
     return generator
 
 
@@ -154,7 +176,7 @@ def _render(
         log.error(
             "batch %s (requests %s) failed:\n%s", batch.batch_id, requests, traceback.format_exc()
         )
-        kind = "oom" if "OutOfMemory" in type(exc).__name__ else "error"
+        kind: FailureKind = "oom" if _out_of_memory(exc) else "error"
         if kind == "oom":
             _release_accelerator_memory()
         out.send(BatchFailed(batch.batch_id, kind, f"{type(exc).__name__}: {exc}"))
@@ -164,6 +186,12 @@ def _render(
         cancelled.difference_update(job_ids)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's own OOM error (never raised where torch was not imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
 def _release_accelerator_memory() -> None:
     import torch
 
@@ -171,23 +199,22 @@ def _release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def worker_main(conn: Connection, config: WorkerConfig) -> None:
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     """Entry point of the worker process (spawned, so it starts from a clean interpreter)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     out = _Outbox(conn)
     inbox: queue.Queue[RenderBatch | None] = queue.Queue()
-    speedups, device = config.generator.speedups, config.generator.device
-    prefetches = queue.Queue[Prefetch]() if speedups.enabled(speedups.prefetch, device) else None
+    prefetches = queue.Queue[Prefetch]() if spec.prefetches else None
     cancelled: set[str] = set()
     reader = threading.Thread(
         target=_read_commands, args=(conn, inbox, cancelled, prefetches), daemon=True
     )
     reader.start()
-    generator = _load(config, out)
+    generator = _load(spec, out)
     if generator is None:
         return
     if prefetches is not None:
         args = (generator, prefetches)
         threading.Thread(target=prefetch_forever, args=args, daemon=True).start()
     while (batch := inbox.get()) is not None:
-        _render(generator, batch, cancelled, out, config.generator.faults)
+        _render(generator, batch, cancelled, out, spec.worker.debug_faults)

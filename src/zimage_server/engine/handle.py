@@ -1,0 +1,354 @@
+"""The API side of one worker process: it owns the process's whole life.
+
+``WorkerHandle`` spawns the process, watches its pipe, restarts it when it dies, gives up
+after repeated failed loads, and renders one batch at a time: ``render`` sends the batch
+and returns the worker's ``BatchDone`` or raises the typed error it ended with. Its state
+is one enum with checked transitions; the engine never reads anything else of it.
+
+The pipe is read by a thread rather than ``loop.add_reader``: an image is megabytes, and
+receiving and unpickling it there keeps that copy off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Protocol
+
+from zimage_server.core.errors import Cancelled, GenerationFailed, WorkerDied, ZImageError
+from zimage_server.engine.protocol import (
+    BatchDone,
+    BatchFailed,
+    Cancel,
+    Command,
+    Event,
+    LoadFailed,
+    LoadProgress,
+    Prefetch,
+    Ready,
+    RenderBatch,
+    RenderItem,
+    Shutdown,
+    StepProgress,
+    WorkerSpec,
+)
+from zimage_server.engine.scheduler import Batch
+from zimage_server.engine.worker import worker_main
+
+log = logging.getLogger("zimage.engine")
+ProgressCallback = Callable[[str, str, int, int], None]  # worker, stage, step, total
+StepCallback = Callable[[int, int], None]
+MAX_LOAD_FAILURES = 3
+STOP_TIMEOUT_S = 10.0
+
+
+class WorkerState(StrEnum):
+    STARTING = "STARTING"  # process spawned, model loading
+    READY = "READY"  # idle: can take a batch
+    BUSY = "BUSY"  # rendering a batch
+    FAILED = "FAILED"  # gave up after MAX_LOAD_FAILURES failed loads
+    STOPPED = "STOPPED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (WorkerState.FAILED, WorkerState.STOPPED)
+
+
+_MOVES: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset(
+        {WorkerState.STARTING, WorkerState.READY, WorkerState.FAILED, WorkerState.STOPPED}
+    ),
+    WorkerState.READY: frozenset({WorkerState.BUSY, WorkerState.STARTING, WorkerState.STOPPED}),
+    WorkerState.BUSY: frozenset({WorkerState.READY, WorkerState.STARTING, WorkerState.STOPPED}),
+    WorkerState.FAILED: frozenset({WorkerState.STOPPED}),
+    WorkerState.STOPPED: frozenset(),
+}
+
+
+class WorkerLike(Protocol):
+    """What the engine needs of a worker; tests implement it without a process."""
+
+    name: str
+
+    @property
+    def state(self) -> WorkerState: ...
+
+    @property
+    def prefetches(self) -> bool: ...
+
+    @property
+    def failure(self) -> str | None: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def load_s(self) -> float: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def wait_ready(self) -> bool: ...
+
+    async def render(self, batch: Batch, on_step: StepCallback) -> BatchDone: ...
+
+    def cancel(self, ticket_id: str) -> None: ...
+
+    def prefetch(self, prompts: tuple[str, ...]) -> None: ...
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """The batch the worker is rendering, and where its outcome goes."""
+
+    batch: Batch
+    outcome: asyncio.Future[BatchDone]
+    on_step: StepCallback
+
+
+class WorkerHandle:
+    """One worker process on one device: spawn, watch, restart, render."""
+
+    def __init__(self, spec: WorkerSpec, on_progress: ProgressCallback | None = None) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self._on_progress = on_progress
+        self._state = WorkerState.STARTING
+        self._state_changed = asyncio.Event()
+        self._failure: str | None = None
+        self._load_failures = 0
+        self._restarts = 0
+        self._load_s = 0.0
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._in_flight: _InFlight | None = None
+        self._start_timer: asyncio.TimerHandle | None = None
+
+    # -- read-only view ------------------------------------------------------------------
+    @property
+    def state(self) -> WorkerState:
+        return self._state
+
+    @property
+    def prefetches(self) -> bool:
+        return self.spec.prefetches
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    @property
+    def load_s(self) -> float:
+        return self._load_s
+
+    def _move(self, new: WorkerState) -> None:
+        if new not in _MOVES[self._state]:
+            raise RuntimeError(f"worker {self.name}: {self._state} -> {new} is not allowed")
+        self._state = new
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
+
+    async def wait_ready(self) -> bool:
+        """Wait until the worker can take a batch; False when it never will again."""
+        while self._state in (WorkerState.STARTING, WorkerState.BUSY):
+            await self._state_changed.wait()
+        return self._state == WorkerState.READY
+
+    # -- process lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        process = ctx.Process(
+            target=worker_main, args=(child, self.spec), name=self.name, daemon=True
+        )
+        process.start()
+        child.close()
+        self._process, self._conn = process, parent
+        loop = asyncio.get_running_loop()
+        timeout = self.spec.worker.worker_start_timeout_s
+        self._start_timer = loop.call_later(timeout, self._start_timed_out, parent)
+        threading.Thread(target=self._read, args=(parent, loop), daemon=True).start()
+        log.info("worker %s started on %s (pid %s)", self.name, self.spec.device, process.pid)
+
+    def _read(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                event = conn.recv()
+            except (EOFError, OSError):
+                break
+            loop.call_soon_threadsafe(self._on_event, event)
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            loop.call_soon_threadsafe(self._on_exit, conn)
+
+    def _send(self, command: Command) -> bool:
+        if self._conn is None:
+            return False
+        try:
+            self._conn.send(command)
+        except OSError:
+            return False
+        return True
+
+    def _start_timed_out(self, conn: Connection) -> None:
+        if conn is not self._conn or self._state != WorkerState.STARTING:
+            return
+        timeout = self.spec.worker.worker_start_timeout_s
+        self._failure = f"the worker did not load the model within {timeout:g}s"
+        log.error("worker %s: %s; ending it", self.name, self._failure)
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+
+    def _on_exit(self, conn: Connection) -> None:
+        if conn is not self._conn:
+            return
+        self._conn = None
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+        code = self._reap()
+        self._fail_in_flight(
+            WorkerDied(
+                "The worker process died while rendering this request "
+                f"(exit code {code}); it has been restarted. Retry the request."
+            )
+        )
+        if self._state == WorkerState.STOPPED:
+            return
+        if self._state == WorkerState.STARTING:  # it never became ready: a failed load
+            self._load_failures += 1
+            self._failure = self._failure or f"the worker exited while loading (code {code})"
+        if self._load_failures >= MAX_LOAD_FAILURES:
+            log.error("worker %s gave up after %d failed loads", self.name, self._load_failures)
+            self._move(WorkerState.FAILED)
+            return
+        self._restarts += 1
+        log.warning("worker %s exited (code %s); restarting", self.name, code)
+        self._move(WorkerState.STARTING)
+        self.start()
+
+    def _reap(self) -> int | None:
+        """End a worker whose pipe is gone (useless even if alive), then reap it: no zombie.
+        It has normally exited already, so this does not wait."""
+        if self._process is None:
+            return None
+        self._kill()
+        self._process.join(timeout=1)
+        return self._process.exitcode
+
+    async def stop(self) -> None:
+        if self._state != WorkerState.STOPPED:
+            self._move(WorkerState.STOPPED)
+        self._send(Shutdown())
+        process = self._process
+        if process is not None:
+            await asyncio.to_thread(process.join, STOP_TIMEOUT_S)
+            if process.is_alive():
+                process.kill()
+
+    # -- events --------------------------------------------------------------------------
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, LoadProgress):
+            self._progress(event.stage, event.step, event.total)
+        elif isinstance(event, Ready):
+            self._on_ready(event)
+        elif isinstance(event, LoadFailed):
+            self._failure = event.error
+            log.error("worker %s failed to load the model: %s", self.name, event.error)
+        elif self._in_flight is None or self._in_flight.batch.id != event.batch_id:
+            return  # about a batch that was already given up on
+        elif isinstance(event, StepProgress):
+            self._in_flight.on_step(event.step, event.total)
+        elif isinstance(event, BatchDone):
+            self._end_batch().set_result(event)
+        else:
+            self._end_batch().set_exception(_batch_error(event, self._in_flight.batch))
+
+    def _on_ready(self, event: Ready) -> None:
+        log.info(
+            "worker %s ready on %s (%s) in %.1fs",
+            self.name,
+            event.device,
+            event.dtype,
+            event.load_s,
+        )
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+        self._failure, self._load_failures, self._load_s = None, 0, event.load_s
+        if self._state == WorkerState.STARTING:
+            self._move(WorkerState.READY)
+        self._progress("ready", 1, 1)
+
+    def _progress(self, stage: str, step: int, total: int) -> None:
+        if self._on_progress is not None:
+            self._on_progress(self.name, stage, step, total)
+
+    def _end_batch(self) -> asyncio.Future[BatchDone]:
+        assert self._in_flight is not None  # noqa: S101 - callers checked
+        outcome = self._in_flight.outcome
+        self._in_flight = None
+        return outcome
+
+    def _fail_in_flight(self, error: ZImageError) -> None:
+        if self._in_flight is not None:
+            outcome = self._end_batch()
+            if not outcome.done():
+                outcome.set_exception(error)
+
+    # -- rendering -----------------------------------------------------------------------
+    async def render(self, batch: Batch, on_step: StepCallback) -> BatchDone:
+        """Render ``batch``; raises ``WorkerDied``, ``GenerationFailed`` or ``Cancelled``."""
+        self._move(WorkerState.BUSY)
+        outcome: asyncio.Future[BatchDone] = asyncio.get_running_loop().create_future()
+        self._in_flight = _InFlight(batch, outcome, on_step)
+        try:
+            if not self._send(_render_command(batch)):
+                self._fail_in_flight(WorkerDied("The worker process is gone; retry the request."))
+            return await outcome
+        finally:
+            if self._state == WorkerState.BUSY:
+                self._move(WorkerState.READY)
+
+    def cancel(self, ticket_id: str) -> None:
+        """Ask the worker to stop between steps once every image of its batch is cancelled."""
+        self._send(Cancel(ticket_id))
+
+    def prefetch(self, prompts: tuple[str, ...]) -> None:
+        if self.prefetches and prompts:
+            self._send(Prefetch(prompts))
+
+
+def _render_command(batch: Batch) -> RenderBatch:
+    key = batch.key
+    items = tuple(
+        RenderItem(ticket.id, ticket.spec.prompt, ticket.spec.seed, ticket.request_id)
+        for ticket in batch.tickets
+    )
+    return RenderBatch(batch.id, items, key.width, key.height, key.steps, key.guidance_scale)
+
+
+def _batch_error(event: BatchFailed, batch: Batch) -> ZImageError:
+    if event.kind == "cancelled":
+        log.info("batch %s cancelled between steps", event.batch_id)
+        return Cancelled("The request was cancelled.")
+    if event.kind == "oom":
+        key = batch.key
+        return GenerationFailed(
+            f"Out of accelerator memory rendering {len(batch.tickets)} image(s) of "
+            f"{key.width}x{key.height}; try a smaller size. The server is still serving."
+        )
+    return GenerationFailed(f"Generation failed: {event.message}")

@@ -1,0 +1,54 @@
+"""The engine's values: what to render, which renders may share a batch, what came back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchKey:
+    """Renders with equal keys can run in one pipeline call.
+
+    A value, so that new tasks (input images, adapters) extend the key here and the
+    scheduler, which only compares keys, does not change.
+    """
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenderSpec:
+    """One image to render; width and height are multiples of 16."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+    def batch_key(self) -> BatchKey:
+        return BatchKey(
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenderResult:
+    """One rendered image as raw RGB at render size, and how it was made."""
+
+    rgb: bytes
+    width: int
+    height: int
+    timings: dict[str, float] = field(default_factory=dict)
+    transformer_passes: int = 0  # for the whole batch
+    batch_size: int = 1
+    prompt_tokens: int = 0
+    worker: str = ""
+    prompt_source: str = ""  # encoded | cache | prefetch ("" from a generator without one)
