@@ -60,3 +60,18 @@ def test_grafana_dashboard_uses_only_metrics_we_export() -> None:
         for name in re.findall(r"zimage_[a-z_]+", target["expr"])
     }
     assert used and used <= exported, used - exported
+
+
+def test_the_scheduler_imports_no_process_pipe_or_worker() -> None:
+    """The scheduler stays pure: it is unit-tested without a process, so it must need none."""
+    import ast
+
+    tree = ast.parse((PACKAGE / "engine" / "scheduler.py").read_text())
+    imported = {
+        alias.name if isinstance(node, ast.Import) else f"{node.module}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    banned = ("multiprocessing", "subprocess", "threading", "engine.handle", "engine.worker")
+    assert not [name for name in imported if name.endswith(banned)], imported
