@@ -46,3 +46,9 @@ def test_each_part_is_declared_once_and_handed_down_unchanged(
     for part in parts:  # defaults live in the part, and nowhere else
         for name, field in part.model_fields.items():
             assert Settings.model_fields[name].default == field.default, name
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"ZIMAGE_{name.upper()}" not in readme]
+    assert not missing, missing
