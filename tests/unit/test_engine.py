@@ -311,3 +311,20 @@ def test_stop_fails_what_is_still_queued() -> None:
             await queued
 
     run(scenario)
+
+
+def test_an_unexpected_error_fails_the_batch_and_dispatch_goes_on() -> None:
+    async def scenario() -> None:
+        worker = FakeWorker(auto=False)
+        e = engine(worker, max_batch_size=1)
+        await e.start()
+        broken = asyncio.ensure_future(e.render(spec(), 5))
+        await until(lambda: worker.outcome is not None)
+        worker.outcome.set_exception(KeyError("a bug"))  # type: ignore[union-attr]
+        with pytest.raises(WorkerDied, match="engine failed"):
+            await broken
+        worker.auto = True
+        assert (await e.render(spec("next"), 5)).rgb == b"next"
+        await e.stop()
+
+    run(scenario)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from enum import StrEnum
@@ -31,6 +32,7 @@ from zimage_server.engine.scheduler import Batch, Clock, Scheduler, Ticket
 from zimage_server.telemetry import context
 
 T = TypeVar("T")
+log = logging.getLogger("zimage.engine")
 
 
 class EngineState(StrEnum):
@@ -219,9 +221,9 @@ class Engine:
             )
         except ZImageError as exc:
             self.scheduler.fail(batch, exc)
-        except Exception as exc:  # a bug here must not leave callers waiting forever
-            self.scheduler.fail(batch, WorkerDied(f"The engine failed: {exc}"))
-            raise
+        except Exception:  # a bug must neither leave callers waiting nor stop dispatching
+            log.exception("batch %s failed in the engine", batch.id)
+            self.scheduler.fail(batch, WorkerDied("The engine failed while rendering this."))
         else:
             self.scheduler.complete(batch, _results(done, worker.name))
         finally:
