@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zimage_server.core.errors import InvalidRequest
-from zimage_server.images.params import allowed_values, parse_params
+from zimage_server.protocol.segmind import allowed_values, parse_params
 
 
 def test_defaults_match_the_spec() -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from zimage_server.core.errors import InvalidRequest
 from zimage_server.images.openai_compat import parse_size, to_params
-from zimage_server.images.params import GenerationParams, allowed_values, parse_params
+from zimage_server.protocol.segmind import GenerationParams, allowed_values, parse_params
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

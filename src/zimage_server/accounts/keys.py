@@ -51,7 +51,7 @@ def _check_limit(rate_limit: str) -> None:
         raise InvalidRequest(
             f"Invalid 'rate_limit': use the form '60/minute' or '10 per 2 seconds' "
             f"(got {rate_limit[:40]!r}).",
-            "rate_limit",
+            field="rate_limit",
         )
 
 

@@ -52,7 +52,7 @@ def deadline_from(request: Request) -> float | None:
         raise InvalidRequest(
             f"Invalid 'X-Deadline-Seconds' header: must be a number of seconds above 0 and "
             f"at most {MAX_DEADLINE_S} (got {raw[:40]!r}).",
-            "X-Deadline-Seconds",
+            field="X-Deadline-Seconds",
         )
     return value
 

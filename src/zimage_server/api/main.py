@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from zimage_server import __version__
 from zimage_server.accounts import AccessControl, KeyService, RateLimiter
-from zimage_server.api.errors import ERROR_RESPONSES, install_error_handlers
+from zimage_server.api.errors import install_error_handlers
 from zimage_server.api.middleware import (
     BodyLimitMiddleware,
     Drain,
@@ -167,7 +167,6 @@ def create_app(
         version=__version__,
         summary="Self-hosted, Segmind-compatible API for Z-Image-Turbo.",
         lifespan=lifespan,
-        responses=ERROR_RESPONSES,
     )
     state = app.state
     state.services, state.settings, state.engine = services, settings, services.engine

@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
 import time
 from dataclasses import dataclass
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from zimage_server.api.errors import render_error
+from zimage_server.core.errors import NotReady, PayloadTooLarge
 from zimage_server.telemetry import Metrics, context
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 access_log = logging.getLogger("zimage.access")
 PROBES = ("/healthz", "/readyz", "/metrics")
-
-
-async def _reply(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
-    body = json.dumps({"error": message}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class RequestIdMiddleware:
@@ -91,7 +77,12 @@ class RequestIdMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit, by ``Content-Length`` or while streaming."""
+    """413 for bodies over the limit, by ``Content-Length`` or while streaming.
+
+    A streamed body that grows too large raises ``BodyTooLarge`` from ``receive``: an
+    ``HTTPException``, so that FastAPI passes it on while reading a body and the app's
+    handler renders it; one that escapes the app is answered here, the same way.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -103,7 +94,7 @@ class BodyLimitMiddleware:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _reply(send, 413, self._message(), [])
+            await render_error(PayloadTooLarge(self._message()), scope)(scope, receive, send)
             return
         seen = 0
 
@@ -112,19 +103,19 @@ class BodyLimitMiddleware:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _TooLarge
+                raise BodyTooLarge(413, self._message())
             return message
 
         try:
             await self.app(scope, limited, send)
-        except _TooLarge:
-            await _reply(send, 413, self._message(), [])
+        except BodyTooLarge as exc:
+            await render_error(PayloadTooLarge(exc.detail), scope)(scope, receive, send)
 
     def _message(self) -> str:
         return f"Request body too large: at most {self.max_bytes} bytes."
 
 
-class _TooLarge(Exception):
+class BodyTooLarge(HTTPException):
     pass
 
 
@@ -149,12 +140,8 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
             return
         if self.drain.draining and scope["path"] not in PROBES:
-            await _reply(
-                send,
-                503,
-                "The server is shutting down; retry on another instance.",
-                [(b"retry-after", b"5")],
-            )
+            error = NotReady("The server is shutting down; retry on another instance.")
+            await render_error(error, scope)(scope, receive, send)
             return
         self.drain.in_flight += 1
         try:

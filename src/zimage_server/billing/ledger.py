@@ -110,8 +110,6 @@ def hold_in(transaction: Connection | Session, key_id: int, amount: int, referen
         raise InsufficientCredits(
             f"Insufficient credits: this image costs {format_credits(amount)} credits "
             f"and the key's balance is {format_credits(balance)}.",
-            balance=balance,
-            price=amount,
         )
     entry = {"key_id": key_id, "amount": -amount, "kind": "hold", "reference": reference}
     transaction.execute(_ENTRY, entry)

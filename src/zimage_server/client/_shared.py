@@ -9,8 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from zimage_server.client.errors import error_for
+from zimage_server.protocol import (
+    ImageResponse,
+    JobResult,
+    JobStatusBody,
+    OpenAIError,
+    SegmindError,
+    SubmittedJob,
+)
 
 RETRY_STATUSES = frozenset({429, 502, 503})
 MODEL = "z-image-turbo"
@@ -39,13 +48,7 @@ class GeneratedImage:
             out.write(self.data)
 
 
-@dataclass(frozen=True)
-class Job:
-    request_id: str
-    status: str
-    status_url: str
-    response_url: str
-    cancel_url: str
+Job = SubmittedJob  # the 202 of a submit: request_id, status and the three URLs
 
 
 def generate_body(prompt: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -61,15 +64,30 @@ def headers(api_key: str | None) -> dict[str, str]:
 def raise_for(response: httpx.Response) -> None:
     if response.is_success:
         return
+    message, request_id = error_of(response)
+    raise error_for(response.status_code, message, request_id)
+
+
+def error_of(response: httpx.Response) -> tuple[str, str | None]:
+    """The message (and request id) of an error reply, in either envelope; a reply in
+    neither (a proxy's page, say) gives its text."""
+    request_id = response.headers.get("x-request-id")
     try:
-        error = response.json().get("error", response.text)
-        message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+        body = response.json()
     except ValueError:
-        message = response.text or response.reason_phrase
-    raise error_for(response.status_code, message, response.headers.get("x-request-id"))
+        return response.text or response.reason_phrase, request_id
+    for model in (SegmindError, OpenAIError):
+        try:
+            error = model.model_validate(body)
+        except ValidationError:
+            continue
+        if isinstance(error, SegmindError):
+            return error.error, request_id or error.request_id
+        return error.error.message, request_id
+    return response.text, request_id
 
 
-def parse_image(response: httpx.Response, image_format: str) -> GeneratedImage:
+def parse_image(response: httpx.Response) -> GeneratedImage:
     """A v1 reply: our JSON (base64) or a raw image (Segmind's older style)."""
     raise_for(response)
     seed_header = response.headers.get("x-seed")
@@ -82,29 +100,35 @@ def parse_image(response: httpx.Response, image_format: str) -> GeneratedImage:
             kind,
             credits_consumed=consumed,
         )
-    body = response.json()
+    body = ImageResponse.model_validate_json(response.content)
     return GeneratedImage(
-        data=base64.b64decode(body["image"]),
-        seed=body.get("seed", int(seed_header) if seed_header else None),
-        image_format=body.get("image_format", image_format),
-        width=body.get("width"),
-        height=body.get("height"),
-        generation_time=body.get("generation_time"),
-        timings=body.get("timings", {}),
+        data=base64.b64decode(body.image),
+        seed=body.seed,
+        image_format=body.image_format,
+        width=body.width,
+        height=body.height,
+        generation_time=body.generation_time,
+        timings=body.timings,
         credits_consumed=consumed,
     )
 
 
 def parse_job(response: httpx.Response) -> Job:
     raise_for(response)
-    body = response.json()
-    return Job(
-        body["request_id"],
-        body["status"],
-        body["status_url"],
-        body["response_url"],
-        body["cancel_url"],
-    )
+    return SubmittedJob.model_validate_json(response.content)
+
+
+def parse_status(response: httpx.Response) -> JobStatusBody:
+    """A status (or cancel) reply; a FAILED job's comes with HTTP 422 and is no error."""
+    if response.status_code != 422:
+        raise_for(response)
+    return JobStatusBody.model_validate_json(response.content)
+
+
+def parse_result(response: httpx.Response) -> JobResult:
+    if response.status_code != 422:
+        raise_for(response)
+    return JobResult.model_validate_json(response.content)
 
 
 def retry_delay(response: httpx.Response | None, attempt: int, backoff_s: float) -> float:
@@ -116,19 +140,21 @@ def retry_delay(response: httpx.Response | None, attempt: int, backoff_s: float)
     return float(backoff_s * 2**attempt * (0.5 + random.random() / 2))  # noqa: S311 - jitter
 
 
-def job_output(body: dict[str, Any], image_format: str, fetch: bytes | None) -> GeneratedImage:
-    data = fetch if fetch is not None else base64.b64decode(body["output"])
-    metrics = body.get("metrics") or {}
+def job_output(result: JobResult, image_format: str, fetched: bytes | None) -> GeneratedImage:
+    if fetched is None and result.output is None:
+        raise ValueError(f"request {result.request_id} has no output")
+    data = fetched if fetched is not None else base64.b64decode(result.output or "")
+    metrics = result.metrics
     return GeneratedImage(
         data=data,
-        seed=body.get("seed"),
+        seed=result.seed,
         image_format=image_format,
-        generation_time=metrics.get("inference_time"),
-        timings=metrics.get("timings", {}),
-        credits_consumed=metrics.get("credits"),
+        generation_time=metrics.inference_time if metrics else None,
+        timings=metrics.timings if metrics else {},
+        credits_consumed=metrics.credits if metrics else None,
     )
 
 
-def job_failure(request_id: str, body: dict[str, Any]) -> str:
-    reason = f": {body['error']}" if body.get("error") else ""
-    return f"Request {request_id} ended {body['status']}{reason}"
+def job_failure(request_id: str, result: JobResult) -> str:
+    reason = f": {result.error}" if result.error else ""
+    return f"Request {request_id} ended {result.status}{reason}"

@@ -19,11 +19,13 @@ from zimage_server.client._shared import (
     job_output,
     parse_image,
     parse_job,
-    raise_for,
+    parse_result,
+    parse_status,
     retry_delay,
 )
 from zimage_server.client.errors import JobFailedError
 from zimage_server.client.sync import TERMINAL
+from zimage_server.protocol import wire
 
 
 class AsyncZImageClient:
@@ -67,7 +69,7 @@ class AsyncZImageClient:
     async def generate(self, prompt: str, *, model: str = MODEL, **options: Any) -> GeneratedImage:
         body = generate_body(prompt, options)
         response = await self._request("POST", f"/v1/{model}", json=body)
-        return parse_image(response, body.get("image_format", "webp"))
+        return parse_image(response)
 
     async def submit(
         self,
@@ -86,14 +88,11 @@ class AsyncZImageClient:
 
     async def status(self, request_id: str) -> dict[str, Any]:
         response = await self._request("GET", f"/v2/requests/{request_id}/status")
-        if response.status_code != 422:
-            raise_for(response)
-        return dict(response.json())
+        return wire(parse_status(response))
 
     async def cancel(self, request_id: str) -> dict[str, Any]:
         response = await self._request("POST", f"/v2/requests/{request_id}/cancel")
-        raise_for(response)
-        return dict(response.json())
+        return wire(parse_status(response))
 
     async def wait(
         self,
@@ -109,9 +108,9 @@ class AsyncZImageClient:
                 raise TimeoutError(f"job {request_id} still {status['status']} after {timeout}s")
             await asyncio.sleep(poll_s)
         response = await self._request("GET", f"/v2/requests/{request_id}")
-        body = response.json()
-        if body["status"] != "COMPLETED":
-            raise JobFailedError(response.status_code, job_failure(request_id, body))
-        output = body["output"]
+        result = parse_result(response)
+        if result.status != "COMPLETED" or result.output is None:
+            raise JobFailedError(response.status_code, job_failure(request_id, result))
+        output = result.output
         fetched = (await self._http.get(output)).content if output.startswith("http") else None
-        return job_output(body, image_format, fetched)
+        return job_output(result, image_format, fetched)

@@ -18,10 +18,12 @@ from zimage_server.client._shared import (
     job_output,
     parse_image,
     parse_job,
-    raise_for,
+    parse_result,
+    parse_status,
     retry_delay,
 )
 from zimage_server.client.errors import JobFailedError
+from zimage_server.protocol import wire
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
@@ -74,7 +76,7 @@ class ZImageClient:
         image_format, quality."""
         body = generate_body(prompt, options)
         response = self._request("POST", f"/v1/{model}", json=body)
-        return parse_image(response, body.get("image_format", "webp"))
+        return parse_image(response)
 
     def submit(
         self,
@@ -94,14 +96,11 @@ class ZImageClient:
 
     def status(self, request_id: str) -> dict[str, Any]:
         response = self._request("GET", f"/v2/requests/{request_id}/status")
-        if response.status_code != 422:
-            raise_for(response)
-        return dict(response.json())
+        return wire(parse_status(response))
 
     def cancel(self, request_id: str) -> dict[str, Any]:
         response = self._request("POST", f"/v2/requests/{request_id}/cancel")
-        raise_for(response)
-        return dict(response.json())
+        return wire(parse_status(response))
 
     def wait(
         self,
@@ -118,9 +117,9 @@ class ZImageClient:
                 raise TimeoutError(f"job {request_id} still {status['status']} after {timeout}s")
             time.sleep(poll_s)
         response = self._request("GET", f"/v2/requests/{request_id}")
-        body = response.json()
-        if body["status"] != "COMPLETED":
-            raise JobFailedError(response.status_code, job_failure(request_id, body))
-        output = body["output"]
+        result = parse_result(response)
+        if result.status != "COMPLETED" or result.output is None:
+            raise JobFailedError(response.status_code, job_failure(request_id, result))
+        output = result.output
         fetched = self._http.get(output).content if output.startswith("http") else None
-        return job_output(body, image_format, fetched)
+        return job_output(result, image_format, fetched)

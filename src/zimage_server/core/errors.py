@@ -1,68 +1,102 @@
 """The one error hierarchy of zimage-server.
 
-Services raise these; ``zimage_server.api.errors`` maps them to HTTP in a single table.
-Exceptions carry data (field, retry_after, ...) rather than only strings.
+Services raise these; ``zimage_server.api.errors.render_error`` turns any of them into an
+HTTP response, in Segmind's or OpenAI's envelope. The HTTP status of each class is its
+``status`` attribute (the tree below is that table); the data a response needs (message,
+field, retry_after, headers) lives on the base class, set by one keyword-only constructor,
+so every error pickles with its data intact (a Ray replica sends them across processes).
 
     ZImageError                   500  anything we did not foresee (message not shown)
     ├── InvalidRequest            400  a parameter or body is wrong; names the field
     ├── Unauthenticated           401  missing or unknown API key (or admin token)
     ├── Forbidden                 403  key disabled, or without the route's scope
-    ├── InsufficientCredits       406  the balance does not cover the price
     ├── NotFound                  404
     │   ├── UnknownModel               model slug that this server does not serve
     │   └── OutputNotFound             unknown, expired or malformed output id
-    ├── Overloaded                429  queue full; carries retry_after
-    │   └── RateLimited                the key's per-minute or in-flight limit
-    ├── NotReady                  503  model still loading or worker restarting
-    │   └── StoreUnavailable           the database cannot be reached
-    ├── InsufficientStorage       507  the output disk is full
-    ├── WorkerDied                502  the worker process died during the render
-    ├── DeadlineExceeded          504  the request's deadline passed
-    ├── GenerationFailed          500  the model raised; message is safe to show
+    ├── MethodNotAllowed          405  the path exists, not with this method
+    ├── InsufficientCredits       406  the balance does not cover the price
     ├── Cancelled                 409  the job was cancelled (reported in job status)
     ├── Conflict                  409  e.g. an Idempotency-Key reused with another body
-    └── StartupError              ---  the server cannot start as configured (CLI exits 2)
+    ├── PayloadTooLarge           413  the body is over the server's limit
+    ├── Overloaded                429  queue full; carries retry_after
+    │   └── RateLimited                the key's per-minute or in-flight limit
+    ├── GenerationFailed          500  the model raised; message is safe to show
+    ├── WorkerDied                502  the worker process died during the render
+    ├── NotReady                  503  model loading, worker restarting, or shutting down
+    │   └── StoreUnavailable           the database cannot be reached
+    ├── DeadlineExceeded          504  the request's deadline passed
+    ├── InsufficientStorage       507  the output disk is full
+    └── StartupError              500  the server cannot start as configured (CLI exits 2)
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 
 class ZImageError(Exception):
-    """Base of every error that zimage-server raises on purpose."""
+    """Base of every error that zimage-server raises on purpose.
 
-    public = False  # whether ``str(self)`` may be shown to a client
+    ``ZImageError(message, *, field=None, retry_after=None, headers=None)`` is the only
+    constructor shape; subclasses change class attributes, never the signature.
+    """
 
-    def __init__(self, message: str) -> None:
+    status: ClassVar[int] = 500
+    public: ClassVar[bool] = False  # whether ``message`` may be shown to a client
+    default_retry_after: ClassVar[int | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.field = field  # the parameter at fault (OpenAI's ``param``)
+        self.retry_after = self.default_retry_after if retry_after is None else retry_after
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt through the one constructor, with every piece of data.
+        return (_rebuild, (type(self), self.message, self.field, self.retry_after, self.headers))
+
+    def __repr__(self) -> str:
+        data = {"field": self.field, "retry_after": self.retry_after, "headers": self.headers}
+        extra = "".join(f", {k}={v!r}" for k, v in data.items() if v)
+        return f"{type(self).__name__}({self.message!r}{extra})"
+
+
+def _rebuild(
+    cls: type[ZImageError],
+    message: str,
+    field: str | None,
+    retry_after: int | None,
+    headers: dict[str, str],
+) -> ZImageError:
+    return cls(message, field=field, retry_after=retry_after, headers=headers)
 
 
 class InvalidRequest(ZImageError):
+    status = 400
     public = True
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class Unauthenticated(ZImageError):
+    status = 401
     public = True
 
 
 class Forbidden(ZImageError):
+    status = 403
     public = True
-
-
-class InsufficientCredits(ZImageError):
-    public = True
-
-    def __init__(self, message: str, balance: int, price: int) -> None:
-        super().__init__(message)
-        self.balance = balance
-        self.price = price
 
 
 class NotFound(ZImageError):
+    status = 404
     public = True
 
 
@@ -74,53 +108,72 @@ class OutputNotFound(NotFound):
     pass
 
 
-class Overloaded(ZImageError):
+class MethodNotAllowed(ZImageError):
+    """Carries the ``Allow`` header."""
+
+    status = 405
     public = True
 
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+
+class InsufficientCredits(ZImageError):
+    status = 406
+    public = True
+
+
+class Cancelled(ZImageError):
+    """The one cancellation error: the engine raises it for a cancelled render."""
+
+    status = 409
+    public = True
+
+
+class Conflict(ZImageError):
+    status = 409
+    public = True
+
+
+class PayloadTooLarge(ZImageError):
+    status = 413
+    public = True
+
+
+class Overloaded(ZImageError):
+    status = 429
+    public = True
+    default_retry_after = 1
 
 
 class RateLimited(Overloaded):
-    def __init__(self, message: str, retry_after: int, headers: dict[str, str]) -> None:
-        super().__init__(message, retry_after)
-        self.headers = headers
+    """Carries the key's rate-limit headers."""
+
+
+class GenerationFailed(ZImageError):
+    status = 500
+    public = True
+
+
+class WorkerDied(ZImageError):
+    status = 502
+    public = True
 
 
 class NotReady(ZImageError):
+    status = 503
     public = True
-
-    def __init__(self, message: str, retry_after: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    default_retry_after = 5
 
 
 class StoreUnavailable(NotReady):
     pass
 
 
-class InsufficientStorage(ZImageError):
-    public = True
-
-
-class WorkerDied(ZImageError):
-    public = True
-
-
 class DeadlineExceeded(ZImageError):
+    status = 504
     public = True
 
 
-class GenerationFailed(ZImageError):
-    public = True
-
-
-class Cancelled(ZImageError):
-    public = True
-
-
-class Conflict(ZImageError):
+class InsufficientStorage(ZImageError):
+    status = 507
     public = True
 
 

@@ -16,11 +16,14 @@ from zimage_server.core.config import Settings
 from zimage_server.core.errors import InvalidRequest, UnknownModel
 from zimage_server.engine import EngineLike, RenderSpec
 from zimage_server.images.encode import MEDIA_TYPES, encode_image, round_up_16
-from zimage_server.images.params import (
+from zimage_server.protocol.segmind import (
     MODEL_SLUG,
     GenerationParams,
-    parse_json,
+    ImageResponse,
+    SubmitRequest,
+    json_value,
     validate_params,
+    with_webhook,
 )
 from zimage_server.store import OutputStore
 from zimage_server.telemetry import Metrics
@@ -53,22 +56,23 @@ class Generated:
     def base64(self) -> str:
         return base64.b64encode(self.data).decode("ascii")
 
-    def summary(self) -> dict[str, object]:
-        """The JSON fields that describe the image (everything but the image itself)."""
+    def response(self, image: str) -> ImageResponse:
+        """The v1 JSON body, with ``image`` (the URL, or ``self.base64()``)."""
         p = self.params
-        return {
-            "seed": self.seed,
-            "width": p.width,
-            "height": p.height,
-            "image_format": p.image_format,
-            "quality": p.quality,
-            "steps": p.steps,
-            "guidance_scale": p.guidance_scale,
-            "generation_time": round(self.generation_time, 4),
-            "timings": {k: round(v, 4) for k, v in self.timings.items()},
-            "transformer_passes": self.transformer_passes,
-            "prompt_tokens": self.prompt_tokens,
-        }
+        return ImageResponse(
+            image=image,
+            seed=self.seed,
+            width=p.width,
+            height=p.height,
+            image_format=p.image_format,
+            quality=p.quality,
+            steps=p.steps,
+            guidance_scale=p.guidance_scale,
+            generation_time=round(self.generation_time, 4),
+            timings={k: round(v, 4) for k, v in self.timings.items()},
+            transformer_passes=self.transformer_passes,
+            prompt_tokens=self.prompt_tokens,
+        )
 
 
 def pick_seed(params: GenerationParams) -> int:
@@ -96,13 +100,16 @@ class GenerationService:
         if slug != MODEL_SLUG:
             raise UnknownModel(f"Unknown model '{slug[:80]}'. This server serves '{MODEL_SLUG}'.")
 
-    def parse(self, body: bytes) -> GenerationParams:
-        return self.validate(parse_json(body))
-
-    def validate(self, data: object) -> GenerationParams:
-        params = validate_params(data)
+    def validate(self, body: object) -> GenerationParams:
+        """A v1 body as the route received it (parsed JSON, or raw bytes)."""
+        params = validate_params(json_value(body))
         self.check_prompt(params.prompt)
         return params
+
+    def validate_submit(self, body: object) -> SubmitRequest:
+        """A v2 body as the route received it (parsed JSON, or raw bytes)."""
+        data = json_value(body)
+        return with_webhook(self.validate(data), data)
 
     def check_prompt(self, prompt: str) -> None:
         """The server's own limit, on top of the contract's (operators set it)."""
@@ -110,7 +117,7 @@ class GenerationService:
             raise InvalidRequest(
                 f"Invalid 'prompt': at most {self.settings.max_prompt_chars} characters "
                 f"(got {len(prompt)}).",
-                "prompt",
+                field="prompt",
             )
 
     def price(self, params: GenerationParams) -> int:

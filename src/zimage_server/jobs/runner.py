@@ -5,6 +5,7 @@ rows are simply run again, and their hold (taken once, at submit) is not taken t
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import hashlib
 import json
@@ -25,11 +26,12 @@ from zimage_server.core.errors import (
     ZImageError,
 )
 from zimage_server.engine import EngineLike
-from zimage_server.images import Generated, GenerationParams, GenerationService
+from zimage_server.images import Generated, GenerationService
 from zimage_server.images.service import pick_seed
 from zimage_server.jobs.repository import JobRepository, NewJob
 from zimage_server.jobs.states import JobStatus
 from zimage_server.jobs.webhooks import WebhookPolicy
+from zimage_server.protocol import GenerationParams, JobMetrics, JobResult, wire
 from zimage_server.store import OutputStore
 from zimage_server.store.models import Job
 
@@ -215,31 +217,27 @@ class JobRunner:
                 error=error,
                 output_id=output_id,
                 metrics=json.dumps(metrics) if metrics else None,
-                webhook_payload=lambda row: json.dumps(result_body(row, self.outputs)),
+                webhook_payload=lambda row: json.dumps(wire(result_body(row, self.outputs))),
             )
         )
         if changed and status != JobStatus.COMPLETED and job.key_id is not None:
             await asyncio.to_thread(self.ledger.release, job.key_id, job.price, job.id)
 
 
-def result_body(job: Job, outputs: OutputStore) -> dict[str, Any]:
-    """``GET /v2/requests/{id}`` and the webhook payload: status, output, metrics."""
+def result_body(job: Job, outputs: OutputStore, status: JobStatus | None = None) -> JobResult:
+    """``GET /v2/requests/{id}`` (with the live ``status``) and the webhook payload."""
     params = GenerationParams.model_validate_json(job.params)
     output: str | None = None
     if job.status == JobStatus.COMPLETED.value and job.output_id:
         if params.base_64:
-            import base64
-
             output = base64.b64encode(outputs.path(job.output_id).read_bytes()).decode()
         else:
             output = f"{job.base_url}/v1/outputs/{job.output_id}"
-    body: dict[str, Any] = {
-        "request_id": job.id,
-        "status": job.status,
-        "output": output,
-        "seed": job.seed,
-        "metrics": json.loads(job.metrics) if job.metrics else None,
-    }
-    if job.error:
-        body["error"] = job.error
-    return body
+    return JobResult(
+        request_id=job.id,
+        status=(status or JobStatus(job.status)).value,
+        output=output,
+        seed=job.seed,
+        metrics=JobMetrics.model_validate_json(job.metrics) if job.metrics else None,
+        **({"error": job.error} if job.error else {}),
+    )

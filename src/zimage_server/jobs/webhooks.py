@@ -59,14 +59,14 @@ class WebhookPolicy:
             raise InvalidRequest(
                 "Invalid 'webhook_url': webhooks are disabled on this server "
                 "(the operator has not set ZIMAGE_WEBHOOK_SECRET).",
-                "webhook_url",
+                field="webhook_url",
             )
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2000:
             raise InvalidRequest(
                 "Invalid 'webhook_url': must be an absolute http(s) URL of at most 2000 "
                 "characters.",
-                "webhook_url",
+                field="webhook_url",
             )
         host = parts.hostname
         if host in self.allowed_hosts or self.allow_private:
@@ -76,7 +76,7 @@ class WebhookPolicy:
                 raise InvalidRequest(
                     f"Invalid 'webhook_url': {host} resolves to a private or local address "
                     "that the operator has not allowed (ZIMAGE_WEBHOOK_ALLOWED_HOSTS).",
-                    "webhook_url",
+                    field="webhook_url",
                 )
 
 
@@ -89,7 +89,7 @@ def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
         infos = socket.getaddrinfo(host, None)
     except OSError:
         raise InvalidRequest(
-            f"Invalid 'webhook_url': cannot resolve host '{host}'.", "webhook_url"
+            f"Invalid 'webhook_url': cannot resolve host '{host}'.", field="webhook_url"
         ) from None
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 

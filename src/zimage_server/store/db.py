@@ -68,7 +68,7 @@ def _unavailable_as_503() -> Iterator[None]:
         if isinstance(exc, OperationalError) and _is_busy(exc):
             raise
         raise StoreUnavailable(
-            "The database is unavailable; nothing was charged. Retry shortly.", 5
+            "The database is unavailable; nothing was charged. Retry shortly.", retry_after=5
         ) from exc
 
 

@@ -11,10 +11,19 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from zimage_server.accounts import KeyInfo, KeyService
 from zimage_server.api.auth import require_admin
+from zimage_server.api.errors import Example, error_docs
 from zimage_server.billing import Ledger, format_credits, to_micro
-from zimage_server.images.params import Number, no_bool
+from zimage_server.protocol import Flavour
+from zimage_server.protocol.segmind import Number, no_bool
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=error_docs(
+        Flavour.SEGMIND, Example.bad_admin_body, Example.no_admin_token, Example.unknown_key
+    ),
+)
 
 
 class KeyCreate(BaseModel):

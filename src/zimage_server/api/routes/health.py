@@ -36,7 +36,7 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/info", summary="What this server serves and whether it needs a key")
 async def info(request: Request) -> dict[str, object]:
     from zimage_server import __version__
-    from zimage_server.images.params import MODEL_SLUG, GenerationParams
+    from zimage_server.protocol import MODEL_SLUG, GenerationParams
 
     schema = GenerationParams.model_json_schema()["properties"]
     return {

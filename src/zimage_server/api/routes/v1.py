@@ -4,55 +4,42 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import Response
 
 from zimage_server.accounts import Admission
 from zimage_server.api.auth import admit_generate, deadline_from
-from zimage_server.api.responses import image_json, is_large
+from zimage_server.api.bodies import BodyRoute, DocumentedAs
+from zimage_server.api.errors import Example, error_docs
+from zimage_server.api.responses import image_json, is_large, model_response
 from zimage_server.billing import format_credits
-from zimage_server.images import Generated, GenerationParams, GenerationService
+from zimage_server.images import Generated, GenerationService
+from zimage_server.protocol import Flavour, GenerationParams, ImageResponse
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], route_class=BodyRoute)
+V1Body = Annotated[object, DocumentedAs(GenerationParams), Body(title="GenerationParams")]
 
-_ERROR = {"content": {"application/json": {"example": {"error": "Invalid 'steps': ..."}}}}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON with the image URL (or base64 when `base_64` is true); the "
         "raw image when the request sends `Accept: image/*`.",
-        "content": {
-            "application/json": {
-                "example": {
-                    "image": "http://localhost:8000/v1/outputs/Xy...Q.webp",
-                    "seed": 1234,
-                    "width": 1024,
-                    "height": 1024,
-                    "image_format": "webp",
-                    "generation_time": 0.71,
-                }
-            },
-            "image/webp": {},
-            "image/jpeg": {},
-            "image/png": {},
-        },
+        "content": {"image/webp": {}, "image/jpeg": {}, "image/png": {}},
     },
-    **{
-        code: {"description": text, **_ERROR}
-        for code, text in [
-            (400, "Invalid parameter or body; the message names the field and allowed values"),
-            (404, "Unknown model slug"),
-            (429, "Queue full; retry after `Retry-After` seconds"),
-            (502, "The worker died during the request"),
-            (503, "Model still loading"),
-            (504, "Deadline exceeded"),
-        ]
-    },
-}
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": GenerationParams.model_json_schema()}},
-    }
+    **error_docs(
+        Flavour.SEGMIND,
+        Example.bad_steps,
+        Example.no_key,
+        Example.disabled,
+        Example.unknown_model,
+        Example.credits,
+        Example.rate_limited,
+        Example.queue_full,
+        Example.failed,
+        Example.worker_died,
+        Example.not_ready,
+        Example.deadline,
+        Example.disk_full,
+    ),
 }
 
 
@@ -83,15 +70,18 @@ def _headers(generated: Generated, admission: Admission) -> dict[str, str]:
 @router.post(
     "/v1/{model}",
     summary="Generate an image (Segmind-compatible)",
-    openapi_extra=_BODY,
+    response_model=ImageResponse,
     responses=_RESPONSES,
 )
 async def generate(
-    model: str, request: Request, admission: Annotated[Admission, Depends(admit_generate)]
+    model: str,
+    body: V1Body,
+    request: Request,
+    admission: Annotated[Admission, Depends(admit_generate)],
 ) -> Response:
     service: GenerationService = request.app.state.generation
     service.check_model(model)
-    params = service.parse(await request.body())
+    params = service.validate(body)
     if service.settings.log_prompts:
         request.state.log_prompt = params.prompt
     raw = wants_image_bytes(request, service.settings.v1_default_response)
@@ -104,9 +94,9 @@ async def generate(
         return Response(generated.data, media_type=generated.media_type, headers=headers)
     if generated.output_id:
         image = f"{public_base(request)}/v1/outputs/{generated.output_id}"
-        return JSONResponse({"image": image, **generated.summary()}, headers=headers)
+        return model_response(generated.response(image), headers=headers)
     return await image_json(
-        lambda: {"image": generated.base64(), **generated.summary()},
+        lambda: generated.response(generated.base64()),
         is_large(len(generated.data)),
         headers=headers,
     )

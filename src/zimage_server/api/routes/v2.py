@@ -2,28 +2,47 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
 
 from zimage_server.accounts import Admission
 from zimage_server.api.auth import admit_generate, deadline_from, identify_caller
-from zimage_server.api.responses import image_json
+from zimage_server.api.bodies import BodyRoute, DocumentedAs
+from zimage_server.api.errors import Example, error_docs
+from zimage_server.api.responses import image_json, model_response
 from zimage_server.api.routes.v1 import public_base
-from zimage_server.core.errors import InvalidRequest
+from zimage_server.core.errors import ZImageError
 from zimage_server.images import GenerationService
-from zimage_server.images.params import GenerationParams, parse_json
 from zimage_server.jobs import JobRunner, JobStatus, Submission, owner_of, result_body
+from zimage_server.protocol import (
+    Flavour,
+    JobList,
+    JobListItem,
+    JobResult,
+    JobStatusBody,
+    SubmitRequest,
+    SubmittedJob,
+)
+from zimage_server.protocol.segmind import JobProgress
 from zimage_server.store.models import Job
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=BodyRoute)
 Caller = Annotated[Admission, Depends(identify_caller)]
-_SUBMIT_SCHEMA = GenerationParams.model_json_schema()
-_SUBMIT_SCHEMA["properties"]["webhook_url"] = {
-    "type": "string",
-    "description": "Called with a signed POST when the request finishes.",
-}
+V2Body = Annotated[object, DocumentedAs(SubmitRequest), Body(title="SubmitRequest")]
+_FAILED_422 = "FAILED: the body has `error` (Segmind serves it with HTTP 422)"
+
+
+def _errors(*examples: ZImageError, failed: type[BaseModel] | None = None) -> dict[int | str, Any]:
+    """The route's error statuses; with ``failed``, the 422 that carries a FAILED body."""
+    docs = error_docs(Flavour.SEGMIND, Example.no_key, Example.disabled, *examples)
+    if failed is not None:
+        docs[422] = {"model": failed, "description": _FAILED_422}
+    return docs
 
 
 def _runner(request: Request) -> JobRunner:
@@ -40,110 +59,124 @@ def _urls(base: str, job_id: str) -> dict[str, str]:
 
 
 def _iso(epoch: float | None) -> str | None:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(epoch, UTC).isoformat() if epoch else None
 
 
-def _status_body(runner: JobRunner, job: Job) -> dict[str, Any]:
+def _status_fields(runner: JobRunner, job: Job) -> dict[str, Any]:
+    """The status body's fields that apply (the others are left off the wire)."""
     status, position, progress = runner.live_status(job)
-    body: dict[str, Any] = {"request_id": job.id, "status": status.value, "seed": job.seed}
+    fields: dict[str, Any] = {"request_id": job.id, "status": status.value, "seed": job.seed}
     if position is not None:
-        body["queue_position"] = position
+        fields["queue_position"] = position
     if progress is not None:
-        body["progress"] = {"step": progress[0], "total": progress[1]}
+        fields["progress"] = JobProgress(step=progress[0], total=progress[1])
     if job.error:
-        body["error"] = job.error
-    body.update(created_at=_iso(job.created_at), finished_at=_iso(job.finished_at))
-    return body
+        fields["error"] = job.error
+    fields.update(created_at=_iso(job.created_at), finished_at=_iso(job.finished_at))
+    return fields
 
 
-def _reply(body: dict[str, Any]) -> JSONResponse:
+def _reply(body: JobStatusBody) -> Response:
     # Segmind serves a FAILED request's body with HTTP 422.
-    return JSONResponse(body, status_code=422 if body["status"] == "FAILED" else 200)
-
-
-def _webhook_url(data: Any) -> str | None:
-    value = data.get("webhook_url") if isinstance(data, dict) else None
-    if value is not None and not isinstance(value, str):
-        raise InvalidRequest("Invalid 'webhook_url': must be an http(s) URL.", "webhook_url")
-    return value or None
+    return model_response(body, status_code=422 if body.status == "FAILED" else 200)
 
 
 @router.post(
     "/v2/{model}",
     status_code=202,
     summary="Submit an async request (Segmind v2)",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": _SUBMIT_SCHEMA}},
-        }
-    },
+    response_model=SubmittedJob,
+    responses=_errors(
+        Example.bad_steps,
+        Example.unknown_model,
+        Example.credits,
+        Example.idempotency,
+        Example.rate_limited,
+        Example.queue_full,
+        Example.not_ready,
+    ),
 )
 async def submit(
-    model: str, request: Request, admission: Annotated[Admission, Depends(admit_generate)]
-) -> JSONResponse:
+    model: str,
+    body: V2Body,
+    request: Request,
+    admission: Annotated[Admission, Depends(admit_generate)],
+) -> Response:
     service: GenerationService = request.app.state.generation
     service.check_model(model)
-    data = parse_json(await request.body())
+    submit = service.validate_submit(body)
     base = public_base(request)
     submission = Submission(
-        params=service.validate(data),
-        webhook_url=_webhook_url(data),
+        params=submit.generation_params(),
+        webhook_url=submit.webhook_url,
         idempotency_key=request.headers.get("idempotency-key"),
         deadline_s=deadline_from(request),
         base_url=base,
     )
     runner = _runner(request)
     job, created = await runner.submit(submission, admission)
-    body = {"request_id": job.id, "status": runner.live_status(job)[0].value, **_urls(base, job.id)}
+    status = runner.live_status(job)[0].value
+    reply = SubmittedJob(request_id=job.id, status=status, **_urls(base, job.id))
     headers = {**admission.headers, **({} if created else {"Idempotent-Replayed": "true"})}
-    return JSONResponse(body, status_code=202, headers=headers)
+    return model_response(reply, status_code=202, headers=headers)
 
 
-@router.get("/v2/requests", summary="A key's recent requests")
+@router.get(
+    "/v2/requests", summary="A key's recent requests", response_model=JobList, responses=_errors()
+)
 async def list_requests(
     request: Request, caller: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 20
-) -> dict[str, Any]:
+) -> Response:
     runner = _runner(request)
-    jobs = await _recent(runner, owner_of(caller), limit)
+    jobs = await asyncio.to_thread(runner.repo.recent, owner_of(caller), limit)
     base = public_base(request)
-    return {"requests": [{**_status_body(runner, job), **_urls(base, job.id)} for job in jobs]}
+    items = [JobListItem(**_status_fields(runner, job), **_urls(base, job.id)) for job in jobs]
+    return model_response(JobList(requests=items))
 
 
-async def _recent(runner: JobRunner, owner: str, limit: int) -> list[Job]:
-    import asyncio
-
-    return list(await asyncio.to_thread(runner.repo.recent, owner, limit))
-
-
-@router.get("/v2/requests/{request_id}/status", summary="Status of an async request")
-async def status(request_id: str, request: Request, caller: Caller) -> JSONResponse:
+@router.get(
+    "/v2/requests/{request_id}/status",
+    summary="Status of an async request",
+    response_model=JobStatusBody,
+    responses=_errors(Example.unknown_request, failed=JobStatusBody),
+)
+async def status(request_id: str, request: Request, caller: Caller) -> Response:
     runner = _runner(request)
-    return _reply(_status_body(runner, await runner.get(request_id, owner_of(caller))))
+    job = await runner.get(request_id, owner_of(caller))
+    return _reply(JobStatusBody(**_status_fields(runner, job)))
 
 
-@router.get("/v2/requests/{request_id}", summary="Result of an async request")
+@router.get(
+    "/v2/requests/{request_id}",
+    summary="Result of an async request",
+    response_model=JobResult,
+    responses=_errors(Example.unknown_request, failed=JobResult),
+)
 async def result(request_id: str, request: Request, caller: Caller) -> Response:
     runner = _runner(request)
     job = await runner.get(request_id, owner_of(caller))
-    status = runner.live_status(job)[0].value
+    status = runner.live_status(job)[0]
 
-    def content() -> dict[str, Any]:
-        body = result_body(job, runner.outputs)  # reads and base64-encodes the image
-        body["status"] = status
-        return body
+    def content() -> JobResult:
+        # reads and base64-encodes the image; the status is the live one
+        return result_body(job, runner.outputs, status=status)
 
     # A finished job's output may be an inline image: read and render it off the loop.
     off_loop = job.output_id is not None
-    return await image_json(content, off_loop, status_code=422 if status == "FAILED" else 200)
+    code = 422 if status == JobStatus.FAILED else 200
+    return await image_json(content, off_loop, status_code=code)
 
 
-@router.post("/v2/requests/{request_id}/cancel", summary="Cancel a queued or running request")
-async def cancel(request_id: str, request: Request, caller: Caller) -> JSONResponse:
+@router.post(
+    "/v2/requests/{request_id}/cancel",
+    summary="Cancel a queued or running request",
+    response_model=JobStatusBody,
+    responses=_errors(Example.unknown_request, Example.finished, failed=JobStatusBody),
+)
+async def cancel(request_id: str, request: Request, caller: Caller) -> Response:
     runner = _runner(request)
-    return _reply(_status_body(runner, await runner.cancel(request_id, owner_of(caller))))
+    job = await runner.cancel(request_id, owner_of(caller))
+    return _reply(JobStatusBody(**_status_fields(runner, job)))
 
 
 __all__ = ["JobStatus", "router"]

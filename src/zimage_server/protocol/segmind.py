@@ -1,0 +1,249 @@
+"""Segmind's wire format: the v1 request and its 200 body, and the v2 async-job bodies.
+
+The request bodies are validated here, with our messages: every 400 names the field and
+its allowed values, derived from the same ``Field`` constraints that the OpenAPI schema
+shows, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from zimage_server.core.errors import InvalidRequest
+
+MAX_SEED = 2**63 - 1
+MODEL_SLUG = "z-image-turbo"
+JobState = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
+
+
+def no_bool(value: Any) -> Any:
+    # JSON true/false are not numbers; pydantic's lax mode would take them as 1/0.
+    if isinstance(value, bool):
+        raise ValueError("booleans are not numbers")
+    return value
+
+
+def _format_alias(value: Any) -> Any:
+    if isinstance(value, str):
+        value = value.strip().lower()
+        return "jpeg" if value == "jpg" else value
+    return value
+
+
+Int = Annotated[int, BeforeValidator(no_bool)]
+Number = Annotated[float, BeforeValidator(no_bool)]
+ImageFormat = Annotated[Literal["jpeg", "png", "webp"], BeforeValidator(_format_alias)]
+
+
+# -- requests ----------------------------------------------------------------------------
+class GenerationParams(BaseModel):
+    """Body of ``POST /v1/z-image-turbo``. Unknown fields are ignored, as Segmind does."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    prompt: str = Field(
+        description="Text prompt describing the desired image (any language). Prompts "
+        "longer than the model's 512-token window are truncated, not rejected.",
+        min_length=1,
+    )
+    steps: Int = Field(8, ge=1, le=75, description="Number of inference steps.")
+    guidance_scale: Number = Field(
+        1.0,
+        ge=0,
+        le=15,
+        description="Classifier-free guidance scale. 1 (or less) means no guidance: one "
+        "transformer pass per step. Above 1, guidance runs with diffusers scale g - 1.",
+    )
+    seed: Int = Field(-1, ge=-1, le=MAX_SEED, description="Random seed; -1 picks one.")
+    height: Int = Field(1024, ge=256, le=2048, description="Output height in pixels.")
+    width: Int = Field(1024, ge=256, le=2048, description="Output width in pixels.")
+    image_format: ImageFormat = Field("webp", description="Output image format.")
+    quality: Int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless).")
+    base_64: bool = Field(False, description="Return the image as base64 instead of a URL.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("blank prompt")
+        return value
+
+
+class SubmitRequest(GenerationParams):
+    """Body of ``POST /v2/z-image-turbo``: the v1 body plus an optional webhook."""
+
+    webhook_url: str | None = Field(
+        None, description="Called with a signed POST when the request finishes."
+    )
+
+    def generation_params(self) -> GenerationParams:
+        return GenerationParams(**self.model_dump(exclude={"webhook_url"}))
+
+
+@functools.cache
+def _properties() -> dict[str, dict[str, Any]]:
+    properties: dict[str, dict[str, Any]] = GenerationParams.model_json_schema()["properties"]
+    return properties
+
+
+def allowed_values(name: str) -> str:
+    """Describe a field's allowed values from its schema, e.g. 'an integer from 1 to 75'."""
+    schema = _properties()[name]
+    if "enum" in schema:
+        return "one of " + ", ".join(f"'{v}'" for v in schema["enum"])
+    kind = {"integer": "an integer", "number": "a number", "boolean": "true or false"}
+    if schema.get("type") == "string":
+        return "a non-empty string"
+    text = kind.get(schema.get("type", ""), "a value")
+    if "minimum" in schema and "maximum" in schema:
+        text += f" from {_num(schema['minimum'])} to {_num(schema['maximum'])}"
+    return text
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def parse_json(body: bytes) -> Any:
+    """A raw body as JSON, or the ``InvalidRequest`` that says what is wrong with it."""
+    if not body.strip():
+        raise InvalidRequest(
+            'The request body is empty: send a JSON object such as {"prompt": "a red fox"}.'
+        )
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+
+
+def json_value(body: object) -> Any:
+    """What a route received: raw bytes (a body not sent as JSON) are parsed here."""
+    return parse_json(body) if isinstance(body, bytes) else body
+
+
+def parse_params(body: bytes) -> GenerationParams:
+    """Parse and validate a raw JSON body; raise ``InvalidRequest`` naming the field."""
+    return validate_params(parse_json(body))
+
+
+def validate_params(data: Any) -> GenerationParams:
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object with at least 'prompt'.")
+    try:
+        return GenerationParams.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc, data) from None
+
+
+def validate_submit(data: Any) -> SubmitRequest:
+    """The v2 body: the v1 checks first, then ``webhook_url`` (checked further, for
+    reachability, by the job runner's webhook policy)."""
+    return with_webhook(validate_params(data), data)
+
+
+def with_webhook(params: GenerationParams, data: dict[str, Any]) -> SubmitRequest:
+    url = data.get("webhook_url")
+    if url is not None and not isinstance(url, str):
+        raise InvalidRequest("Invalid 'webhook_url': must be an http(s) URL.", field="webhook_url")
+    return SubmitRequest(**params.model_dump(), webhook_url=url or None)
+
+
+def _invalid(exc: ValidationError, data: dict[str, Any]) -> InvalidRequest:
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else "body"
+    allowed = allowed_values(field) if field in GenerationParams.model_fields else "valid"
+    if error["type"] == "missing":
+        return InvalidRequest(
+            f"Missing required field '{field}': it must be {allowed}.", field=field
+        )
+    got = json.dumps(data.get(field), ensure_ascii=False)
+    if len(got) > 60:
+        got = got[:57] + "..."
+    return InvalidRequest(f"Invalid '{field}': must be {allowed} (got {got}).", field=field)
+
+
+# -- responses ---------------------------------------------------------------------------
+class ImageResponse(BaseModel):
+    """A v1 200 in JSON: the image (its URL, or base64 without a ``data:`` prefix) and how
+    it was made."""
+
+    image: str = Field(
+        description="Absolute URL of the stored image, or its base64 when `base_64` is true."
+    )
+    seed: int = Field(description="The seed actually used (also in `X-Seed`).")
+    width: int
+    height: int
+    image_format: Literal["jpeg", "png", "webp"]
+    quality: int
+    steps: int
+    guidance_scale: float
+    generation_time: float = Field(description="Seconds from admission to encoded image.")
+    timings: dict[str, float] = Field(description="Seconds per stage.")
+    transformer_passes: int
+    prompt_tokens: int
+
+
+class SubmittedJob(BaseModel):
+    """The 202 of ``POST /v2/{model}``: where to poll, fetch and cancel (absolute URLs)."""
+
+    request_id: str
+    status: JobState
+    status_url: str
+    response_url: str
+    cancel_url: str
+
+
+class JobProgress(BaseModel):
+    step: int
+    total: int
+
+
+class JobStatusBody(BaseModel):
+    """``GET /v2/requests/{id}/status`` (a FAILED one is served with HTTP 422, as Segmind
+    does). ``queue_position``, ``progress`` and ``error`` appear only when they apply."""
+
+    request_id: str
+    status: JobState
+    seed: int
+    queue_position: int | None = Field(None, description="1 = next; only while QUEUED.")
+    progress: JobProgress | None = Field(None, description="Only while PROCESSING.")
+    error: str | None = Field(None, description="Only when FAILED or CANCELLED.")
+    created_at: str | None
+    finished_at: str | None
+
+
+class JobListItem(JobStatusBody):
+    status_url: str
+    response_url: str
+    cancel_url: str
+
+
+class JobList(BaseModel):
+    """``GET /v2/requests``: the key's recent requests, newest first."""
+
+    requests: list[JobListItem]
+
+
+class JobMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    inference_time: float
+    queue_time: float
+    timings: dict[str, float]
+    credits: str
+
+
+class JobResult(BaseModel):
+    """``GET /v2/requests/{id}`` and the webhook payload (a FAILED one is served with HTTP
+    422). ``output`` is the image URL, or base64 when the request asked for it."""
+
+    request_id: str
+    status: JobState
+    output: str | None
+    seed: int
+    metrics: JobMetrics | None
+    error: str | None = Field(None, description="Only when FAILED or CANCELLED.")
