@@ -209,3 +209,17 @@ def test_allowed_values_reads_a_cached_schema() -> None:
     assert segmind.allowed_values("quality") == "an integer from 1 to 100"
     after = segmind._properties.cache_info()
     assert after.misses == before.misses and after.hits == before.hits + 1
+
+
+def test_the_protocol_and_the_sdk_import_no_web_framework() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import zimage_server.client, zimage_server.protocol\n"
+        "web = [m for m in ('fastapi', 'starlette', 'torch') if m in sys.modules]\n"
+        "assert not web, web\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
