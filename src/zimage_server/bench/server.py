@@ -1,24 +1,18 @@
 """The server under test: ``python -m zimage_server serve`` in a subprocess, driven over HTTP.
 
-Started the way a user starts it (the CLI, a free port), so the numbers include HTTP,
-validation, the queue, the worker's pipe and the image encode.
+Started the way a user starts it (``zimage_server.launcher``: the CLI, a free port), so the
+numbers include HTTP, validation, the queue, the worker's pipe and the image encode.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -26,25 +20,18 @@ import numpy as np
 from PIL import Image
 
 from zimage_server.bench.stats import Sample
+from zimage_server.launcher import ServerProcess, ServerStartError, absolute_pythonpath
+
+__all__ = ["BenchError", "BenchServer", "Client", "absolute_pythonpath"]
 
 ENDPOINT = "/v1/z-image-turbo"
-LOG_TAIL_CHARS = 4000
 
 
 class BenchError(RuntimeError):
     """The benchmark cannot go on (server failed to start, a request failed, ...)."""
 
 
-def absolute_pythonpath() -> dict[str, str]:
-    """``PYTHONPATH=src`` made absolute: the server starts in its data folder, where a
-    relative entry would silently import some other installed copy (or nothing)."""
-    path = os.environ.get("PYTHONPATH")
-    if not path:
-        return {}
-    return {"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in path.split(os.pathsep))}
-
-
-class BenchServer:
+class BenchServer(ServerProcess):
     """A ``zimage serve`` subprocess; a context manager that stops it on exit."""
 
     def __init__(
@@ -54,72 +41,14 @@ class BenchServer:
         log_path: Path,
         ready_timeout_s: float = 900.0,
     ) -> None:
-        self.log_path = log_path
-        self.ready_timeout_s = ready_timeout_s
-        command = [sys.executable, "-m", "zimage_server", "serve", *model_args, "--port", "0"]
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
-            command,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **absolute_pythonpath(), **env},
-            cwd=log_path.parent,
-        )
-        self.url = ""
+        super().__init__(model_args, env, log_path, ready_timeout_s=ready_timeout_s)
 
     def __enter__(self) -> BenchServer:
         try:
-            self.url = self._wait_for_port()
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+            self.start()
+        except ServerStartError as exc:
+            raise BenchError(str(exc)) from exc
         return self
-
-    def __exit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def _fail(self, why: str) -> BenchError:
-        return BenchError(f"{why}; server log tail:\n{self.log()[-LOG_TAIL_CHARS:]}")
-
-    def _wait_for_port(self) -> str:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            match = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", self.log())
-            if match:
-                return match.group(1)
-            if self.proc.poll() is not None:
-                raise self._fail("the server exited before binding")
-            time.sleep(0.1)
-        raise self._fail("the server did not bind in time")
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise self._fail("the server exited while loading")
-            reply = httpx.get(self.url + "/readyz", timeout=10)
-            if reply.status_code == 200:
-                return
-            if reply.json().get("status") == "FAILED":  # gave up loading: no point waiting
-                raise self._fail(f"the model failed to load: {reply.json().get('reason')}")
-            time.sleep(0.2)
-        raise self._fail("the model did not become ready in time")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 class Client:
