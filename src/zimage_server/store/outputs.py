@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from zimage_server.core.errors import InsufficientStorage, OutputNotFound
@@ -22,10 +23,21 @@ SPACE_RECHECK_S = 1.0  # a free-space reading that found room is trusted this lo
 
 
 class OutputStore:
-    def __init__(self, folder: Path, ttl_s: int, min_free_bytes: int = 0) -> None:
+    """``clock`` (wall time) says when an output has expired; tests move it instead of
+    waiting out the TTL."""
+
+    def __init__(
+        self,
+        folder: Path,
+        ttl_s: int,
+        min_free_bytes: int = 0,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.folder = folder
         self.ttl_s = ttl_s
         self.min_free_bytes = min_free_bytes
+        self.clock = clock
         self._room_seen_at = -math.inf
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -64,7 +76,7 @@ class OutputStore:
             raise OutputNotFound(f"No output named '{output_id[:80]}'.")
         path = self.folder / output_id
         try:
-            age = time.time() - path.stat().st_mtime
+            age = self.clock() - path.stat().st_mtime
         except FileNotFoundError:
             raise OutputNotFound(
                 f"No output named '{output_id}': it never existed or has expired "
@@ -79,7 +91,7 @@ class OutputStore:
 
     def sweep(self) -> int:
         """Delete expired outputs; returns how many were removed."""
-        cutoff = time.time() - self.ttl_s
+        cutoff = self.clock() - self.ttl_s
         removed = 0
         for path in self.folder.iterdir():
             try:
