@@ -10,7 +10,7 @@ from typing import TypeVar
 import pytest
 
 from zimage_server.core.config import SpeedupSettings, WorkerSettings
-from zimage_server.core.errors import WorkerDied
+from zimage_server.core.errors import GenerationFailed, WorkerDied
 from zimage_server.engine.handle import MAX_LOAD_FAILURES, WorkerHandle, WorkerState
 from zimage_server.engine.null import NULL_MODEL, seed_colour
 from zimage_server.engine.protocol import WorkerSpec
@@ -99,5 +99,20 @@ def test_state_moves_are_checked() -> None:
         worker = handle()
         with pytest.raises(RuntimeError, match="STARTING -> BUSY is not allowed"):
             await worker.render(await batch_of("x"), lambda _s, _t: None)
+
+    run(scenario)
+
+
+def test_a_batch_that_fails_in_the_worker_raises_its_error_and_the_worker_serves_on() -> None:
+    async def scenario() -> None:
+        worker = handle()
+        worker.start()
+        await worker.wait_ready()
+        with pytest.raises(GenerationFailed, match="injected by"):
+            await worker.render(await batch_of("[[fault:error]]"), lambda _s, _t: None)
+        assert worker.state == WorkerState.READY and worker.restarts == 0
+        done = await worker.render(await batch_of("fine"), lambda _s, _t: None)
+        assert len(done.images) == 1
+        await worker.stop()
 
     run(scenario)

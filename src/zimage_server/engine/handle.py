@@ -276,7 +276,8 @@ class WorkerHandle:
         elif isinstance(event, BatchDone):
             self._end_batch().set_result(event)
         else:
-            self._end_batch().set_exception(_batch_error(event, self._in_flight.batch))
+            error = _batch_error(event, self._in_flight.batch)
+            self._end_batch().set_exception(error)
 
     def _on_ready(self, event: Ready) -> None:
         log.info(
