@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,7 @@ from zimage_server.store.db import Database
 from zimage_server.store.models import ApiKey
 
 SCOPES = frozenset({"generate"})
+_PREFIX = re.compile(r"[0-9a-f]{8}")  # secrets.token_hex(4), as ``create`` makes them
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
 _KEYS = ApiKey.metadata.tables[ApiKey.__tablename__]
 # Every authenticated request runs this: a Core statement built once (see Ledger).
@@ -105,6 +107,8 @@ class KeyService:
         max_in_flight: int | None = None,
     ) -> tuple[str, KeyInfo]:
         """Create a key; returns the plaintext (shown once) and its public info."""
+        if credits < 0:
+            raise InvalidRequest("Invalid 'credits': must be 0 or more.", field="credits")
         if rate_limit is not None:
             _check_limit(rate_limit)
         unknown = scopes - SCOPES
@@ -156,7 +160,7 @@ class KeyService:
                 select(ApiKey).where(ApiKey.prefix == prefix)
             ).scalar_one_or_none()
         if row is None:
-            raise NotFound(f"No API key with prefix '{prefix[:40]}'.")
+            raise NotFound(_unknown_prefix(prefix))
         return row
 
     def get(self, prefix: str) -> KeyInfo:
@@ -174,8 +178,22 @@ class KeyService:
         return self.get(prefix)
 
     def top_up(self, prefix: str, credits: int) -> KeyInfo:
+        if credits <= 0:
+            raise InvalidRequest(
+                "Invalid 'credits': a top-up must be more than 0.", field="credits"
+            )
         self.ledger.top_up(self._row(prefix).id, credits, note="top-up")
         return self.get(prefix)
 
     def key_id(self, prefix: str) -> int:
         return self._row(prefix).id
+
+
+def _unknown_prefix(given: str) -> str:
+    """Name the prefix that was not found, and never echo what may be a key (or part of
+    one): only text shaped like a prefix is repeated."""
+    if _PREFIX.fullmatch(given):
+        return f"No API key with prefix '{given}'."
+    if given.startswith("zk_"):
+        return "That looks like a whole API key: pass its prefix (the 8 characters after zk_)."
+    return "That is not a key prefix: 8 hexadecimal characters, as `zimage keys list` shows."

@@ -182,6 +182,14 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
         100 * 2**20, ge=0, description="Refuse renders (507) when the output disk has less."
     )
 
+    @field_validator("admin_token", "webhook_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """An empty secret would open the admin API to anyone, or sign webhooks with a
+        key everyone knows: blank means unset (the feature stays off)."""
+        secret = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if isinstance(secret, str) and not secret.strip() else value
+
     @field_validator("public_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
