@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from zimage_server.core.config import Settings
@@ -114,9 +115,14 @@ def serve(
             return
         application = create_app(settings, on_progress=_LoadProgress())
     except StartupError as exc:
-        console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
+        _error(exc.message)
         raise typer.Exit(2) from None
     serving.run(application, settings)
+
+
+def _error(message: str, label: str = "error") -> None:
+    """One red line; the message is printed as is (``[ray]`` is not console markup)."""
+    console.print(f"[bold red]{label}:[/] {escape(message)}", soft_wrap=True)
 
 
 def _warn(settings: Settings) -> None:
@@ -181,7 +187,7 @@ def _run(action: Any) -> Any:
     try:
         return action()
     except ZImageError as exc:
-        console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
+        _error(exc.message)
         raise typer.Exit(1) from None
 
 
@@ -296,7 +302,7 @@ def generate(
     quality: Annotated[int | None, typer.Option(min=1, max=100)] = None,
 ) -> None:
     """Generate an image on a running server and save it."""
-    from zimage_server.client import ZImageAPIError, ZImageClient
+    from zimage_server.client import APIConnectionError, ZImageAPIError, ZImageClient
 
     fmt = image_format.value if image_format else (output.suffix.lstrip(".").lower() or "webp")
     fmt = {"jpg": "jpeg"}.get(fmt, fmt)
@@ -313,10 +319,10 @@ def generate(
         with ZImageClient(url, api_key) as client, console.status(f"Generating on {url} ..."):
             image = client.generate(prompt, **options)
     except ZImageAPIError as exc:
-        console.print(f"[bold red]error {exc.status}:[/] {exc.message}", soft_wrap=True)
+        _error(exc.message, f"error {exc.status}")
         raise typer.Exit(1) from None
-    except OSError as exc:
-        console.print(f"[bold red]error:[/] cannot reach {url}: {exc}", soft_wrap=True)
+    except APIConnectionError as exc:
+        _error(str(exc))
         raise typer.Exit(1) from None
     image.save(str(output))
     took = f" in {image.generation_time:.2f}s" if image.generation_time is not None else ""

@@ -9,6 +9,7 @@ with ZImageClient("http://127.0.0.1:8000", api_key="zk_...") as client:
 from zimage_server.client._shared import GeneratedImage, Job
 from zimage_server.client.asynchronous import AsyncZImageClient
 from zimage_server.client.errors import (
+    APIConnectionError,
     AuthenticationError,
     BadRequestError,
     ConflictError,
@@ -26,6 +27,7 @@ from zimage_server.client.errors import (
 from zimage_server.client.sync import ZImageClient
 
 __all__ = [
+    "APIConnectionError",
     "AsyncZImageClient",
     "AuthenticationError",
     "BadRequestError",

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from zimage_server.client.errors import error_for
+from zimage_server.client.errors import APIConnectionError, error_for
 from zimage_server.protocol import (
     ImageResponse,
     JobResult,
@@ -29,7 +29,7 @@ MODEL = "z-image-turbo"
 class GeneratedImage:
     """An image from the server: bytes, and how it was made."""
 
-    data: bytes
+    data: bytes = field(repr=False)  # megabytes: ``repr`` shows its size instead
     seed: int | None
     image_format: str
     width: int | None = None
@@ -37,6 +37,12 @@ class GeneratedImage:
     generation_time: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
     credits_consumed: str | None = None
+
+    def __repr__(self) -> str:
+        size = f"{self.width}x{self.height}" if self.width and self.height else "unknown size"
+        return (
+            f"GeneratedImage({self.image_format}, {size}, {len(self.data)} bytes, seed={self.seed})"
+        )
 
     def to_pil(self) -> Any:
         from PIL import Image
@@ -59,6 +65,12 @@ def generate_body(prompt: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def headers(api_key: str | None) -> dict[str, str]:
     return {"x-api-key": api_key} if api_key else {}
+
+
+def unreachable(base_url: httpx.URL, exc: httpx.TransportError) -> APIConnectionError:
+    """A transport failure as one readable error (the reason, not a traceback)."""
+    reason = str(exc) or type(exc).__name__
+    return APIConnectionError(str(base_url).rstrip("/"), reason)
 
 
 def raise_for(response: httpx.Response) -> None:
@@ -94,10 +106,13 @@ def parse_image(response: httpx.Response) -> GeneratedImage:
     consumed = response.headers.get("x-credits-consumed")
     if response.headers.get("content-type", "").startswith("image/"):
         kind = response.headers["content-type"].split("/", 1)[1]
+        width, height = image_size(response.content)
         return GeneratedImage(
             response.content,
             int(seed_header) if seed_header else None,
             kind,
+            width=width,
+            height=height,
             credits_consumed=consumed,
         )
     body = ImageResponse.model_validate_json(response.content)
@@ -145,14 +160,29 @@ def job_output(result: JobResult, image_format: str, fetched: bytes | None) -> G
         raise ValueError(f"request {result.request_id} has no output")
     data = fetched if fetched is not None else base64.b64decode(result.output or "")
     metrics = result.metrics
+    width, height = image_size(data)
     return GeneratedImage(
         data=data,
         seed=result.seed,
         image_format=image_format,
+        width=width,
+        height=height,
         generation_time=metrics.inference_time if metrics else None,
         timings=metrics.timings if metrics else {},
         credits_consumed=metrics.credits if metrics else None,
     )
+
+
+def image_size(data: bytes) -> tuple[int | None, int | None]:
+    """Width and height from the image's header (the v2 result and raw replies do not
+    carry them); (None, None) for bytes that are not an image Pillow knows."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError):
+        return None, None
 
 
 def job_failure(request_id: str, result: JobResult) -> str:

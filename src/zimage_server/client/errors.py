@@ -1,6 +1,16 @@
-"""Typed errors of the SDK, one per HTTP status the API documents."""
+"""Typed errors of the SDK, one per HTTP status the API documents, and one for a server
+that cannot be reached at all."""
 
 from __future__ import annotations
+
+
+class APIConnectionError(Exception):
+    """No reply: the server is down, the address is wrong, or the connection broke."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach {url}: {reason}")
+        self.url = url
+        self.reason = reason
 
 
 class ZImageAPIError(Exception):

@@ -21,6 +21,7 @@ from zimage_server.client._shared import (
     parse_result,
     parse_status,
     retry_delay,
+    unreachable,
 )
 from zimage_server.client.errors import JobFailedError
 from zimage_server.protocol import wire
@@ -64,7 +65,10 @@ class ZImageClient:
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.max_retries + 1):
-            response = self._http.request(method, url, **kwargs)
+            try:
+                response = self._http.request(method, url, **kwargs)
+            except httpx.TransportError as exc:
+                raise unreachable(self._http.base_url, exc) from exc
             if response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
                 return response
             self.retries_done += 1
