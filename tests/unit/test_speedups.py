@@ -16,8 +16,7 @@ import torch
 from diffusers import ZImagePipeline
 from pydantic import ValidationError
 
-from zimage_server.core.config import Settings, WorkerSettings
-from zimage_server.core.config import SpeedupSettings as Speedups
+from zimage_server.core.config import Settings, SpeedupSettings, WorkerSettings
 from zimage_server.engine.generator import DiffusersGenerator
 from zimage_server.engine.protocol import BatchDone, Prefetch, RenderBatch, RenderItem, WorkerSpec
 from zimage_server.engine.rope import rotate, use_real_rope
@@ -27,14 +26,14 @@ from zimage_server.engine.worker import prefetch_forever
 
 
 def spec(
-    model: Path | str, speedups: Speedups | None = None, cache: str | None = None
+    model: Path | str, speedups: SpeedupSettings | None = None, cache: str | None = None
 ) -> WorkerSpec:
     return WorkerSpec(
         name="worker-0",
         model_path=str(model),
         device="cpu",
         worker=WorkerSettings(),
-        speedups=speedups or Speedups(),
+        speedups=speedups or SpeedupSettings(),
         compile_cache_dir=cache,
     )
 
@@ -43,7 +42,7 @@ PROMPTS = ["a cat", "ड्रैगन फ्रूट, a much longer prompt ab
 
 
 def render(
-    model: Path, speedups: Speedups, guidance: float = 1.0, steps: int = 3
+    model: Path, speedups: SpeedupSettings, guidance: float = 1.0, steps: int = 3
 ) -> tuple[DiffusersGenerator, BatchDone, list[np.ndarray]]:
     generator = DiffusersGenerator(spec(model, speedups))
     generator.load(lambda *_: None)
@@ -61,7 +60,7 @@ def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> int:
 @pytest.fixture(scope="module")
 def stock_padded(tiny_model_dir: Path) -> tuple[BatchDone, list[np.ndarray]]:
     """The reference: every speed-up off, prompts padded to 512 like stock."""
-    reference = Speedups(
+    reference = SpeedupSettings(
         prompt_bucket_tokens=0, prompt_cache_size=0, compile="off", vae_channels_last="off"
     )
     _, done, pixels = render(tiny_model_dir, reference, guidance=2.0)
@@ -110,7 +109,7 @@ def test_prompt_cache_reuses_and_evicts(tiny_model_dir: Path) -> None:
 def test_default_speedups_render_the_stock_image(
     tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
 ) -> None:
-    _, done, pixels = render(tiny_model_dir, Speedups(vae_channels_last="on"), guidance=2.0)
+    _, done, pixels = render(tiny_model_dir, SpeedupSettings(vae_channels_last="on"), guidance=2.0)
     assert max_diff(pixels, stock_padded[1]) <= 1
     assert done.transformer_passes == stock_padded[0].transformer_passes == 2 * 2 * 3
 
@@ -118,7 +117,9 @@ def test_default_speedups_render_the_stock_image(
 def test_math_attention_backend_renders_the_same_image(
     tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
 ) -> None:
-    _, _, pixels = render(tiny_model_dir, Speedups(attention_backend="_native_math"), guidance=2.0)
+    _, _, pixels = render(
+        tiny_model_dir, SpeedupSettings(attention_backend="_native_math"), guidance=2.0
+    )
     assert max_diff(pixels, stock_padded[1]) <= 1
     assert attention_backend("auto", "cpu") == "native"
 
@@ -148,7 +149,9 @@ def test_real_rope_is_the_complex_rotation(
 def test_step_cache_off_threshold_changes_nothing(
     tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
 ) -> None:
-    generator, done, pixels = render(tiny_model_dir, Speedups(step_cache=1e-12), guidance=2.0)
+    generator, done, pixels = render(
+        tiny_model_dir, SpeedupSettings(step_cache=1e-12), guidance=2.0
+    )
     assert generator.step_cache is not None and generator.step_cache.skipped == 0
     assert max_diff(pixels, stock_padded[1]) <= 1
     assert done.transformer_passes == stock_padded[0].transformer_passes
@@ -158,11 +161,11 @@ def test_step_cache_skips_inner_steps_only(
     tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
 ) -> None:
     steps = 6
-    generator, done, pixels = render(tiny_model_dir, Speedups(step_cache=1.0), 2.0, steps)
+    generator, done, pixels = render(tiny_model_dir, SpeedupSettings(step_cache=1.0), 2.0, steps)
     skipped = generator.step_cache.skipped
     assert 0 < skipped <= steps - 2  # the first and the last step always run in full
     assert done.transformer_passes == 2 * 2 * (steps - skipped)
-    _, _, full = render(tiny_model_dir, Speedups(), 2.0, steps)
+    _, _, full = render(tiny_model_dir, SpeedupSettings(), 2.0, steps)
     assert max_diff(pixels, full) > 0  # lossy, and the benchmark reports by how much
 
 
@@ -246,7 +249,7 @@ def test_a_failing_compiled_render_falls_back_to_eager(
     tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
 ) -> None:
     """A compiler failure (here: every compiled block raises) costs speed, not the render."""
-    generator = DiffusersGenerator(spec(tiny_model_dir, Speedups(compile="on")))
+    generator = DiffusersGenerator(spec(tiny_model_dir, SpeedupSettings(compile="on")))
     generator.load(lambda *_: None)
     assert generator.compiled
 
