@@ -39,7 +39,8 @@ class KeyCreate(BaseModel):
 
 
 class TopUp(BaseModel):
-    credits: Number = Field(gt=0, le=1e12)
+    # Credits are kept in millionths: less than one of them would add nothing.
+    credits: Number = Field(ge=1e-6, le=1e12, description="At least 0.000001.")
 
 
 def key_json(info: KeyInfo) -> dict[str, Any]:
