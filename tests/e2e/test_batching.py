@@ -21,7 +21,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import Server
+from tests.conftest import InProcessServer
 
 STEPS = 2
 PROMPTS = [
@@ -42,14 +42,14 @@ MAX_DIFFERING = 0.001
 
 
 @pytest.fixture(scope="module")
-def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
     env = {"ZIMAGE_MAX_BATCH_SIZE": "4", "ZIMAGE_BATCH_WAIT_MS": "300"}
-    srv = Server(Path(tmp_path_factory.mktemp("batching")), env=env)
+    srv = InProcessServer(Path(tmp_path_factory.mktemp("batching")), env=env)
     yield srv
     srv.stop()
 
 
-def render(server: Server, index: int) -> dict[str, Any]:
+def render(server: InProcessServer, index: int) -> dict[str, Any]:
     body = {
         "prompt": PROMPTS[index],
         "seed": 1000 + index,
@@ -70,7 +70,7 @@ def pixels(data: dict[str, Any]) -> np.ndarray:
     return np.asarray(image.convert("RGB")).astype(np.int16)
 
 
-def test_batched_images_match_their_single_renders(batching_server: Server) -> None:
+def test_batched_images_match_their_single_renders(batching_server: InProcessServer) -> None:
     indexes = range(len(PROMPTS))
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         batched = list(pool.map(lambda i: render(batching_server, i), indexes))
@@ -89,7 +89,7 @@ def test_batched_images_match_their_single_renders(batching_server: Server) -> N
     assert len({pixels(s).tobytes() for s in singles}) == len(PROMPTS)  # not all the same
 
 
-def wait_for_metric(server: Server, line: str, timeout: float = 30) -> None:
+def wait_for_metric(server: InProcessServer, line: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while line not in requests.get(server.url + "/metrics", timeout=10).text:
         assert time.monotonic() < deadline, f"no '{line}' in /metrics"
@@ -99,7 +99,7 @@ def wait_for_metric(server: Server, line: str, timeout: float = 30) -> None:
 def test_prompts_queued_behind_a_batch_are_encoded_while_it_denoises(tmp_path: Path) -> None:
     """With prefetch on, the second request's prompt is encoded during the first's denoise."""
     env = {"ZIMAGE_PREFETCH_PROMPTS": "on", "ZIMAGE_DEBUG_STEP_DELAY_S": "0.5"}
-    server = Server(tmp_path, env=env)
+    server = InProcessServer(tmp_path, env=env)
     try:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(render, server, 0)

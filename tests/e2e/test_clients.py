@@ -8,7 +8,6 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -16,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import Server, create_key
+from tests.conftest import ADMIN, InProcessServer, create_key
 from zimage_server.client import (
     AsyncZImageClient,
     AuthenticationError,
@@ -24,37 +23,27 @@ from zimage_server.client import (
     ZImageClient,
 )
 
-ADMIN = "clients-admin"
-
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(
-        tmp_path_factory.mktemp("clients"),
-        env={
-            "ZIMAGE_AUTH": "true",
-            "ZIMAGE_ADMIN_TOKEN": ADMIN,
-            "ZIMAGE_MAX_BATCH_SIZE": "4",
-        },
-    )
-    yield server
-    server.stop()
+def api(auth_server: InProcessServer) -> InProcessServer:
+    """The session's server with keys and the admin API on (batches of up to 4)."""
+    return auth_server
 
 
-def new_key(server: Server, **extra: object) -> str:
+def new_key(server: InProcessServer, **extra: object) -> str:
     return create_key(server, ADMIN, 100, **extra)
 
 
 @pytest.fixture(scope="module")
-def key(api: Server) -> str:
+def key(api: InProcessServer) -> str:
     return new_key(api)
 
 
-def oai(api: Server, key: str) -> openai.OpenAI:
+def oai(api: InProcessServer, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=api.url + "/v1", api_key=key, max_retries=0)
 
 
-def test_openai_b64_json_of_the_requested_size(api: Server, key: str) -> None:
+def test_openai_b64_json_of_the_requested_size(api: InProcessServer, key: str) -> None:
     result = oai(api, key).images.generate(
         model="z-image-turbo",
         prompt="a red fox",
@@ -66,7 +55,7 @@ def test_openai_b64_json_of_the_requested_size(api: Server, key: str) -> None:
     assert image.size == (512, 256) and image.format == "PNG"
 
 
-def test_openai_url_and_output_format(api: Server, key: str) -> None:
+def test_openai_url_and_output_format(api: InProcessServer, key: str) -> None:
     result = oai(api, key).images.generate(
         prompt="a red fox",
         size="256x320",
@@ -79,7 +68,7 @@ def test_openai_url_and_output_format(api: Server, key: str) -> None:
     assert image.format == "WEBP" and image.size == (256, 320)
 
 
-def test_openai_n2_gives_two_different_images(api: Server, key: str) -> None:
+def test_openai_n2_gives_two_different_images(api: InProcessServer, key: str) -> None:
     result = oai(api, key).images.generate(
         prompt="two foxes",
         n=2,
@@ -90,7 +79,7 @@ def test_openai_n2_gives_two_different_images(api: Server, key: str) -> None:
     assert len(result.data) == 2 and first != second
 
 
-def test_openai_bad_size_is_a_bad_request_error(api: Server, key: str) -> None:
+def test_openai_bad_size_is_a_bad_request_error(api: InProcessServer, key: str) -> None:
     with pytest.raises(openai.BadRequestError) as error:
         oai(api, key).images.generate(prompt="x", size="100x100")  # type: ignore[arg-type]
     body = error.value.body
@@ -98,13 +87,13 @@ def test_openai_bad_size_is_a_bad_request_error(api: Server, key: str) -> None:
     assert "256 to 2048" in body["message"] and body["type"] == "invalid_request_error"
 
 
-def test_openai_wrong_key_and_models(api: Server, key: str) -> None:
+def test_openai_wrong_key_and_models(api: InProcessServer, key: str) -> None:
     with pytest.raises(openai.AuthenticationError):
         oai(api, "zk_nope_nope").images.generate(prompt="x", size="256x256")
     assert [m.id for m in oai(api, key).models.list()] == ["z-image-turbo"]
 
 
-def test_sdk_generate_sync_and_async(api: Server, key: str) -> None:
+def test_sdk_generate_sync_and_async(api: InProcessServer, key: str) -> None:
     with ZImageClient(api.url, key) as client:
         image = client.generate(
             "a lighthouse", width=320, height=256, steps=1, seed=3, image_format="png"
@@ -122,7 +111,7 @@ def test_sdk_generate_sync_and_async(api: Server, key: str) -> None:
     assert asyncio.run(run()) == image.data
 
 
-def test_sdk_jobs_submit_wait_cancel(api: Server, key: str) -> None:
+def test_sdk_jobs_submit_wait_cancel(api: InProcessServer, key: str) -> None:
     with ZImageClient(api.url, key) as client:
         job = client.submit("an async lighthouse", width=256, height=256, steps=1, seed=4)
         image = client.wait(job.request_id)
@@ -133,14 +122,14 @@ def test_sdk_jobs_submit_wait_cancel(api: Server, key: str) -> None:
             client.wait(slow.request_id)
 
 
-def test_sdk_typed_errors(api: Server, key: str) -> None:
+def test_sdk_typed_errors(api: InProcessServer, key: str) -> None:
     with ZImageClient(api.url, key) as client, pytest.raises(BadRequestError, match="steps"):
         client.generate("x", steps=0)
     with ZImageClient(api.url, "zk_bad_key") as client, pytest.raises(AuthenticationError):
         client.generate("x")
 
 
-def test_sdk_retries_429_after_retry_after(api: Server) -> None:
+def test_sdk_retries_429_after_retry_after(api: InProcessServer) -> None:
     limited = new_key(api, rate_limit="1/3second")
     # A cheap request (400, bad body) uses up the window at once.
     spent = requests.post(
@@ -159,11 +148,12 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
         check=False,
-        env={**os.environ, **env},
+        # Wide enough that rich does not wrap "seed 11" onto two lines after a long path.
+        env={**os.environ, "COLUMNS": "200", **env},
     )
 
 
-def test_cli_generate_writes_an_image(api: Server, key: str, tmp_path: Path) -> None:
+def test_cli_generate_writes_an_image(api: InProcessServer, key: str, tmp_path: Path) -> None:
     out = tmp_path / "fox.jpg"
     run = cli(
         "a fox",
@@ -186,14 +176,16 @@ def test_cli_generate_writes_an_image(api: Server, key: str, tmp_path: Path) -> 
         assert image.format == "JPEG" and image.size == (256, 320)
 
 
-def test_cli_401_is_a_clear_error(api: Server, tmp_path: Path) -> None:
+def test_cli_401_is_a_clear_error(api: InProcessServer, tmp_path: Path) -> None:
     run = cli("a fox", "-o", str(tmp_path / "x.webp"), "--url", api.url, "--api-key", "zk_x_y")
     assert run.returncode == 1
     assert "error 401" in run.stderr and "Invalid API key" in run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "x.webp").exists()
 
 
-def test_openai_prompt_over_the_server_limit_is_a_bad_request(api: Server, key: str) -> None:
+def test_openai_prompt_over_the_server_limit_is_a_bad_request(
+    api: InProcessServer, key: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as error:
         oai(api, key).images.generate(prompt="a" * 10_001, size="256x256")
     body = error.value.body

@@ -10,23 +10,25 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.conftest import Server
-
-ADMIN = "fuzz-admin"
+from tests.conftest import ADMIN, InProcessServer
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    server = InProcessServer(
         tmp_path_factory.mktemp("fuzz"),
-        env={"ZIMAGE_ADMIN_TOKEN": ADMIN, "ZIMAGE_MAX_QUEUE": "64"},
-        args=("--model", "null", "--no-auth"),
+        env={
+            "ZIMAGE_MODEL": "null",
+            "ZIMAGE_AUTH": "false",
+            "ZIMAGE_ADMIN_TOKEN": ADMIN,
+            "ZIMAGE_MAX_QUEUE": "64",
+        },
     )
     yield server
     server.stop()
 
 
-def test_every_route_conforms(fuzz_server: Server) -> None:
+def test_every_route_conforms(fuzz_server: InProcessServer) -> None:
     # Schemathesis' pytest plugin does not load under pytest 9, so drive each operation's
     # hypothesis strategy directly; the checks are the same ones.
     schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")

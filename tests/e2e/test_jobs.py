@@ -1,5 +1,5 @@
 """Segmind v2 async jobs over real HTTP: poll, cancel, idempotency, deadlines, webhooks,
-and recovery after the server is SIGKILLed."""
+and recovery after the server (a subprocess, for that test) is SIGKILLed."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import Server, create_key
+from tests.conftest import AnyServer, InProcessServer, Server, create_key
 from zimage_server.billing import Pricing, format_credits
 from zimage_server.jobs.webhooks import verify
 
@@ -40,11 +40,11 @@ ENV = {
 }
 
 
-def new_key(server: Server, credits: str = "10") -> str:
+def new_key(server: AnyServer, credits: str = "10") -> str:
     return create_key(server, ADMIN, float(credits))
 
 
-def usage(server: Server, key: str) -> dict[str, Any]:
+def usage(server: AnyServer, key: str) -> dict[str, Any]:
     r = requests.get(
         f"{server.url}/admin/keys/{key.split('_')[1]}/usage",
         headers={"x-admin-token": ADMIN},
@@ -54,7 +54,7 @@ def usage(server: Server, key: str) -> dict[str, Any]:
 
 
 def submit(
-    server: Server, key: str, body: dict[str, Any] | None = None, **headers: str
+    server: AnyServer, key: str, body: dict[str, Any] | None = None, **headers: str
 ) -> requests.Response:
     return requests.post(
         server.url + "/v2/z-image-turbo",
@@ -79,13 +79,13 @@ def wait_terminal(url: str, key: str, timeout: float = 60) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def jobs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("jobs"), env=ENV)
+def jobs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    server = InProcessServer(tmp_path_factory.mktemp("jobs"), env=ENV)
     yield server
     server.stop()
 
 
-def test_submit_poll_result_matches_v1(jobs_server: Server) -> None:
+def test_submit_poll_result_matches_v1(jobs_server: InProcessServer) -> None:
     key = new_key(jobs_server)
     body = {**JOB, "seed": 99}
     r = submit(jobs_server, key, body)
@@ -105,7 +105,7 @@ def test_submit_poll_result_matches_v1(jobs_server: Server) -> None:
     assert [item["request_id"] for item in listed] == [job["request_id"]]
 
 
-def test_base64_output(jobs_server: Server) -> None:
+def test_base64_output(jobs_server: InProcessServer) -> None:
     key = new_key(jobs_server)
     job = submit(jobs_server, key, {**JOB, "base_64": True, "image_format": "png"}).json()
     wait_terminal(job["status_url"], key)
@@ -115,7 +115,7 @@ def test_base64_output(jobs_server: Server) -> None:
     assert base64.b64decode(output)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_ten_jobs_positions_cancel_queued_and_running(jobs_server: Server) -> None:
+def test_ten_jobs_positions_cancel_queued_and_running(jobs_server: InProcessServer) -> None:
     key = new_key(jobs_server, "1")
     with ThreadPoolExecutor(max_workers=10) as pool:
         jobs = [r.json() for r in pool.map(lambda _: submit(jobs_server, key), range(10))]
@@ -151,7 +151,7 @@ def test_ten_jobs_positions_cancel_queued_and_running(jobs_server: Server) -> No
     assert again.status_code == 409 and "already CANCELLED" in again.json()["error"]
 
 
-def test_idempotency_key(jobs_server: Server) -> None:
+def test_idempotency_key(jobs_server: InProcessServer) -> None:
     key = new_key(jobs_server)
     with ThreadPoolExecutor(max_workers=2) as pool:
         pair = list(
@@ -166,7 +166,7 @@ def test_idempotency_key(jobs_server: Server) -> None:
     assert usage(jobs_server, key)["images"] == 1
 
 
-def test_jobs_are_private_to_their_key(jobs_server: Server) -> None:
+def test_jobs_are_private_to_their_key(jobs_server: InProcessServer) -> None:
     owner, stranger = new_key(jobs_server), new_key(jobs_server)
     job = submit(jobs_server, owner).json()
     for url in (job["status_url"], job["response_url"]):
@@ -179,7 +179,7 @@ def test_jobs_are_private_to_their_key(jobs_server: Server) -> None:
     assert get(job["status_url"], "zk_bad_key").status_code == 401
 
 
-def test_deadline_fails_the_job_unbilled_and_v1_gets_504(jobs_server: Server) -> None:
+def test_deadline_fails_the_job_unbilled_and_v1_gets_504(jobs_server: InProcessServer) -> None:
     key = new_key(jobs_server)
     slow = {**JOB, "steps": 8}  # 8 x 0.3 s
     job = submit(jobs_server, key, slow, **{"X-Deadline-Seconds": "0.5"}).json()
@@ -216,7 +216,7 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
 
 
-def test_webhook_retried_and_signed(jobs_server: Server) -> None:
+def test_webhook_retried_and_signed(jobs_server: InProcessServer) -> None:
     receiver = Receiver(failures=2)
     key = new_key(jobs_server)
     job = submit(jobs_server, key, {**JOB, "webhook_url": receiver.url}).json()
@@ -236,7 +236,7 @@ def test_webhook_retried_and_signed(jobs_server: Server) -> None:
 
 
 @pytest.mark.parametrize("url", ["http://localhost:9/x", "http://10.1.2.3/x", "ftp://x/y", "x"])
-def test_webhook_targets_not_allowed_are_refused(jobs_server: Server, url: str) -> None:
+def test_webhook_targets_not_allowed_are_refused(jobs_server: InProcessServer, url: str) -> None:
     key = new_key(jobs_server)
     r = submit(jobs_server, key, {**JOB, "webhook_url": url})
     assert r.status_code == 400 and "'webhook_url'" in r.json()["error"]
@@ -254,7 +254,8 @@ def test_restart_after_sigkill_runs_every_job_once(tmp_path: Path) -> None:
         time.sleep(0.05)
     first.proc.kill()  # SIGKILL: no shutdown hooks run
     first.stop()
-    second = Server(data, env={**ENV, "ZIMAGE_OUTPUT_TTL_S": "4"})
+    # The restart runs in process: its clock, not a sleep, takes the results past their TTL.
+    second = InProcessServer(data, env={**ENV, "ZIMAGE_OUTPUT_TTL_S": "60"})
     try:
         for job in jobs:  # the new server listens on another port
             for name in ("status_url", "response_url"):
@@ -264,14 +265,15 @@ def test_restart_after_sigkill_runs_every_job_once(tmp_path: Path) -> None:
         used = usage(second, key)
         assert used["images"] == 4 and used["spent"] == format_credits(4 * PRICE)
         assert used["balance"] == format_credits(1_000_000 - 4 * PRICE)
-        time.sleep(4.5)
-        expired = get(jobs[0]["response_url"], key)
+        assert get(jobs[0]["response_url"], key).status_code == 200
+        with second.clock.travel(61):
+            expired = get(jobs[0]["response_url"], key)
         assert expired.status_code == 404 and "expired" in expired.json()["error"]
     finally:
         second.stop()
 
 
-def test_cli_sees_the_servers_key_store(jobs_server: Server) -> None:
+def test_cli_sees_the_servers_key_store(jobs_server: InProcessServer) -> None:
     # `zimage keys` acts on the store the server uses, through ZIMAGE_DATA_DIR alone.
     prefix = new_key(jobs_server).split("_")[1]
     run = subprocess.run(

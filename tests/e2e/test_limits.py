@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Server
+from tests.conftest import InProcessServer
 
 STEP_DELAY_S = 0.5
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, int]]:
-    srv = Server(
+def slow_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[InProcessServer, int]]:
+    srv = InProcessServer(
         tmp_path_factory.mktemp("slow"),
         env={
             "ZIMAGE_MAX_QUEUE": "1",
@@ -33,14 +35,14 @@ def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
     srv.stop()
 
 
-def test_readyz_is_503_until_the_model_is_loaded(slow_server: tuple[Server, int]) -> None:
+def test_readyz_is_503_until_the_model_is_loaded(slow_server: tuple[InProcessServer, int]) -> None:
     server, first_status = slow_server
     assert first_status == 503
     assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
     assert requests.get(server.url + "/readyz", timeout=5).json()["status"] == "READY"
 
 
-def test_full_queue_is_429_and_deadline_is_504(slow_server: tuple[Server, int]) -> None:
+def test_full_queue_is_429_and_deadline_is_504(slow_server: tuple[InProcessServer, int]) -> None:
     server, _ = slow_server
     slow = {"prompt": "slow", "width": 256, "height": 256, "steps": 8}  # 8 x 0.5 s > 2 s
     result: dict[str, requests.Response] = {}
@@ -67,7 +69,7 @@ def test_full_queue_is_429_and_deadline_is_504(slow_server: tuple[Server, int]) 
     assert "cancelled between steps" in server.log()
 
 
-def test_outputs_expire_after_their_ttl(slow_server: tuple[Server, int]) -> None:
+def test_outputs_expire_after_their_ttl(slow_server: tuple[InProcessServer, int]) -> None:
     server, _ = slow_server
     deadline = time.monotonic() + 60
     while (
@@ -77,8 +79,8 @@ def test_outputs_expire_after_their_ttl(slow_server: tuple[Server, int]) -> None
         time.sleep(0.5)
     body = r.json()
     assert requests.get(body["image"], timeout=5).status_code == 200
-    time.sleep(2.5)
-    expired = requests.get(body["image"], timeout=5)
+    with server.clock.travel(2.5):  # the server's clock, instead of waiting 2.5 s
+        expired = requests.get(body["image"], timeout=5)
     assert expired.status_code == 404 and "expired" in expired.json()["error"]
 
 

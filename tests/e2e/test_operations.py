@@ -1,5 +1,9 @@
 """Operations: metrics, structured logs, readiness states, graceful shutdown, and each
-failure mode provoked for real (bodies too big, disk full, database gone, load bursts)."""
+failure mode provoked for real (bodies too big, disk full, database gone, load bursts).
+
+``ops`` is a subprocess (``zimage serve``): its tests read the CLI's JSON log, the
+workers' own log lines included. Drain needs a process to signal. The other failure modes
+run in process."""
 
 from __future__ import annotations
 
@@ -16,17 +20,17 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.conftest import ROOT, Server, create_key, fresh_database_url
+from tests.conftest import ROOT, AnyServer, InProcessServer, Server, create_key, fresh_database_url
 
 ADMIN = "ops-admin"
 SMALL = {"prompt": "an operator's cat", "width": 256, "height": 256, "steps": 1}
 
 
-def new_key(server: Server, credits: float = 10) -> str:
+def new_key(server: AnyServer, credits: float = 10) -> str:
     return create_key(server, ADMIN, credits)
 
 
-def balance(server: Server, key: str) -> str:
+def balance(server: AnyServer, key: str) -> str:
     r = requests.get(
         f"{server.url}/admin/keys/{key.split('_')[1]}/usage",
         headers={"x-admin-token": ADMIN},
@@ -131,9 +135,10 @@ def test_burst_of_ten_times_the_queue(ops: Server) -> None:
 
 
 def test_full_output_disk_is_507_and_unbilled(tmp_path: Path) -> None:
-    server = Server(
+    server = InProcessServer(  # the null model: the disk is refused before any render
         tmp_path / "full",
         env={
+            "ZIMAGE_MODEL": "null",
             "ZIMAGE_AUTH": "true",
             "ZIMAGE_ADMIN_TOKEN": ADMIN,
             "ZIMAGE_OUTPUT_MIN_FREE_BYTES": str(10**18),
@@ -152,10 +157,9 @@ def test_model_that_never_loads_ends_failed(tmp_path: Path) -> None:
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "model_index.json").write_text('{"_class_name": "ZImagePipeline"}')
-    server = Server(
+    server = InProcessServer(
         tmp_path / "failed",
-        env={"ZIMAGE_AUTH": "false"},
-        args=("--model", str(broken)),
+        env={"ZIMAGE_AUTH": "false", "ZIMAGE_MODEL": str(broken)},
         wait=False,
     )
     try:
@@ -177,9 +181,14 @@ def test_database_down_is_503_and_loses_nothing(tmp_path: Path) -> None:
     url = fresh_database_url("postgresql", tmp_path)
     name = url.rsplit("/", 1)[1]
     admin = sa.create_engine(os.environ["ZIMAGE_TEST_POSTGRES_URL"], isolation_level="AUTOCOMMIT")
-    server = Server(
+    server = InProcessServer(  # the null model: what matters is the store, not the image
         tmp_path / "db",
-        env={"ZIMAGE_AUTH": "true", "ZIMAGE_ADMIN_TOKEN": ADMIN, "ZIMAGE_DATABASE_URL": url},
+        env={
+            "ZIMAGE_MODEL": "null",
+            "ZIMAGE_AUTH": "true",
+            "ZIMAGE_ADMIN_TOKEN": ADMIN,
+            "ZIMAGE_DATABASE_URL": url,
+        },
     )
     try:
         key = new_key(server)
@@ -204,8 +213,10 @@ def test_database_down_is_503_and_loses_nothing(tmp_path: Path) -> None:
 
 
 def test_sigterm_drains_in_flight_and_exits_zero(tmp_path: Path) -> None:
-    server = Server(
-        tmp_path / "drain", env={"ZIMAGE_MAX_QUEUE": "8", "ZIMAGE_DEBUG_STEP_DELAY_S": "0.3"}
+    server = Server(  # not given the shared tiny model: this one builds it, as users' do
+        tmp_path / "drain",
+        env={"ZIMAGE_MAX_QUEUE": "8", "ZIMAGE_DEBUG_STEP_DELAY_S": "0.3"},
+        seed_tiny=False,
     )
     slow = {**SMALL, "steps": 3}
     results: list[int] = []

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
-from tests.conftest import ROOT, Server
+from tests.conftest import ADMIN, ROOT, InProcessServer
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
     from selenium.webdriver.remote.webelement import WebElement
 
 ARTIFACTS = ROOT / "artifacts"
-ADMIN = "t"
 # Chromium as root on a machine with a closed network: no sandbox, and nothing in the
 # background that would try (and hang) to reach the internet.
 CHROMIUM_FLAGS = [
@@ -85,16 +84,6 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         yield driver
     finally:
         driver.quit()
-
-
-@pytest.fixture(scope="module")
-def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(
-        tmp_path_factory.mktemp("playground-auth"),
-        env={"ZIMAGE_AUTH": "true", "ZIMAGE_ADMIN_TOKEN": ADMIN},
-    )
-    yield srv
-    srv.stop()
 
 
 # ---------- helpers ----------
@@ -217,7 +206,9 @@ def assert_no_console_errors(driver: WebDriver, allowed: tuple[str, ...] = ()) -
 # ---------- tests ----------
 
 
-def test_generate_custom_size_reuse_seed_and_history(browser: WebDriver, server: Server) -> None:
+def test_generate_custom_size_reuse_seed_and_history(
+    browser: WebDriver, server: InProcessServer
+) -> None:
     from selenium.webdriver.common.keys import Keys
 
     driver = browser
@@ -309,7 +300,9 @@ def test_generate_custom_size_reuse_seed_and_history(browser: WebDriver, server:
     assert_no_console_errors(driver)
 
 
-def test_api_key_is_asked_for_and_sent_only_here(browser: WebDriver, auth_server: Server) -> None:
+def test_api_key_is_asked_for_and_sent_only_here(
+    browser: WebDriver, auth_server: InProcessServer
+) -> None:
     created = requests.post(
         auth_server.url + "/admin/keys",
         headers={"x-admin-token": ADMIN},

@@ -1,4 +1,4 @@
-"""The Segmind v1 contract, over real HTTP against ``zimage serve --tiny``."""
+"""The Segmind v1 contract, over real HTTP against the tiny server (in process)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import ROOT, Server
+from tests.conftest import ROOT, InProcessServer
 
 SPEC = ROOT.parent / "shared" / "spec" / "segmind-z-image-turbo.txt"
 SPEC_COPY = ROOT / "tests" / "fixtures" / "segmind-z-image-turbo.txt"
@@ -38,7 +38,7 @@ def spec_example_client(url: str) -> str:
 
 
 @pytest.mark.slow
-def test_spec_example_client_works_unchanged(server: Server) -> None:
+def test_spec_example_client_works_unchanged(server: InProcessServer) -> None:
     run = subprocess.run(
         [sys.executable, "-c", spec_example_client(server.url)],
         capture_output=True,
@@ -59,7 +59,7 @@ def test_spec_example_client_works_unchanged(server: Server) -> None:
     assert image_of(image).format == "WEBP" and image_of(image).size == (1024, 1024)
 
 
-def test_response_headers(server: Server) -> None:
+def test_response_headers(server: InProcessServer) -> None:
     r = server.post({"prompt": "a red fox", **SMALL, "seed": 7})
     assert r.status_code == 200
     assert r.headers["content-type"] == "application/json"
@@ -76,13 +76,13 @@ def test_response_headers(server: Server) -> None:
     }
 
 
-def test_client_request_id_is_echoed(server: Server) -> None:
+def test_client_request_id_is_echoed(server: InProcessServer) -> None:
     r = server.post({"prompt": ""}, headers={"X-Request-ID": "trace-123"})
     assert r.status_code == 400 and r.headers["x-request-id"] == "trace-123"
 
 
 @pytest.mark.parametrize(("fmt", "pil"), [("jpeg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")])
-def test_each_format_by_url(server: Server, fmt: str, pil: str) -> None:
+def test_each_format_by_url(server: InProcessServer, fmt: str, pil: str) -> None:
     body = server.post({"prompt": "a lighthouse", **SMALL, "image_format": fmt}).json()
     assert body["image_format"] == fmt and body["image"].endswith("." + fmt)
     image = requests.get(body["image"], timeout=10)
@@ -91,7 +91,7 @@ def test_each_format_by_url(server: Server, fmt: str, pil: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
-def test_lower_quality_gives_fewer_bytes(server: Server, fmt: str) -> None:
+def test_lower_quality_gives_fewer_bytes(server: InProcessServer, fmt: str) -> None:
     sizes = []
     for quality in (20, 95):
         r = server.post(
@@ -103,7 +103,7 @@ def test_lower_quality_gives_fewer_bytes(server: Server, fmt: str) -> None:
     assert sizes[0] < sizes[1]
 
 
-def test_base_64(server: Server) -> None:
+def test_base_64(server: InProcessServer) -> None:
     r = server.post({"prompt": "a lighthouse", **SMALL, "base_64": True, "image_format": "png"})
     body = r.json()
     assert not body["image"].startswith("data:")
@@ -112,7 +112,7 @@ def test_base_64(server: Server) -> None:
 
 
 @pytest.mark.parametrize("accept", ["image/*", "image/jpeg", "image/jpeg, application/json;q=0.5"])
-def test_accept_image_gives_raw_bytes(server: Server, accept: str) -> None:
+def test_accept_image_gives_raw_bytes(server: InProcessServer, accept: str) -> None:
     r = server.post(
         {"prompt": "a lighthouse", **SMALL, "image_format": "jpeg"}, headers={"Accept": accept}
     )
@@ -121,7 +121,7 @@ def test_accept_image_gives_raw_bytes(server: Server, accept: str) -> None:
     assert r.headers["x-seed"].isdigit()
 
 
-def test_odd_size_returns_exactly_that_size(server: Server) -> None:
+def test_odd_size_returns_exactly_that_size(server: InProcessServer) -> None:
     r = server.post(
         {"prompt": "a wide valley", "width": 1000, "height": 600, "steps": 1},
         headers={"Accept": "image/png"},
@@ -146,7 +146,7 @@ def test_odd_size_returns_exactly_that_size(server: Server) -> None:
         ("base_64", False),
     ],
 )
-def test_every_parameter_at_its_limits(server: Server, field: str, value: object) -> None:
+def test_every_parameter_at_its_limits(server: InProcessServer, field: str, value: object) -> None:
     body = {"prompt": "limits", "width": 256, "height": 256, "steps": 1, field: value}
     if field in ("width", "height"):
         # The other side at its minimum keeps the tiny model quick at 2048.
@@ -188,7 +188,7 @@ def test_every_parameter_at_its_limits(server: Server, field: str, value: object
     ],
 )
 def test_bad_values_name_the_field_and_the_allowed_values(
-    server: Server, field: str, value: object, allowed: str
+    server: InProcessServer, field: str, value: object, allowed: str
 ) -> None:
     r = server.post({"prompt": "bad values", field: value})
     assert r.status_code == 400
@@ -207,7 +207,7 @@ def test_bad_values_name_the_field_and_the_allowed_values(
         (b"\xff\xfe", "not valid JSON"),
     ],
 )
-def test_malformed_bodies_give_400(server: Server, data: bytes, expected: str) -> None:
+def test_malformed_bodies_give_400(server: InProcessServer, data: bytes, expected: str) -> None:
     r = requests.post(
         server.url + "/v1/z-image-turbo",
         data=data,
@@ -217,17 +217,17 @@ def test_malformed_bodies_give_400(server: Server, data: bytes, expected: str) -
     assert r.status_code == 400 and expected in r.json()["error"]
 
 
-def test_unknown_fields_are_ignored(server: Server) -> None:
+def test_unknown_fields_are_ignored(server: InProcessServer) -> None:
     r = server.post({"prompt": "a cat", **SMALL, "negative_prompt": "dog", "scheduler": "x"})
     assert r.status_code == 200
 
 
-def test_too_long_prompt_in_characters_is_400(server: Server) -> None:
+def test_too_long_prompt_in_characters_is_400(server: InProcessServer) -> None:
     r = server.post({"prompt": "a" * 10_001})
     assert r.status_code == 400 and "at most 10000 characters" in r.json()["error"]
 
 
-def test_same_seed_same_bytes(server: Server) -> None:
+def test_same_seed_same_bytes(server: InProcessServer) -> None:
     body = {"prompt": "a tidy desk", **SMALL, "seed": 1234}
     first = server.post(body, headers={"Accept": "image/*"})
     second = server.post(body, headers={"Accept": "image/*"})
@@ -236,7 +236,7 @@ def test_same_seed_same_bytes(server: Server) -> None:
     assert other.content != first.content
 
 
-def test_random_seed_is_reported_and_reproducible(server: Server) -> None:
+def test_random_seed_is_reported_and_reproducible(server: InProcessServer) -> None:
     body = {"prompt": "a tidy desk", **SMALL, "seed": -1}
     first = server.post(body, headers={"Accept": "image/*"})
     second = server.post(body, headers={"Accept": "image/*"})
@@ -246,7 +246,7 @@ def test_random_seed_is_reported_and_reproducible(server: Server) -> None:
     assert again.content == first.content
 
 
-def test_guidance_mapping_counts_transformer_passes(server: Server) -> None:
+def test_guidance_mapping_counts_transformer_passes(server: InProcessServer) -> None:
     steps = 3
     base = {"prompt": "a guided cat", "width": 256, "height": 256, "steps": steps, "seed": 5}
     runs = {
@@ -259,22 +259,22 @@ def test_guidance_mapping_counts_transformer_passes(server: Server) -> None:
     assert runs[3]["image"] != runs[1]["image"]
 
 
-def test_prompts_in_any_script(server: Server) -> None:
+def test_prompts_in_any_script(server: InProcessServer) -> None:
     for prompt in ["ड्रैगन फ्रूट", "一幅创意海报", "Ünïcödé ☕ 🚀", "مرحبا"]:
         assert server.post({"prompt": prompt, **SMALL}).status_code == 200
 
 
-def test_over_long_prompt_is_truncated_not_rejected(server: Server) -> None:
+def test_over_long_prompt_is_truncated_not_rejected(server: InProcessServer) -> None:
     r = server.post({"prompt": "word " * 2000, **SMALL})
     assert r.status_code == 200 and r.json()["prompt_tokens"] == 512
 
 
-def test_unknown_model_is_404(server: Server) -> None:
+def test_unknown_model_is_404(server: InProcessServer) -> None:
     r = server.post({"prompt": "x"}, path="/v1/stable-diffusion-xl")
     assert r.status_code == 404 and "z-image-turbo" in r.json()["error"]
 
 
-def test_wrong_method_is_405(server: Server) -> None:
+def test_wrong_method_is_405(server: InProcessServer) -> None:
     r = requests.get(server.url + "/v1/z-image-turbo", timeout=10)
     assert r.status_code == 405
     assert "POST" in r.json()["error"] and "POST" in r.headers["allow"]
@@ -291,18 +291,18 @@ def test_wrong_method_is_405(server: Server) -> None:
         "x" * 300,
     ],
 )
-def test_output_path_tricks_are_404(server: Server, output_id: str) -> None:
+def test_output_path_tricks_are_404(server: InProcessServer, output_id: str) -> None:
     r = requests.get(f"{server.url}/v1/outputs/{output_id}", timeout=10)
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_probes(server: Server) -> None:
+def test_probes(server: InProcessServer) -> None:
     assert requests.get(server.url + "/healthz", timeout=5).json() == {"status": "ok"}
     ready = requests.get(server.url + "/readyz", timeout=5)
     assert ready.status_code == 200 and ready.json()["status"] == "READY"
 
 
-def test_openapi_documents_the_contract(server: Server) -> None:
+def test_openapi_documents_the_contract(server: InProcessServer) -> None:
     spec = requests.get(server.url + "/openapi.json", timeout=5).json()
     op = spec["paths"]["/v1/{model}"]["post"]
     schema = op["requestBody"]["content"]["application/json"]["schema"]
@@ -318,7 +318,7 @@ def test_openapi_documents_the_contract(server: Server) -> None:
     assert "/v1/outputs/{output_id}" in spec["paths"]
 
 
-def test_worker_killed_mid_request_gives_502_then_recovers(server: Server) -> None:
+def test_worker_killed_mid_request_gives_502_then_recovers(server: InProcessServer) -> None:
     import psutil
 
     server.wait_ready()
