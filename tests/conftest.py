@@ -113,18 +113,24 @@ class Server(_Http, ServerProcess):
         self.start(ready=wait)
 
     def worker_pids(self) -> list[int]:
-        import psutil
+        """The live workers this server started (its log names each one's pid)."""
+        return live_workers(self.log(), self.proc.pid)
 
-        alive = []
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
-            try:
-                if child.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                if "spawn_main" in " ".join(child.cmdline()):
-                    alive.append(child.pid)
-            except psutil.NoSuchProcess:
-                continue
-        return alive
+
+def live_workers(log: str, server_pid: int) -> list[int]:
+    """Pids that ``log`` says were started as workers and that still run under the server
+    (workers are forked by its forkserver: grandchildren, hence ``recursive``)."""
+    import psutil
+
+    started = {int(pid) for pid in re.findall(r"worker \S+ started on .*\(pid (\d+)\)", log)}
+    alive = []
+    for child in psutil.Process(server_pid).children(recursive=True):
+        try:
+            if child.pid in started and child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
 
 
 # ---------- in process ----------
@@ -283,17 +289,7 @@ class InProcessServer(_Http):
 
     def worker_pids(self) -> list[int]:
         """The live workers this server started (its log names each one's pid)."""
-        import psutil
-
-        started = {int(pid) for pid in re.findall(r"\(pid (\d+)\)", self.log())}
-        alive = []
-        for child in psutil.Process().children():
-            try:
-                if child.pid in started and child.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(child.pid)
-            except psutil.NoSuchProcess:
-                continue
-        return alive
+        return live_workers(self.log(), os.getpid())
 
     def stop(self) -> None:
         self._uvicorn.should_exit = True
