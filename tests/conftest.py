@@ -227,15 +227,12 @@ class InProcessServer(_Http):
         try:
             with _environ(values):
                 self.settings = Settings(_env_file=None, host="127.0.0.1", port=0)  # type: ignore[call-arg]
-            self.app = create_app(self.settings)
+            self.clock = Clock()
+            self.app = create_app(self.settings, clock=self.clock)
         except BaseException:
             root.removeHandler(self._handler)
             self._handler.close()
             raise
-        services = self.app.state.services
-        self.clock = Clock()
-        services.outputs.clock = self.clock
-        services.jobs.repo.clock = self.clock
 
         import uvicorn
 

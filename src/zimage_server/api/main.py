@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -68,14 +69,16 @@ def build_services(
     settings: Settings,
     on_progress: ProgressCallback | None = None,
     engine: EngineLike | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Services:
+    """``clock`` (wall time) decides when outputs and finished jobs expire."""
     if engine is None:
         local = Engine.from_settings(settings, on_progress)
         engine, label = local, local.model_label
     else:  # weights live where that engine runs (e.g. Ray GPU replicas)
         label = "tiny (random weights)" if settings.tiny else settings.model
     outputs_store = OutputStore(
-        settings.outputs_dir, settings.output_ttl_s, settings.output_min_free_bytes
+        settings.outputs_dir, settings.output_ttl_s, settings.output_min_free_bytes, clock=clock
     )
     db = Database(settings.resolved_database_url)
     db.upgrade()
@@ -92,7 +95,7 @@ def build_services(
         frozenset(settings.webhook_allowed_hosts),
         settings.webhook_allow_private,
     )
-    repo = JobRepository(db, settings.output_ttl_s)
+    repo = JobRepository(db, settings.output_ttl_s, clock=clock)
     runner = JobRunner(settings, repo, engine, generation, outputs_store, ledger, policy)
     metrics_.watch(
         depth=lambda: engine.depth,
@@ -152,10 +155,11 @@ def create_app(
     settings: Settings,
     on_progress: ProgressCallback | None = None,
     engine: EngineLike | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     """The whole API. ``engine`` replaces the local worker processes (Ray Serve passes one
-    that forwards renders to its GPU replicas)."""
-    services = build_services(settings, on_progress, engine)
+    that forwards renders to its GPU replicas); tests pass a ``clock`` they can move."""
+    services = build_services(settings, on_progress, engine, clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
