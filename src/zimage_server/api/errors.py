@@ -191,6 +191,21 @@ class Example:
     disk_full = e.InsufficientStorage("The output disk is full; nothing was charged.")
 
 
+# What any route that renders can answer, whatever its API flavour.
+RENDER_FAILURES = (
+    Example.no_key,
+    Example.disabled,
+    Example.credits,
+    Example.rate_limited,
+    Example.queue_full,
+    Example.failed,
+    Example.worker_died,
+    Example.not_ready,
+    Example.deadline,
+    Example.disk_full,
+)
+
+
 def error_docs(flavour: Flavour, *examples: e.ZImageError) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for a route: each status it sends, with examples rendered by
     the same function as the real errors; ``default`` covers the rest (405, 413, an

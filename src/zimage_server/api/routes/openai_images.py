@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from zimage_server.accounts import Admission
 from zimage_server.api.auth import admit_generate, identify_caller
 from zimage_server.api.bodies import BodyRoute, DocumentedAs
-from zimage_server.api.errors import Example, error_docs
+from zimage_server.api.errors import RENDER_FAILURES, Example, error_docs
 from zimage_server.api.responses import image_json, is_large, model_response
 from zimage_server.api.routes.v1 import public_base
 from zimage_server.billing import format_credits
@@ -39,20 +39,7 @@ OpenAIBody = Annotated[
     "/v1/images/generations",
     summary="Generate images (OpenAI-compatible)",
     response_model=ImagesResponse,
-    responses=error_docs(
-        Flavour.OPENAI,
-        Example.bad_size,
-        Example.no_key,
-        Example.disabled,
-        Example.credits,
-        Example.rate_limited,
-        Example.queue_full,
-        Example.failed,
-        Example.worker_died,
-        Example.not_ready,
-        Example.deadline,
-        Example.disk_full,
-    ),
+    responses=error_docs(Flavour.OPENAI, Example.bad_size, *RENDER_FAILURES),
 )
 async def generations(
     body: OpenAIBody,

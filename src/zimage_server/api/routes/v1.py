@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from zimage_server.accounts import Admission
 from zimage_server.api.auth import admit_generate, deadline_from
 from zimage_server.api.bodies import BodyRoute, DocumentedAs
-from zimage_server.api.errors import Example, error_docs
+from zimage_server.api.errors import RENDER_FAILURES, Example, error_docs
 from zimage_server.api.responses import image_json, is_large, model_response
 from zimage_server.billing import format_credits
 from zimage_server.images import Generated, GenerationService
@@ -25,21 +25,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "raw image when the request sends `Accept: image/*`.",
         "content": {"image/webp": {}, "image/jpeg": {}, "image/png": {}},
     },
-    **error_docs(
-        Flavour.SEGMIND,
-        Example.bad_steps,
-        Example.no_key,
-        Example.disabled,
-        Example.unknown_model,
-        Example.credits,
-        Example.rate_limited,
-        Example.queue_full,
-        Example.failed,
-        Example.worker_died,
-        Example.not_ready,
-        Example.deadline,
-        Example.disk_full,
-    ),
+    **error_docs(Flavour.SEGMIND, Example.bad_steps, Example.unknown_model, *RENDER_FAILURES),
 }
 
 
