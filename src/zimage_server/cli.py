@@ -113,11 +113,12 @@ def serve(
 
             serve_ray(settings, ray_address, replicas, min_replicas, max_replicas)
             return
+        sock = serving.listen(settings)
         application = create_app(settings, on_progress=_LoadProgress())
     except StartupError as exc:
         _error(exc.message)
         raise typer.Exit(2) from None
-    serving.run(application, settings)
+    serving.run(application, settings, sock)
 
 
 def _error(message: str, label: str = "error") -> None:

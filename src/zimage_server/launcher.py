@@ -19,7 +19,7 @@ from types import TracebackType
 
 import httpx
 
-_BOUND = re.compile(r"Uvicorn running on (http://[\d.]+:\d+)")
+_BOUND = re.compile(r"listening on (http://[\d.]+:\d+)")
 LOG_TAIL_CHARS = 4000
 
 

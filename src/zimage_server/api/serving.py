@@ -9,6 +9,7 @@ A second signal exits at once.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from types import FrameType
@@ -18,6 +19,7 @@ from fastapi import FastAPI
 
 from zimage_server.api.middleware import Drain
 from zimage_server.core.config import Settings
+from zimage_server.core.errors import StartupError
 
 log = logging.getLogger("zimage.api")
 
@@ -27,6 +29,15 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.drain = drain
         self.grace_s = grace_s
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Start, then say where (uvicorn is silent about sockets it did not open)."""
+        await super().startup(sockets)
+        if not self.should_exit:
+            for sock in sockets or []:
+                host, port = sock.getsockname()[:2]
+                shown = f"[{host}]" if ":" in host else host
+                log.info("listening on http://%s:%d (Ctrl-C to stop)", shown, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain.draining:
@@ -45,7 +56,21 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(app: FastAPI, settings: Settings) -> None:
+def listen(settings: Settings) -> socket.socket:
+    """Take the port before anything else starts: a port in use is one line at once, not an
+    error buried under a model that keeps loading."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    try:
+        return socket.create_server((settings.host, settings.port), family=family)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StartupError(
+            f"Cannot listen on {settings.host}:{settings.port}: {reason}. Is another server "
+            "running there? Choose another with --port (0 picks a free one)."
+        ) from None
+
+
+def run(app: FastAPI, settings: Settings, sock: socket.socket) -> None:
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -55,4 +80,4 @@ def run(app: FastAPI, settings: Settings) -> None:
         access_log=False,  # zimage.access writes one structured line per request
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )
-    GracefulServer(config, app.state.drain, settings.shutdown_grace_s).run()
+    GracefulServer(config, app.state.drain, settings.shutdown_grace_s).run(sockets=[sock])
