@@ -51,7 +51,9 @@ class FakeEngine:
             rgb=rgb, width=spec.width, height=spec.height, timings={"denoise": 0.001}
         )
 
-    def admit(self) -> None: ...
+    def admit(self, reserve: str | None = None) -> None: ...
+
+    def unreserve(self, job_id: str) -> None: ...
 
     def position(self, job_id: str) -> int | None:
         return None

@@ -60,4 +60,13 @@ class RateLimiter:
 
     def leave(self, admission: Admission) -> None:
         if admission.principal is not None:
-            self._in_flight[admission.principal.key_id] -= 1
+            self.vacate(admission.principal.key_id)
+
+    def occupy(self, key_id: int) -> None:
+        """Count work that outlives its request (a v2 job) against the key's cap."""
+        self._in_flight[key_id] += 1
+
+    def vacate(self, key_id: int) -> None:
+        self._in_flight[key_id] -= 1
+        if self._in_flight[key_id] <= 0:
+            del self._in_flight[key_id]

@@ -24,6 +24,7 @@ from zimage_server.api.routes import admin, health, metrics, openai_images, outp
 from zimage_server.api.routes.playground import mount_playground
 from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
+from zimage_server.core.errors import StoreUnavailable
 from zimage_server.engine import Engine, EngineLike
 from zimage_server.engine.handle import ProgressCallback
 from zimage_server.images import GenerationService
@@ -44,6 +45,19 @@ async def _sweep_forever(store: OutputStore) -> None:
         removed = await asyncio.to_thread(store.sweep)
         if removed:
             log.info("removed %d expired outputs", removed)
+
+
+async def _release_expired_holds(ledger: Ledger, grace_s: float) -> None:
+    """Return the credits of holds no live request can settle any more: at start (a
+    server killed mid-render) and then often enough that none outlives its expiry long."""
+    while True:
+        try:
+            released = await asyncio.to_thread(ledger.sweep)
+        except StoreUnavailable:
+            released = 0  # the database is down: the holds wait for it, as do requests
+        if released:
+            log.info("released %d expired credit holds", released)
+        await asyncio.sleep(min(30.0, max(0.2, grace_s / 2)))
 
 
 @dataclass
@@ -96,7 +110,7 @@ def build_services(
         settings.webhook_allow_private,
     )
     repo = JobRepository(db, settings.output_ttl_s, clock=clock)
-    runner = JobRunner(settings, repo, engine, generation, outputs_store, ledger, policy)
+    runner = JobRunner(settings, repo, engine, generation, outputs_store, limiter, policy)
     metrics_.watch(
         depth=lambda: engine.depth,
         restarts=engine.restarts,
@@ -126,7 +140,10 @@ async def _running(services: Services) -> AsyncIterator[None]:
     s = services
     await s.engine.start()
     await s.jobs.start()
-    background = [asyncio.create_task(_sweep_forever(s.outputs))]
+    background = [
+        asyncio.create_task(_sweep_forever(s.outputs)),
+        asyncio.create_task(_release_expired_holds(s.ledger, s.settings.hold_grace_s)),
+    ]
     deliverer = None
     secret = s.settings.webhook_secret
     if secret is not None:

@@ -144,6 +144,13 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
 
     output_ttl_s: int = Field(3600, ge=1, description="How long generated images stay served.")
     request_timeout_s: float = Field(300.0, gt=0, description="Default v1 deadline (then 504).")
+    hold_grace_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="How long past its deadline a request's credit hold is kept before the "
+        "sweep returns it (a server killed mid-render, a refund the database refused).",
+    )
     max_prompt_chars: int = Field(10_000, ge=1, description="Longer prompts get a 400.")
     v1_default_response: Literal["json", "binary"] = "json"
 

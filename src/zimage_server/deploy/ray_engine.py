@@ -62,6 +62,7 @@ class RayEngine:
         self._scales_to_zero = scales_to_zero
         self._retries = replica_retries
         self._calls: dict[str, _Call] = {}
+        self._reserved: set[str] = set()  # admitted jobs whose render has not arrived yet
         self._state = EngineState.STARTING
         self._failure: str | None = None
         self._load_s = 0.0
@@ -119,7 +120,7 @@ class RayEngine:
 
     @property
     def depth(self) -> int:
-        return len(self._calls)
+        return len(self._calls) + len(self._reserved)
 
     @property
     def max_queue(self) -> int:
@@ -137,15 +138,21 @@ class RayEngine:
     def progress(self, job_id: str) -> tuple[int, int] | None:
         return None
 
-    def admit(self) -> None:
-        """Raise ``NotReady`` when the model failed, ``Overloaded`` when the bound is hit."""
+    def admit(self, reserve: str | None = None) -> None:
+        """Raise ``NotReady`` when the model failed, ``Overloaded`` when the bound is hit;
+        ``reserve`` keeps the place taken until that job's render arrives."""
         if self._state == EngineState.FAILED:
             raise NotReady(f"The model failed to load: {self._failure}", retry_after=60)
-        if len(self._calls) >= self._max_queue:
+        if self.depth >= self._max_queue:
             raise Overloaded(
                 f"The queue is full ({self._max_queue} requests waiting or running). Retry later.",
                 retry_after=max(1, math.ceil(self._render_s)),
             )
+        if reserve is not None:
+            self._reserved.add(reserve)
+
+    def unreserve(self, job_id: str) -> None:
+        self._reserved.discard(job_id)
 
     def cancel(self, job_id: str) -> bool:
         call = self._calls.get(job_id)
@@ -162,6 +169,7 @@ class RayEngine:
         if not admitted:
             self.admit()
         call = _Call(job_id or secrets.token_hex(8), timeout)
+        self._reserved.discard(call.job_id)
         self._calls[call.job_id] = call
         start = time.perf_counter()
         deadline = time.monotonic() + max(timeout, 0.001)

@@ -82,14 +82,23 @@ class Scheduler:
         self._sleep = sleep
         self._queue: deque[Ticket] = deque()
         self._tickets: dict[str, Ticket] = {}  # every ticket not yet settled
+        self._reserved: set[str] = set()  # admitted jobs whose render is not queued yet
         self._arrived = asyncio.Event()
         self._batch_s = FIRST_BATCH_ESTIMATE_S
 
     # -- admission and submit ------------------------------------------------------------
     @property
     def depth(self) -> int:
-        """Tickets waiting or running: what the queue bound counts."""
-        return len(self._tickets)
+        """Tickets waiting or running, and places reserved: what the queue bound counts."""
+        return len(self._tickets) + len(self._reserved)
+
+    def reserve(self, ticket_id: str) -> None:
+        """Hold a place (checked by the caller) for a render queued later under this id,
+        so admissions that await between check and submit cannot overfill the queue."""
+        self._reserved.add(ticket_id)
+
+    def unreserve(self, ticket_id: str) -> None:
+        self._reserved.discard(ticket_id)
 
     def check_room(self, workers: int) -> None:
         """Raise ``Overloaded`` (with a Retry-After estimate) when the queue is full."""
@@ -115,6 +124,7 @@ class Scheduler:
             enqueued_at=self._clock(),
             request_id=request_id,
         )
+        self._reserved.discard(ticket.id)
         self._tickets[ticket.id] = ticket
         self._queue.append(ticket)
         self._arrived.set()

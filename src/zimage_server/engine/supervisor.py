@@ -139,11 +139,17 @@ class Engine:
         return max((worker.load_s for worker in self._workers.values()), default=0.0)
 
     # -- requests ------------------------------------------------------------------------
-    def admit(self) -> None:
-        """Raise ``Overloaded`` when the queue is full, ``NotReady`` when the model failed."""
+    def admit(self, reserve: str | None = None) -> None:
+        """Raise ``Overloaded`` when the queue is full, ``NotReady`` when the model failed;
+        ``reserve`` keeps the place taken until that job's render is queued."""
         if self.state == EngineState.FAILED:
             raise NotReady(f"The model failed to load: {self.failure}", retry_after=60)
         self.scheduler.check_room(self._ready_workers())
+        if reserve is not None:
+            self.scheduler.reserve(reserve)
+
+    def unreserve(self, job_id: str) -> None:
+        self.scheduler.unreserve(job_id)
 
     async def render(
         self,

@@ -6,14 +6,21 @@ import asyncio
 import base64
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from zimage_server.accounts import Admission
 from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
-from zimage_server.core.errors import InvalidRequest, UnknownModel
+from zimage_server.core.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    StoreUnavailable,
+    UnknownModel,
+    ZImageError,
+)
 from zimage_server.engine import EngineLike, RenderSpec
 from zimage_server.images.encode import MEDIA_TYPES, encode_image, round_up_16
 from zimage_server.protocol.segmind import (
@@ -75,6 +82,16 @@ class Generated:
         )
 
 
+async def _all_or_none(renders: Iterable[Coroutine[Any, Any, Generated]]) -> list[Generated]:
+    """Run the renders together; the first failure cancels the rest and is raised as is."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(render) for render in renders]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
 def pick_seed(params: GenerationParams) -> int:
     return params.seed if params.seed >= 0 else secrets.randbelow(SEED_RANGE)
 
@@ -132,10 +149,9 @@ class GenerationService:
     ) -> Generated:
         """Hold the price, render, encode (and store); anything short of success refunds."""
         price = self.price(params)
-        async with self._billed(admission, price) as remaining:
-            generated = await self.render(
-                params, pick_seed(params), timeout or self.settings.request_timeout_s
-            )
+        timeout = timeout or self.settings.request_timeout_s
+        async with self._billed(admission, price, timeout) as remaining:
+            generated = await self.render(params, pick_seed(params), timeout)
             if store:
                 output_id = await asyncio.to_thread(
                     self.outputs.save, generated.data, params.image_format
@@ -156,46 +172,87 @@ class GenerationService:
     async def generate_many(
         self, batch: list[GenerationParams], admission: Admission, store: bool = False
     ) -> list[Generated]:
-        """Several images billed together: all are charged, or none (any failure refunds).
-        They are queued at once, so the engine's batcher can render them as one batch."""
+        """Several images billed together: all are charged, or none. They are queued at
+        once, so the engine's batcher can render them as one batch; the first failure
+        cancels the others (a task group), so no sibling renders on unpaid."""
         price = sum(self.price(params) for params in batch)
         timeout = self.settings.request_timeout_s
-        async with self._billed(admission, price) as remaining:
-            results = await asyncio.gather(
-                *(self.render(params, pick_seed(params), timeout) for params in batch)
+        async with self._billed(admission, price, timeout) as remaining:
+            results = await _all_or_none(
+                self._render_one(params, timeout, store) for params in batch
             )
-            if store:
-                ids = await asyncio.gather(
-                    *(
-                        asyncio.to_thread(self.outputs.save, g.data, g.params.image_format)
-                        for g in results
-                    )
-                )
-                results = [replace(g, output_id=i) for g, i in zip(results, ids, strict=True)]
-        self._record(admission, list(results))
+        self._record(admission, results)
         if admission.principal is None:
-            return list(results)
+            return results
         share = [self.price(g.params) for g in results]
         return [
             replace(g, credits_consumed=p, credits_remaining=remaining)
             for g, p in zip(results, share, strict=True)
         ]
 
+    async def _render_one(self, params: GenerationParams, timeout: float, store: bool) -> Generated:
+        generated = await self.render(params, pick_seed(params), timeout)
+        if not store:
+            return generated
+        output_id = await asyncio.to_thread(self.outputs.save, generated.data, params.image_format)
+        return replace(generated, output_id=output_id)
+
     @asynccontextmanager
-    async def _billed(self, admission: Admission, price: int) -> AsyncIterator[int | None]:
+    async def _billed(
+        self, admission: Admission, price: int, timeout: float
+    ) -> AsyncIterator[int | None]:
+        """Hold ``price`` for the block; keep it if the block succeeds, else give it back.
+
+        The hold is pending until settled and expires ``hold_grace_s`` after the deadline,
+        so if this process dies (or the database refuses the refund) the sweep returns it.
+        """
         if not self.outputs.room_recently_seen():
             await asyncio.to_thread(self.outputs.check_space)  # 507 before anything is held
         if admission.principal is None:
             yield None
             return
         key_id, reference = admission.principal.key_id, secrets.token_hex(16)
-        remaining = await asyncio.to_thread(self.ledger.hold, key_id, price, reference)
+        expires_at = time.time() + timeout + self.settings.hold_grace_s
+        remaining = await asyncio.to_thread(self.ledger.hold, key_id, price, reference, expires_at)
         try:
             yield remaining
-        except BaseException:
-            # shield: a cancelled request must still get its refund written.
-            await asyncio.shield(asyncio.to_thread(self.ledger.release, key_id, price, reference))
+        except BaseException as exc:
+            # shield: a cancelled request (the client left) must still get its refund.
+            await asyncio.shield(self._refund(reference, exc))
             raise
+        await asyncio.shield(self._capture(reference))
+
+    async def _refund(self, reference: str, cause: BaseException) -> None:
+        try:
+            await asyncio.to_thread(self.ledger.release, reference)
+        except StoreUnavailable as exc:
+            if isinstance(cause, asyncio.CancelledError):
+                return  # nobody to tell; the sweep returns the hold
+            raise StoreUnavailable(self._held_message(cause), retry_after=5) from exc
+
+    async def _capture(self, reference: str) -> None:
+        try:
+            captured = await asyncio.to_thread(self.ledger.capture, reference)
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(
+                self._held_message(None, "the image could not be charged"), retry_after=5
+            ) from exc
+        if not captured:  # the sweep released it: the request outlived its hold
+            raise DeadlineExceeded(
+                "The request outlived its credit hold (its deadline plus "
+                f"{self.settings.hold_grace_s:g} s), so it was not charged and its image is "
+                "not delivered. Retry with a longer X-Deadline-Seconds."
+            )
+
+    def _held_message(self, cause: BaseException | None, what: str = "") -> str:
+        """Never "nothing was charged" when the refund itself did not go through."""
+        reason = what or (cause.message if isinstance(cause, ZImageError) else "it failed")
+        return (
+            f"The request did not complete ({reason}), and the database is unavailable, "
+            "so its credits stay reserved for now: they are returned automatically within "
+            f"{self.settings.hold_grace_s:g} s of the request's deadline once the database "
+            "is back. Retry shortly."
+        )
 
     async def render(
         self, params: GenerationParams, seed: int, timeout: float, job_id: str | None = None

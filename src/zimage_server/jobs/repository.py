@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from zimage_server.billing.ledger import hold_in
+from zimage_server.billing.ledger import capture_in, hold_in, release_in
 from zimage_server.core.errors import Conflict, NotFound
 from zimage_server.jobs.states import UNFINISHED, JobStatus
 from zimage_server.store.db import Database
-from zimage_server.store.models import Job, WebhookDelivery
+from zimage_server.store.models import Job, PendingHold, WebhookDelivery
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,14 @@ class NewJob:
     idempotency_key: str | None
     body_hash: str
     deadline_at: float
+
+
+def settle_in(session: Session, job_id: str, status: JobStatus, keep: int = 0) -> None:
+    """A job's hold follows its end: kept for an image, returned (less ``keep``) otherwise."""
+    if status == JobStatus.COMPLETED:
+        capture_in(session, job_id)
+    else:
+        release_in(session, job_id, keep)
 
 
 class JobRepository:
@@ -131,11 +140,13 @@ class JobRepository:
         output_id: str | None = None,
         metrics: str | None = None,
         webhook_payload: Callable[[Job], str] | None = None,
+        keep: int = 0,
     ) -> bool:
         """Move an unfinished job to a terminal state; False if it already was terminal.
 
-        The webhook delivery row is written in the same transaction, so a terminal state
-        and its notification cannot be separated by a crash.
+        The settlement of its hold (kept if COMPLETED, else given back less ``keep``) and
+        the webhook delivery row are written in the same transaction, so a crash can never
+        separate a terminal state from its refund or its notification.
         """
         now = time.time()
         with self.db.session() as session:
@@ -150,10 +161,12 @@ class JobRepository:
                     finished_at=now,
                     expires_at=now + self.ttl_s,
                 )
-                .returning(Job.webhook_url)
+                .returning(Job.webhook_url, Job.key_id)
             ).one_or_none()
             if job is None:
                 return False
+            if job.key_id is not None:
+                settle_in(session, job_id, status, keep)
             if job.webhook_url and webhook_payload is not None:
                 row = session.get(Job, job_id)
                 if row is None:  # pragma: no cover - updated in this very transaction
@@ -168,6 +181,19 @@ class JobRepository:
                     )
                 )
         return True
+
+    def settle_orphaned_holds(self) -> int:
+        """Settle holds whose job is already terminal (rows from before settlements
+        shared the job's transaction); returns how many. Run at start."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(PendingHold.reference, Job.status)
+                .join(Job, Job.id == PendingHold.reference)
+                .where(Job.status.not_in(UNFINISHED))
+            ).all()
+            for reference, status in rows:
+                settle_in(session, reference, JobStatus(status))
+        return len(rows)
 
     def due_deliveries(self, limit: int = 20) -> Sequence[WebhookDelivery]:
         with self.db.session() as session:

@@ -10,18 +10,22 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from zimage_server.accounts import Admission
-from zimage_server.billing import Ledger, format_credits
+from zimage_server.billing import format_credits
 from zimage_server.core.config import Settings
 from zimage_server.core.errors import (
     Cancelled,
     Conflict,
     DeadlineExceeded,
+    StoreUnavailable,
     WorkerDied,
     ZImageError,
 )
@@ -36,6 +40,15 @@ from zimage_server.store import OutputStore
 from zimage_server.store.models import Job
 
 log = logging.getLogger("zimage.jobs")
+FINISH_RETRY_MAX_S = 30.0
+
+
+class InFlightSlots(Protocol):
+    """The per-key in-flight count (the rate limiter's) that a running job occupies."""
+
+    def occupy(self, key_id: int) -> None: ...
+
+    def vacate(self, key_id: int) -> None: ...
 
 
 def owner_of(admission: Admission) -> str:
@@ -65,23 +78,30 @@ class JobRunner:
         engine: EngineLike,
         generation: GenerationService,
         outputs: OutputStore,
-        ledger: Ledger,
+        slots: InFlightSlots,
         policy: WebhookPolicy,
     ) -> None:
         self.settings, self.repo, self.engine = settings, repo, engine
-        self.generation, self.outputs, self.ledger, self.policy = (
+        self.generation, self.outputs, self.slots, self.policy = (
             generation,
             outputs,
-            ledger,
+            slots,
             policy,
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._occupied: dict[str, int] = {}  # job id -> key id whose in-flight slot it holds
+        self._cancel_cost: dict[str, int] = {}  # micro-credits a cancelled render used
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Run again every job that a previous process left QUEUED or PROCESSING."""
+        """Settle what a crash left unsettled, and run again every job that a previous
+        process left QUEUED or PROCESSING (each holding its key's in-flight slot)."""
+        settled = await asyncio.to_thread(self.repo.settle_orphaned_holds)
+        if settled:
+            log.warning("settled %d credit holds of jobs that had already ended", settled)
         unfinished = await asyncio.to_thread(self.repo.unfinished)
         for job in unfinished:
+            self._occupy(job)
             self._spawn(job)
         if unfinished:
             log.info("recovered %d unfinished jobs", len(unfinished))
@@ -96,10 +116,23 @@ class JobRunner:
     async def submit(self, sub: Submission, admission: Admission) -> tuple[Job, bool]:
         if sub.webhook_url:
             await asyncio.to_thread(self.policy.check, sub.webhook_url)
-        self.engine.admit()
+        job_id = secrets.token_hex(16)
+        self.engine.admit(reserve=job_id)  # the place is held across the awaits below
+        try:
+            job, created = await asyncio.to_thread(
+                self.repo.create, self._new(job_id, sub, admission)
+            )
+        finally:
+            self.engine.unreserve(job_id)  # no-op once the job's render has queued
+        if created:
+            self._occupy(job)
+            self._spawn(job)
+        return job, created
+
+    def _new(self, job_id: str, sub: Submission, admission: Admission) -> NewJob:
         timeout = sub.deadline_s or self.settings.job_timeout_s
-        new = NewJob(
-            id=secrets.token_hex(16),
+        return NewJob(
+            id=job_id,
             owner=owner_of(admission),
             key_id=admission.principal.key_id if admission.principal else None,
             params=sub.params.model_dump_json(),
@@ -111,10 +144,18 @@ class JobRunner:
             body_hash=sub.body_hash(),
             deadline_at=time.time() + timeout,
         )
-        job, created = await asyncio.to_thread(self.repo.create, new)
-        if created:
-            self._spawn(job)
-        return job, created
+
+    def _occupy(self, job: Job) -> None:
+        """A job holds its key's in-flight slot until it ends, not just while submitting:
+        otherwise one key could fill the shared queue with jobs."""
+        if job.key_id is not None and job.id not in self._occupied:
+            self._occupied[job.id] = job.key_id
+            self.slots.occupy(job.key_id)
+
+    def _vacate(self, job_id: str) -> None:
+        key_id = self._occupied.pop(job_id, None)
+        if key_id is not None:
+            self.slots.vacate(key_id)
 
     async def get(self, job_id: str, owner: str) -> Job:
         return await asyncio.to_thread(self.repo.get, job_id, owner)
@@ -123,6 +164,9 @@ class JobRunner:
         job = await self.get(job_id, owner)
         if JobStatus(job.status).is_terminal:
             raise Conflict(f"Request {job_id} is already {job.status}; it cannot be cancelled.")
+        progress = self.engine.progress(job_id)
+        if progress is not None and progress[1] > 0:  # running: it pays for the steps done
+            self._cancel_cost[job_id] = math.ceil(job.price * progress[0] / progress[1])
         if not self.engine.cancel(job_id):
             # Not in the engine (e.g. between retries): finish it here and stop its task.
             task = self._tasks.get(job_id)
@@ -154,6 +198,7 @@ class JobRunner:
 
     def _forget(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
+        self._cancel_cost.pop(job_id, None)
 
     async def _run(self, job: Job) -> None:
         params = GenerationParams.model_validate_json(job.params)
@@ -168,7 +213,8 @@ class JobRunner:
                     continue
                 await self._finish(job, JobStatus.FAILED, error=exc.message)
             except Cancelled:
-                await self._finish(job, JobStatus.CANCELLED, error="cancelled")
+                keep = self._cancel_cost.get(job.id, 0)
+                await self._finish(job, JobStatus.CANCELLED, error="cancelled", keep=keep)
             except DeadlineExceeded:
                 await self._finish(
                     job,
@@ -189,9 +235,20 @@ class JobRunner:
             return
 
     async def _complete(self, job: Job, generated: Generated) -> None:
-        output_id = await asyncio.to_thread(
-            self.outputs.save, generated.data, generated.params.image_format
-        )
+        """Store the image and finish; a failure to store ends the job FAILED (refunded,
+        notified), never leaves it unfinished with its hold."""
+        try:
+            output_id = await asyncio.to_thread(
+                self.outputs.save, generated.data, generated.params.image_format
+            )
+        except ZImageError as exc:  # the output disk is full
+            await self._finish(job, JobStatus.FAILED, error=exc.message)
+            return
+        except OSError as exc:
+            log.error("job %s: storing its image failed: %s", job.id, exc)
+            error = f"The image could not be stored ({exc.strerror}); nothing was charged."
+            await self._finish(job, JobStatus.FAILED, error=error)
+            return
         metrics = {
             "inference_time": round(generated.generation_time, 4),
             "queue_time": round(generated.timings.get("queue_wait", 0.0), 4),
@@ -208,20 +265,31 @@ class JobRunner:
         error: str | None = None,
         output_id: str | None = None,
         metrics: dict[str, Any] | None = None,
+        keep: int = 0,
     ) -> None:
-        changed = await asyncio.to_thread(
-            functools.partial(
-                self.repo.finish,
-                job.id,
-                status,
-                error=error,
-                output_id=output_id,
-                metrics=json.dumps(metrics) if metrics else None,
-                webhook_payload=lambda row: json.dumps(wire(result_body(row, self.outputs))),
-            )
+        """Write the terminal state, its settlement and its webhook in one transaction.
+        While the database refuses it, try again (backing off): the job stays unfinished
+        in the store meanwhile, and a restart would run it again."""
+        finish = functools.partial(
+            self.repo.finish,
+            job.id,
+            status,
+            error=error,
+            output_id=output_id,
+            metrics=json.dumps(metrics) if metrics else None,
+            webhook_payload=lambda row: json.dumps(wire(result_body(row, self.outputs))),
+            keep=keep,
         )
-        if changed and status != JobStatus.COMPLETED and job.key_id is not None:
-            await asyncio.to_thread(self.ledger.release, job.key_id, job.price, job.id)
+        delay = 0.25
+        while True:
+            try:
+                await asyncio.to_thread(finish)
+                break
+            except (StoreUnavailable, SQLAlchemyError) as exc:
+                log.warning("job %s: could not record %s (%s); retrying", job.id, status, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, FINISH_RETRY_MAX_S)
+        self._vacate(job.id)
 
 
 def result_body(job: Job, outputs: OutputStore, status: JobStatus | None = None) -> JobResult:

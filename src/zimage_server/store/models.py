@@ -32,9 +32,9 @@ class ApiKey(Base):
 class LedgerEntry(Base):
     """Append-only: top-ups (+), holds for a request (-) and releases of failed holds (+).
 
-    The balance on ``api_keys`` always equals the sum of a key's entries; a hold that is
-    never released is the charge for a delivered image. (reference, kind) is unique, so a
-    hold is released at most once.
+    The balance on ``api_keys`` always equals the sum of a key's entries; a settled hold
+    that was never released is the charge for a delivered image. (reference, kind) is
+    unique, so a hold is released at most once.
     """
 
     __tablename__ = "ledger"
@@ -47,6 +47,25 @@ class LedgerEntry(Base):
     reference: Mapped[str | None] = mapped_column(String(64))
     note: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class PendingHold(Base):
+    """A hold not yet settled: credits taken for a request still running.
+
+    Settling deletes the row, in the transaction that charges (capture) or refunds
+    (release) it, so exactly one of the two wins. A request hold carries ``expires_at``
+    (its deadline plus a grace): past it, no live request can still capture it, and the
+    sweeper releases it, which is how a server killed mid-render gives the credits back.
+    A job's hold has none: the job's own terminal transaction settles it.
+    """
+
+    __tablename__ = "pending_holds"
+
+    reference: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, index=True)
 
 
 class Job(Base):
