@@ -275,6 +275,7 @@ def keys_usage(prefix: str) -> None:
     console.print(
         f"{prefix}: {used.images} images, {format_credits(used.spent)} credits spent, "
         f"balance {format_credits(used.balance)}"
+        + (f", {format_credits(used.pending)} held for running requests" if used.pending else "")
     )
 
 

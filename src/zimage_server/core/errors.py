@@ -18,6 +18,7 @@ so every error pickles with its data intact (a Ray replica sends them across pro
     ├── Cancelled                 409  the job was cancelled (reported in job status)
     ├── Conflict                  409  e.g. an Idempotency-Key reused with another body
     ├── PayloadTooLarge           413  the body is over the server's limit
+    ├── ClientDisconnected        499  the client left before the answer (nobody reads it)
     ├── Overloaded                429  queue full; carries retry_after
     │   └── RateLimited                the key's per-minute or in-flight limit
     ├── GenerationFailed          500  the model raised; message is safe to show
@@ -134,6 +135,14 @@ class Conflict(ZImageError):
 
 class PayloadTooLarge(ZImageError):
     status = 413
+    public = True
+
+
+class ClientDisconnected(ZImageError):
+    """The client closed the connection mid-request: the render was stopped and its hold
+    released. The status is nginx's 499, for the access log: no client sees it."""
+
+    status = 499
     public = True
 
 

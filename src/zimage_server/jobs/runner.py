@@ -122,11 +122,14 @@ class JobRunner:
             job, created = await asyncio.to_thread(
                 self.repo.create, self._new(job_id, sub, admission)
             )
-        finally:
-            self.engine.unreserve(job_id)  # no-op once the job's render has queued
-        if created:
-            self._occupy(job)
-            self._spawn(job)
+        except BaseException:
+            self.engine.unreserve(job_id)
+            raise
+        if not created:  # an Idempotency-Key repeat: the first job has its own place
+            self.engine.unreserve(job_id)
+            return job, created
+        self._occupy(job)
+        self._spawn(job)  # its render takes the reserved place
         return job, created
 
     def _new(self, job_id: str, sub: Submission, admission: Admission) -> NewJob:
@@ -201,6 +204,12 @@ class JobRunner:
         self._cancel_cost.pop(job_id, None)
 
     async def _run(self, job: Job) -> None:
+        try:
+            await self._attempts(job)
+        finally:
+            self.engine.unreserve(job.id)  # if it never reached the engine
+
+    async def _attempts(self, job: Job) -> None:
         params = GenerationParams.model_validate_json(job.params)
         for attempt in range(self.settings.job_retries + 1):
             try:

@@ -106,4 +106,5 @@ async def usage(prefix: str, request: Request) -> dict[str, Any]:
         "spent": format_credits(used.spent),
         "balance": format_credits(used.balance),
         "ledger_sum": format_credits(used.ledger_sum),
+        "pending": format_credits(used.pending),  # held for requests still running
     }

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from zimage_server.accounts import Admission
 from zimage_server.api.auth import admit_generate, identify_caller
 from zimage_server.api.bodies import BodyRoute, DocumentedAs
+from zimage_server.api.disconnect import unless_disconnected
 from zimage_server.api.errors import RENDER_FAILURES, Example, error_docs
 from zimage_server.api.responses import image_json, is_large, model_response
 from zimage_server.api.routes.v1 import public_base
@@ -50,7 +51,9 @@ async def generations(
     openai_request, batch = to_params(json_value(body))
     service.check_prompt(openai_request.prompt)
     as_url = openai_request.response_format == "url"
-    images = await service.generate_many(batch, admission, store=as_url)
+    images = await unless_disconnected(
+        request, service.generate_many(batch, admission, store=as_url)
+    )
     base = public_base(request)
     width, height = batch[0].width, batch[0].height
     headers = dict(admission.headers)

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from zimage_server.accounts import Admission
 from zimage_server.api.auth import admit_generate, deadline_from
 from zimage_server.api.bodies import BodyRoute, DocumentedAs
+from zimage_server.api.disconnect import unless_disconnected
 from zimage_server.api.errors import RENDER_FAILURES, Example, error_docs
 from zimage_server.api.responses import image_json, is_large, model_response
 from zimage_server.billing import format_credits
@@ -71,8 +72,11 @@ async def generate(
     if service.settings.log_prompts:
         request.state.log_prompt = params.prompt
     raw = wants_image_bytes(request, service.settings.v1_default_response)
-    generated = await service.generate(
-        params, admission, store=not raw and not params.base_64, timeout=deadline_from(request)
+    generated = await unless_disconnected(
+        request,
+        service.generate(
+            params, admission, store=not raw and not params.base_64, timeout=deadline_from(request)
+        ),
     )
     headers = _headers(generated, admission)
     request.state.log_seed, request.state.log_timings = generated.seed, generated.timings
