@@ -90,11 +90,7 @@ def build_services(
     metrics_ = Metrics()
     pricing = Pricing(settings.price_reference, settings.price_minimum)
     generation = GenerationService(settings, engine, outputs_store, ledger, pricing, metrics_)
-    policy = WebhookPolicy(
-        settings.webhook_secret is not None,
-        frozenset(settings.webhook_allowed_hosts),
-        settings.webhook_allow_private,
-    )
+    policy = WebhookPolicy.from_settings(settings)
     repo = JobRepository(db, settings.output_ttl_s, clock=clock)
     runner = JobRunner(settings, repo, engine, generation, outputs_store, ledger, policy)
     metrics_.watch(
@@ -128,16 +124,8 @@ async def _running(services: Services) -> AsyncIterator[None]:
     await s.jobs.start()
     background = [asyncio.create_task(_sweep_forever(s.outputs))]
     deliverer = None
-    secret = s.settings.webhook_secret
-    if secret is not None:
-        deliverer = WebhookDeliverer(
-            s.jobs.repo,
-            secret.get_secret_value().encode(),
-            s.policy,
-            s.settings.webhook_max_attempts,
-            s.settings.webhook_backoff_s,
-            s.settings.webhook_timeout_s,
-        )
+    if s.settings.webhook_secret is not None:
+        deliverer = WebhookDeliverer.from_settings(s.jobs.repo, s.settings)
         background.append(asyncio.create_task(deliverer.run_forever()))
     try:
         yield
