@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 import httpx
+import idna
 
 from zimage_server.core.errors import InvalidRequest
 
@@ -112,6 +113,11 @@ def _check_hostname(host: str, field: str) -> None:
         )
     if labels[-1].isdigit():
         raise _invalid(field, "the host is neither a hostname nor an IP address")
+    if any(label.startswith("xn--") for label in labels):
+        try:
+            idna.decode(name)
+        except idna.IDNAError:
+            raise _invalid(field, "the host is not a valid internationalized name") from None
 
 
 def _invalid(field: str, reason: str) -> InvalidRequest:
