@@ -10,10 +10,13 @@ receiver listens there too, and must never hear from us. Figures go to
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -25,10 +28,13 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
+import httpx
 import pytest
 import requests
+import trustme
 
 from tests.conftest import ROOT, InProcessServer, create_key
+from zimage_server.outbound import Destination, PinnedClient
 
 ADMIN = "hooks-admin"
 SECRET = "hooks-secret"
@@ -93,9 +99,10 @@ class FakeDns:
 
 
 class Receiver:
-    """An HTTP receiver on ``host:port`` that answers 200 and notes when and what it got."""
+    """An HTTP(S) receiver on ``host:port`` that answers 200 and notes when and what it
+    got."""
 
-    def __init__(self, host: str, port: int = 0) -> None:
+    def __init__(self, host: str, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.received: list[tuple[float, dict[str, str], bytes]] = []
         outer = self
 
@@ -110,6 +117,8 @@ class Receiver:
                 pass
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
@@ -353,3 +362,33 @@ def test_a_tarpit_receiver_delays_no_other_key_and_is_cut_at_the_timeout(
     assert open_meanwhile == 2 and other_s < 1.0
     assert tarpit.max_open == 2  # the per-key bound
     assert all(TIMEOUT_S - 0.3 < s < TIMEOUT_S + 1.0 for s in tarpit.held)
+
+
+def test_a_pinned_https_post_keeps_the_hostname_for_sni_and_the_certificate() -> None:
+    """The URL's host becomes the judged address, yet TLS still names and verifies the
+    hostname: a certificate for another name is refused."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("hooks.test").configure_cert(server_ctx)
+    server_names: list[str | None] = []
+    server_ctx.sni_callback = lambda _sock, name, _ctx: server_names.append(name)
+    receiver = Receiver("127.0.0.2", tls=server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def post(url: str) -> int:
+        client = PinnedClient(TIMEOUT_S, verify=client_ctx)
+        try:
+            destination = Destination.parse(url, "webhook_url")
+            return await client.post(destination, ipaddress.ip_address("127.0.0.2"), b"{}", {})
+        finally:
+            await client.aclose()
+
+    try:
+        assert asyncio.run(post(f"https://hooks.test:{receiver.port}/h")) == 200
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            asyncio.run(post(f"https://other.test:{receiver.port}/h"))
+    finally:
+        receiver.close()
+    assert server_names[0] == "hooks.test" and "other.test" in server_names
+    assert receiver.received[0][1]["Host"] == f"hooks.test:{receiver.port}"
