@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-
-import time
 
 import pytest
 import sqlalchemy as sa
@@ -18,7 +17,6 @@ from zimage_server.billing.ledger import MAX_BALANCE
 from zimage_server.core.errors import InsufficientCredits, InvalidRequest
 from zimage_server.store.db import Database
 from zimage_server.store.models import Base, LedgerEntry
-
 
 LATER = time.time() + 3600
 

@@ -104,11 +104,7 @@ def build_services(
     metrics_ = Metrics()
     pricing = Pricing(settings.price_reference, settings.price_minimum)
     generation = GenerationService(settings, engine, outputs_store, ledger, pricing, metrics_)
-    policy = WebhookPolicy(
-        settings.webhook_secret is not None,
-        frozenset(settings.webhook_allowed_hosts),
-        settings.webhook_allow_private,
-    )
+    policy = WebhookPolicy.from_settings(settings)
     repo = JobRepository(db, settings.output_ttl_s, clock=clock)
     runner = JobRunner(settings, repo, engine, generation, outputs_store, limiter, policy)
     metrics_.watch(
@@ -145,16 +141,8 @@ async def _running(services: Services) -> AsyncIterator[None]:
         asyncio.create_task(_release_expired_holds(s.ledger, s.settings.hold_grace_s)),
     ]
     deliverer = None
-    secret = s.settings.webhook_secret
-    if secret is not None:
-        deliverer = WebhookDeliverer(
-            s.jobs.repo,
-            secret.get_secret_value().encode(),
-            s.policy,
-            s.settings.webhook_max_attempts,
-            s.settings.webhook_backoff_s,
-            s.settings.webhook_timeout_s,
-        )
+    if s.settings.webhook_secret is not None:
+        deliverer = WebhookDeliverer.from_settings(s.jobs.repo, s.settings)
         background.append(asyncio.create_task(deliverer.run_forever()))
     try:
         yield

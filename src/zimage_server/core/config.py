@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
@@ -176,9 +176,17 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
         default_factory=list, description="Hosts allowed even if private or loopback."
     )
     webhook_allow_private: bool = Field(False, description="Allow private/loopback targets.")
+    webhook_allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="Networks allowed even if private (CIDR)."
+    )
+    webhook_dns_servers: list[str] = Field(
+        default_factory=list, description="Name servers for webhook hosts; default: system."
+    )
     webhook_max_attempts: int = Field(8, ge=1, le=30)
     webhook_backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles.")
-    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0, description="One attempt, DNS included.")
+    webhook_max_in_flight_per_key: int = Field(4, ge=1, description="Deliveries of one key.")
+    webhook_max_in_flight: int = Field(64, ge=1, description="Deliveries in flight in all.")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = Field("json", description="One JSON object per line.")

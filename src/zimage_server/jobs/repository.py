@@ -4,7 +4,7 @@ actors (a cancel and a completion, say) can never both win."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import insert, select, update
@@ -195,18 +195,24 @@ class JobRepository:
                 settle_in(session, reference, JobStatus(status))
         return len(rows)
 
-    def due_deliveries(self, limit: int = 20) -> Sequence[WebhookDelivery]:
+    def due_deliveries(
+        self, limit: int, skip_ids: Collection[int] = (), skip_owners: Collection[str] = ()
+    ) -> list[tuple[WebhookDelivery, str]]:
+        """Due deliveries with their job's owner, but none of ``skip_ids`` (in flight) and
+        none of ``skip_owners`` (at their limit), so those cannot crowd out the others."""
+        query = (
+            select(WebhookDelivery, Job.owner)
+            .join(Job, Job.id == WebhookDelivery.job_id)
+            .where(WebhookDelivery.next_attempt_at <= time.time())
+            .order_by(WebhookDelivery.next_attempt_at)
+            .limit(limit)
+        )
+        if skip_ids:
+            query = query.where(WebhookDelivery.id.not_in(skip_ids))
+        if skip_owners:
+            query = query.where(Job.owner.not_in(skip_owners))
         with self.db.session() as session:
-            return (
-                session.execute(
-                    select(WebhookDelivery)
-                    .where(WebhookDelivery.next_attempt_at <= time.time())
-                    .order_by(WebhookDelivery.next_attempt_at)
-                    .limit(limit)
-                )
-                .scalars()
-                .all()
-            )
+            return [(delivery, owner) for delivery, owner in session.execute(query)]
 
     def delivery_done(self, delivery_id: int, attempts: int) -> None:
         with self.db.session() as session:

@@ -2,30 +2,36 @@
 
 Signature: ``X-Zimage-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>``.
 Receivers recompute it over the raw body and reject old timestamps (replay protection).
-Deliveries live in the database and are retried with exponential back-off by a task of
-their own, so a slow receiver never holds up rendering and a restart loses nothing.
+Deliveries live in the database and each attempt runs in a task of its own, retried with
+exponential back-off, so a slow receiver never holds up rendering or another delivery, and
+a restart loses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
 import logging
-import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import httpx
 
+from zimage_server.core.config import Settings
 from zimage_server.core.errors import InvalidRequest
 from zimage_server.jobs.repository import JobRepository
+from zimage_server.outbound import AddressPolicy, Destination, PinnedClient, Resolver
+from zimage_server.outbound.policy import IPAddress
 from zimage_server.store.models import WebhookDelivery
 
 log = logging.getLogger("zimage.webhooks")
 POLL_INTERVAL_S = 0.25
+FIELD = "webhook_url"
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -48,100 +54,153 @@ def verify(secret: bytes, header: str, body: bytes, tolerance_s: int = 300) -> b
 @dataclass(frozen=True)
 class WebhookPolicy:
     """Refuse targets the operator has not allowed: by default no private, loopback,
-    link-local or reserved addresses (server-side request forgery)."""
+    link-local or reserved addresses (server-side request forgery).
+
+    At submission only what needs no DNS is judged (syntax, literal addresses,
+    ``localhost``): a tenant's slow name server must not hold up the request path, and
+    answers about internal names would tell a caller which ones exist. Names are resolved
+    at delivery, every address judged, and the delivery connects to the judged address.
+    """
 
     enabled: bool
     allowed_hosts: frozenset[str]
-    allow_private: bool
+    addresses: AddressPolicy
 
-    def check(self, url: str) -> None:
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookPolicy:
+        return cls(
+            settings.webhook_secret is not None,
+            frozenset(host.lower().rstrip(".") for host in settings.webhook_allowed_hosts),
+            AddressPolicy(settings.webhook_allow_private, tuple(settings.webhook_allowed_networks)),
+        )
+
+    def check(self, url: str) -> Destination:
+        """At submission: 400 naming ``webhook_url`` for anything refused without DNS."""
         if not self.enabled:
             raise InvalidRequest(
                 "Invalid 'webhook_url': webhooks are disabled on this server "
                 "(the operator has not set ZIMAGE_WEBHOOK_SECRET).",
                 field="webhook_url",
             )
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2000:
-            raise InvalidRequest(
-                "Invalid 'webhook_url': must be an absolute http(s) URL of at most 2000 "
-                "characters.",
-                field="webhook_url",
-            )
-        host = parts.hostname
-        if host in self.allowed_hosts or self.allow_private:
+        destination = Destination.parse(url, FIELD)
+        name = destination.host.rstrip(".")
+        if destination.literal is not None:
+            self._judge(destination, [destination.literal])
+        elif name == "localhost" or name.endswith(".localhost"):
+            self._judge(destination, [ipaddress.ip_address("127.0.0.1")])
+        return destination
+
+    async def resolve(self, url: str, resolver: Resolver) -> tuple[Destination, list[IPAddress]]:
+        """At delivery: the addresses to connect to, every one of them judged."""
+        destination = self.check(url)
+        if destination.literal is not None:
+            return destination, [destination.literal]
+        addresses = await resolver.resolve(destination.host, FIELD)
+        self._judge(destination, addresses)
+        return destination, addresses
+
+    def _judge(self, destination: Destination, addresses: list[IPAddress]) -> None:
+        if destination.host.rstrip(".") in self.allowed_hosts:
             return
-        for address in _addresses(host):
-            if not address.is_global:
-                raise InvalidRequest(
-                    f"Invalid 'webhook_url': {host} resolves to a private or local address "
-                    "that the operator has not allowed (ZIMAGE_WEBHOOK_ALLOWED_HOSTS).",
-                    field="webhook_url",
-                )
-
-
-def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        raise InvalidRequest(
-            f"Invalid 'webhook_url': cannot resolve host '{host}'.", field="webhook_url"
-        ) from None
-    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        refused = [str(a) for a in addresses if not self.addresses.allows(a)]
+        if refused:
+            raise InvalidRequest(
+                f"Invalid 'webhook_url': {destination.host} is (or resolves to) a private or "
+                f"local address ({', '.join(refused)}) that the operator has not allowed "
+                "(ZIMAGE_WEBHOOK_ALLOWED_HOSTS, ZIMAGE_WEBHOOK_ALLOWED_NETWORKS).",
+                field=FIELD,
+            )
 
 
 class WebhookDeliverer:
-    """Sends due deliveries; retries with back-off ``base x 2^(attempt-1)``."""
+    """Sends due deliveries, each in a task of its own: a receiver that never answers holds
+    only its own delivery (cut at ``timeout_s``, resolution included), never another's.
+    At most ``per_key`` deliveries of one API key and ``total`` in all are in flight;
+    failures are retried with back-off ``base x 2^(attempt-1)``."""
 
     def __init__(
         self,
         repo: JobRepository,
         secret: bytes,
         policy: WebhookPolicy,
-        max_attempts: int,
-        backoff_s: float,
-        timeout_s: float,
+        resolver: Resolver,
+        client: PinnedClient,
+        limits: DeliveryLimits,
     ) -> None:
         self.repo, self.secret, self.policy = repo, secret, policy
-        self.max_attempts, self.backoff_s = max_attempts, backoff_s
-        self.client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
+        self.resolver, self.client, self.limits = resolver, client, limits
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._per_key: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+
+    @classmethod
+    def from_settings(cls, repo: JobRepository, settings: Settings) -> WebhookDeliverer:
+        if settings.webhook_secret is None:
+            raise ValueError("webhooks are off without ZIMAGE_WEBHOOK_SECRET")
+        timeout = settings.webhook_timeout_s
+        return cls(
+            repo,
+            settings.webhook_secret.get_secret_value().encode(),
+            WebhookPolicy.from_settings(settings),
+            Resolver(settings.webhook_dns_servers, timeout),
+            PinnedClient(timeout),
+            DeliveryLimits(
+                settings.webhook_max_attempts,
+                settings.webhook_backoff_s,
+                timeout,
+                settings.webhook_max_in_flight_per_key,
+                settings.webhook_max_in_flight,
+            ),
+        )
 
     async def run_forever(self) -> None:
         while True:
             try:
-                due = await asyncio.to_thread(self.repo.due_deliveries)
-                await asyncio.gather(*(self._deliver(d) for d in due))
+                await self._dispatch()
             except Exception:
                 log.exception("webhook delivery loop error")
-            await asyncio.sleep(POLL_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_INTERVAL_S):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def _dispatch(self) -> None:
+        """Start a task for each due delivery that is not in flight and whose key has room."""
+        room = self.limits.total - len(self._tasks)
+        if room <= 0:
+            return
+        full = [key for key, n in self._per_key.items() if n >= self.limits.per_key]
+        due = await asyncio.to_thread(self.repo.due_deliveries, room, set(self._tasks), full)
+        for delivery, key in due:
+            if self._per_key[key] < self.limits.per_key:
+                self._per_key[key] += 1
+                task = asyncio.create_task(self._deliver(delivery))
+                self._tasks[delivery.id] = task
+                task.add_done_callback(functools.partial(self._done, delivery.id, key))
+
+    def _done(self, delivery_id: int, key: str, _task: asyncio.Task[None]) -> None:
+        del self._tasks[delivery_id]
+        self._per_key[key] -= 1
+        if not self._per_key[key]:
+            del self._per_key[key]
+        self._wake.set()  # room for the next one now, not at the next poll
 
     async def _deliver(self, delivery: WebhookDelivery) -> None:
         attempts = delivery.attempts + 1
-        body = delivery.payload.encode()
         try:
-            self.policy.check(delivery.url)  # again at send time: DNS may have changed
-            response = await self.client.post(
-                delivery.url,
-                content=body,
-                headers={
-                    "Content-Type": "application/json",
-                    "X-Zimage-Signature": sign(self.secret, int(time.time()), body),
-                    "X-Zimage-Delivery": str(delivery.id),
-                },
-            )
-            if 200 <= response.status_code < 300:
+            async with asyncio.timeout(self.limits.timeout_s):
+                status = await self._send(delivery)
+            if 200 <= status < 300:
                 await asyncio.to_thread(self.repo.delivery_done, delivery.id, attempts)
                 return
-            error = f"HTTP {response.status_code}"
+            error = f"HTTP {status}"
+        except TimeoutError:
+            error = f"no answer within {self.limits.timeout_s:g} s"
         except (httpx.HTTPError, InvalidRequest) as exc:
             error = f"{type(exc).__name__}: {exc}"
         retry_at = None
-        if attempts < self.max_attempts:
-            retry_at = time.time() + self.backoff_s * 2 ** (attempts - 1)
+        if attempts < self.limits.max_attempts:
+            retry_at = time.time() + self.limits.backoff_s * 2 ** (attempts - 1)
         log.warning(
             "webhook %s for job %s failed (attempt %d): %s",
             delivery.id,
@@ -151,5 +210,31 @@ class WebhookDeliverer:
         )
         await asyncio.to_thread(self.repo.delivery_failed, delivery.id, attempts, error, retry_at)
 
+    async def _send(self, delivery: WebhookDelivery) -> int:
+        """Resolve once, judge, and POST to the judged addresses in turn until one connects."""
+        destination, addresses = await self.policy.resolve(delivery.url, self.resolver)
+        body = delivery.payload.encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-Zimage-Signature": sign(self.secret, int(time.time()), body),
+            "X-Zimage-Delivery": str(delivery.id),
+        }
+        for address in addresses[:-1]:
+            with contextlib.suppress(httpx.ConnectError):
+                return await self.client.post(destination, address, body, headers)
+        return await self.client.post(destination, addresses[-1], body, headers)
+
     async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await self.client.aclose()
+
+
+@dataclass(frozen=True)
+class DeliveryLimits:
+    max_attempts: int
+    backoff_s: float
+    timeout_s: float  # one attempt, resolution included
+    per_key: int  # deliveries in flight for one API key
+    total: int  # and for all keys

@@ -1,0 +1,49 @@
+"""HTTP to an address that was judged, not to whatever the name resolves to next: the URL's
+host is replaced by that address, while the Host header and the TLS server name (SNI and
+the certificate check) stay the hostname's. No connection is reused, so one tenant's
+request never rides a connection opened for another hostname."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+
+import httpx
+
+from zimage_server.outbound.policy import Destination, IPAddress
+
+
+class PinnedClient:
+    """POSTs that read only the status line and headers (a body never comes back in), with
+    no redirects and no proxies from the environment (they would resolve the name again)."""
+
+    def __init__(self, timeout_s: float, verify: ssl.SSLContext | bool = True) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+            verify=verify,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
+
+    async def post(
+        self,
+        destination: Destination,
+        address: IPAddress,
+        content: bytes,
+        headers: Mapping[str, str],
+    ) -> int:
+        """The response's status code."""
+        request = self._client.build_request(
+            "POST",
+            destination.url.copy_with(host=str(address)),
+            content=content,
+            headers={**headers, "Host": destination.url.netloc.decode("ascii")},
+            extensions={"sni_hostname": destination.host.rstrip(".")},
+        )
+        response = await self._client.send(request, stream=True)
+        await response.aclose()
+        return response.status_code
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
