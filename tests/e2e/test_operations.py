@@ -212,6 +212,46 @@ def test_database_down_is_503_and_loses_nothing(tmp_path: Path) -> None:
         admin.dispose()
 
 
+def test_sqlite_file_deleted_under_the_server_fails_closed(tmp_path: Path) -> None:
+    """SQLite would go on writing to the unlinked file (all of it lost at the next start):
+    the server notices the file is gone and refuses what needs the store, with the reason."""
+    url = fresh_database_url("sqlite", tmp_path)
+    server = InProcessServer(
+        tmp_path / "gone",
+        env={
+            "ZIMAGE_MODEL": "null",
+            "ZIMAGE_AUTH": "true",
+            "ZIMAGE_ADMIN_TOKEN": ADMIN,
+            "ZIMAGE_DATABASE_URL": url,
+        },
+    )
+    try:
+        key = new_key(server)
+        assert server.post(SMALL, headers={"x-api-key": key}).status_code == 200
+        for suffix in ("", "-wal", "-shm"):
+            Path(url.split("///", 1)[1] + suffix).unlink(missing_ok=True)
+        r = server.post(SMALL, headers={"x-api-key": key})
+        assert r.status_code == 503, r.text
+        assert (
+            "store.db was removed or replaced" in r.json()["error"]
+            and "restart" in r.json()["error"]
+        )
+        admin = requests.post(
+            server.url + "/admin/keys",
+            headers={"x-admin-token": ADMIN},
+            json={"name": "lost", "credits": 5},
+            timeout=10,
+        )
+        assert admin.status_code == 503
+        ready = requests.get(server.url + "/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["status"] == "UNAVAILABLE"
+        assert "was removed" in ready.json()["reason"]
+        assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+        assert not Path(url.split("///", 1)[1]).exists()  # nothing written to a new file either
+    finally:
+        server.stop()
+
+
 def test_sigterm_drains_in_flight_and_exits_zero(tmp_path: Path) -> None:
     server = Server(  # not given the shared tiny model: this one builds it, as users' do
         tmp_path / "drain",
@@ -232,6 +272,8 @@ def test_sigterm_drains_in_flight_and_exits_zero(tmp_path: Path) -> None:
     refused = server.post(SMALL)
     assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
     assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
+    ready = requests.get(server.url + "/readyz", timeout=5)  # a balancer must move on
+    assert ready.status_code == 503 and ready.json()["status"] == "DRAINING"
     for thread in threads:
         thread.join(60)
     assert results == [200, 200, 200, 200]
