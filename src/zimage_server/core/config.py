@@ -174,7 +174,9 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
     webhook_timeout_s: float = Field(10.0, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = Field("json", description="One JSON object per line.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="auto: readable on a terminal, one JSON object per line otherwise."
+    )
     log_prompts: bool = Field(False, description="Include prompts in the access log.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger bodies get 413.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="Drain time on SIGTERM.")

@@ -213,9 +213,21 @@ class WorkerHandle:
                 event = conn.recv()
             except (EOFError, OSError):
                 break
-            loop.call_soon_threadsafe(self._on_event, event)
+            if isinstance(event, logging.LogRecord):
+                loop.call_soon_threadsafe(self._relog, event)
+            else:
+                loop.call_soon_threadsafe(self._on_event, event)
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             loop.call_soon_threadsafe(self._on_exit, conn)
+
+    def _relog(self, record: logging.LogRecord) -> None:
+        """A worker's record, logged here in the run's one format, named after its worker."""
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            record.msg = f"{self.name}: {record.msg}"
+            record.worker = self.name
+            record.threadName = threading.current_thread().name  # handled on this loop
+            logger.handle(record)
 
     def _send(self, command: Command) -> bool:
         if self._conn is None:
