@@ -7,6 +7,7 @@ run in process."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -173,6 +174,47 @@ def test_model_that_never_loads_ends_failed(tmp_path: Path) -> None:
         r = server.post(SMALL)
         assert r.status_code == 503 and "failed to load" in r.json()["error"]
         assert server.worker_pids() == []  # no restart loop
+    finally:
+        server.stop()
+
+
+def test_workers_killed_while_loading_back_off_then_fail_with_the_reason(tmp_path: Path) -> None:
+    """A worker that dies before it can report (here SIGKILLed while it loads, as by an
+    OOM killer or a wrong user) is restarted after 0.5 s, then 1 s, and after the third
+    death the server is FAILED and says how the worker died: no hot restart loop."""
+    import psutil
+
+    server = InProcessServer(  # a slow warm-up (4 steps x 1 s): time to kill each start
+        tmp_path / "killed",
+        env={"ZIMAGE_WARMUP_STEPS": "4", "ZIMAGE_DEBUG_STEP_DELAY_S": "1"},
+        wait=False,
+    )
+    killed: dict[int, float] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while (ready := requests.get(server.url + "/readyz", timeout=10).json())[
+            "status"
+        ] != "FAILED":
+            assert time.monotonic() < deadline, ready
+            for pid in server.worker_pids():
+                if pid not in killed:
+                    psutil.Process(pid).kill()
+                    killed[pid] = time.monotonic()
+            time.sleep(0.02)
+        assert ready["reason"] == (
+            "the worker was killed by SIGKILL while loading the model (3 failed starts)"
+        )
+        time.sleep(2)
+        assert server.worker_pids() == [] and len(killed) == 3  # nothing restarts it
+        starts = [
+            float(json.loads(line)["ts"])
+            for line in server.log().splitlines()
+            if "started on" in line
+        ]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert len(starts) == 3 and gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps
+        r = server.post(SMALL)
+        assert r.status_code == 503 and "killed by SIGKILL" in r.json()["error"]
     finally:
         server.stop()
 
