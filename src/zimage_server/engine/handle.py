@@ -189,7 +189,7 @@ class WorkerHandle:
             self._spawn()
         except Exception as exc:  # e.g. the forkserver could not be started
             log.exception("worker %s could not be started", self.name)
-            self._exited(f"the worker process could not be started: {exc}", loaded=False)
+            self._exited(f"the worker process could not be started ({exc!r})", loaded=False)
 
     def _spawn(self) -> None:
         self._load_error = None
