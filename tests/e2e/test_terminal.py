@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from tests.conftest import BASE_ENV, Server, seed_tiny_model
+from tests.conftest import BASE_ENV, ROOT, Server, seed_tiny_model
 from zimage_server.launcher import absolute_pythonpath
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -111,6 +111,8 @@ def test_on_a_terminal_one_readable_format_a_ready_line_and_a_clean_ctrl_c(
     assert "Finished server process" in text and stop_s < 30
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    (ROOT / "artifacts").mkdir(exist_ok=True)
+    (ROOT / "artifacts" / "ctrl-c.json").write_text(json.dumps({"stop_s": round(stop_s, 2)}))
 
 
 def test_json_by_flag_on_a_terminal(tmp_path: Path) -> None:
