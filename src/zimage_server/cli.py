@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +23,12 @@ class Device(StrEnum):
     auto = "auto"
     cuda = "cuda"
     cpu = "cpu"
+
+
+class LogFormat(StrEnum):
+    auto = "auto"
+    json = "json"
+    text = "text"
 
 
 def _overrides(**values: Any) -> dict[str, Any]:
@@ -89,6 +96,10 @@ def serve(
     max_replicas: Annotated[
         int | None, typer.Option(min=1, help="With --ray: autoscaling ceiling.")
     ] = None,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(help="auto: readable on a terminal, JSON lines otherwise."),
+    ] = None,
 ) -> None:
     """Run the HTTP server (on this machine, or on Ray Serve with --ray)."""
     from zimage_server.api import create_app, serving
@@ -103,10 +114,13 @@ def serve(
             device=device.value if device else None,
             data_dir=data_dir,
             auth=False if no_auth else None,
+            log_format=log_format.value if log_format else None,
         )
     )
-    setup_logging(settings.log_level, settings.log_format)
+    readable = setup_logging(settings.log_level, settings.log_format, console) == "text"
     _warn(settings)
+    # The bar only where lines are readable: off a terminal it would break the JSON lines.
+    progress = _LoadProgress() if readable else None
     try:
         if ray:
             from zimage_server.deploy.cli import serve_ray
@@ -114,11 +128,16 @@ def serve(
             serve_ray(settings, ray_address, replicas, min_replicas, max_replicas)
             return
         sock = serving.listen(settings)
-        application = create_app(settings, on_progress=_LoadProgress())
+        application = create_app(settings, on_progress=progress)
+        serving.run(application, settings, sock)
     except StartupError as exc:
         _error(exc.message)
         raise typer.Exit(2) from None
-    serving.run(application, settings, sock)
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signal
+        raise typer.Exit(130) from None
+    finally:
+        if progress is not None:
+            progress.progress.stop()
 
 
 def _error(message: str, label: str = "error") -> None:
@@ -127,15 +146,17 @@ def _error(message: str, label: str = "error") -> None:
 
 
 def _warn(settings: Settings) -> None:
+    """Logged, not printed: in the run's one format (a JSON line off a terminal)."""
+    log = logging.getLogger("zimage.cli")
     if not settings.auth_required:
-        console.print(
-            "[bold yellow]WARNING: authentication is OFF: anyone who can reach "
-            f"{settings.host}:{settings.port} can generate images. Use it only locally.[/]"
+        log.warning(
+            "authentication is OFF: anyone who can reach %s:%s can generate images. "
+            "Use it only locally.",
+            settings.host,
+            settings.port,
         )
     if settings.tiny:
-        console.print(
-            "[yellow]Serving the tiny random model: images are noise, for trying the API.[/]"
-        )
+        log.warning("serving the tiny random model: images are noise, for trying the API.")
 
 
 @app.command("tiny-model")

@@ -7,6 +7,7 @@ run in process."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -177,6 +178,47 @@ def test_model_that_never_loads_ends_failed(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_workers_killed_while_loading_back_off_then_fail_with_the_reason(tmp_path: Path) -> None:
+    """A worker that dies before it can report (here SIGKILLed while it loads, as by an
+    OOM killer or a wrong user) is restarted after 0.5 s, then 1 s, and after the third
+    death the server is FAILED and says how the worker died: no hot restart loop."""
+    import psutil
+
+    server = InProcessServer(  # a slow warm-up (4 steps x 1 s): time to kill each start
+        tmp_path / "killed",
+        env={"ZIMAGE_WARMUP_STEPS": "4", "ZIMAGE_DEBUG_STEP_DELAY_S": "1"},
+        wait=False,
+    )
+    killed: dict[int, float] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while (ready := requests.get(server.url + "/readyz", timeout=10).json())[
+            "status"
+        ] != "FAILED":
+            assert time.monotonic() < deadline, ready
+            for pid in server.worker_pids():
+                if pid not in killed:
+                    psutil.Process(pid).kill()
+                    killed[pid] = time.monotonic()
+            time.sleep(0.02)
+        assert ready["reason"] == (
+            "the worker was killed by SIGKILL while loading the model (3 failed starts)"
+        )
+        time.sleep(2)
+        assert server.worker_pids() == [] and len(killed) == 3  # nothing restarts it
+        starts = [
+            float(json.loads(line)["ts"])
+            for line in server.log().splitlines()
+            if "started on" in line
+        ]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert len(starts) == 3 and gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps
+        r = server.post(SMALL)
+        assert r.status_code == 503 and "killed by SIGKILL" in r.json()["error"]
+    finally:
+        server.stop()
+
+
 def test_database_down_is_503_and_loses_nothing(tmp_path: Path) -> None:
     url = fresh_database_url("postgresql", tmp_path)
     name = url.rsplit("/", 1)[1]
@@ -212,6 +254,46 @@ def test_database_down_is_503_and_loses_nothing(tmp_path: Path) -> None:
         admin.dispose()
 
 
+def test_sqlite_file_deleted_under_the_server_fails_closed(tmp_path: Path) -> None:
+    """SQLite would go on writing to the unlinked file (all of it lost at the next start):
+    the server notices the file is gone and refuses what needs the store, with the reason."""
+    url = fresh_database_url("sqlite", tmp_path)
+    server = InProcessServer(
+        tmp_path / "gone",
+        env={
+            "ZIMAGE_MODEL": "null",
+            "ZIMAGE_AUTH": "true",
+            "ZIMAGE_ADMIN_TOKEN": ADMIN,
+            "ZIMAGE_DATABASE_URL": url,
+        },
+    )
+    try:
+        key = new_key(server)
+        assert server.post(SMALL, headers={"x-api-key": key}).status_code == 200
+        for suffix in ("", "-wal", "-shm"):
+            Path(url.split("///", 1)[1] + suffix).unlink(missing_ok=True)
+        r = server.post(SMALL, headers={"x-api-key": key})
+        assert r.status_code == 503, r.text
+        assert (
+            "store.db was removed or replaced" in r.json()["error"]
+            and "restart" in r.json()["error"]
+        )
+        admin = requests.post(
+            server.url + "/admin/keys",
+            headers={"x-admin-token": ADMIN},
+            json={"name": "lost", "credits": 5},
+            timeout=10,
+        )
+        assert admin.status_code == 503
+        ready = requests.get(server.url + "/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["status"] == "UNAVAILABLE"
+        assert "was removed" in ready.json()["reason"]
+        assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+        assert not Path(url.split("///", 1)[1]).exists()  # nothing written to a new file either
+    finally:
+        server.stop()
+
+
 def test_sigterm_drains_in_flight_and_exits_zero(tmp_path: Path) -> None:
     server = Server(  # not given the shared tiny model: this one builds it, as users' do
         tmp_path / "drain",
@@ -232,6 +314,8 @@ def test_sigterm_drains_in_flight_and_exits_zero(tmp_path: Path) -> None:
     refused = server.post(SMALL)
     assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
     assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
+    ready = requests.get(server.url + "/readyz", timeout=5)  # a balancer must move on
+    assert ready.status_code == 503 and ready.json()["status"] == "DRAINING"
     for thread in threads:
         thread.join(60)
     assert results == [200, 200, 200, 200]

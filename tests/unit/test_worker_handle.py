@@ -4,6 +4,11 @@ process starts in well under a second): render, death and restart, start timeout
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
+import logging
+import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -11,7 +16,12 @@ import pytest
 
 from zimage_server.core.config import SpeedupSettings, WorkerSettings
 from zimage_server.core.errors import GenerationFailed, WorkerDied
-from zimage_server.engine.handle import MAX_LOAD_FAILURES, WorkerHandle, WorkerState
+from zimage_server.engine.handle import (
+    MAX_LOAD_FAILURES,
+    RESTART_DELAY_S,
+    WorkerHandle,
+    WorkerState,
+)
 from zimage_server.engine.null import NULL_MODEL, seed_colour
 from zimage_server.engine.protocol import WorkerSpec
 from zimage_server.engine.render import RenderSpec
@@ -68,7 +78,7 @@ def test_a_worker_that_dies_mid_batch_fails_it_and_is_restarted() -> None:
         worker = handle()
         worker.start()
         await worker.wait_ready()
-        with pytest.raises(WorkerDied, match="exit code 3"):
+        with pytest.raises(WorkerDied, match="exited with code 3"):
             await worker.render(await batch_of("[[fault:exit]]"), lambda _s, _t: None)
         assert worker.restarts == 1 and worker.state == WorkerState.STARTING
         assert await worker.wait_ready()
@@ -116,3 +126,66 @@ def test_a_batch_that_fails_in_the_worker_raises_its_error_and_the_worker_serves
         await worker.stop()
 
     run(scenario)
+
+
+class _KillsTheWorker(str):
+    """A device name whose unpickling SIGKILLs the process doing it: the worker, before it
+    has run a line of its own (as if killed at import, or segfaulting there)."""
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return signal.raise_signal, (signal.SIGKILL,)
+
+
+def starts(caplog: pytest.LogCaptureFixture) -> list[float]:
+    return [r.created for r in caplog.records if "started on" in r.getMessage()]
+
+
+def test_a_worker_that_dies_before_it_can_report_backs_off_then_fails_with_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No hot restart loop: each start waits longer than the one before, and the third
+    death before Ready ends in FAILED, which says how it died."""
+    caplog.set_level(logging.INFO, "zimage.engine")
+
+    async def scenario() -> None:
+        worker = handle()
+        worker.spec = dataclasses.replace(worker.spec, device=_KillsTheWorker("cpu"))
+        worker.start()
+        assert await worker.wait_ready() is False
+        assert worker.state == WorkerState.FAILED and worker.restarts == MAX_LOAD_FAILURES - 1
+        assert worker.failure == (
+            "the worker was killed by SIGKILL while loading the model (3 failed starts)"
+        )
+        await asyncio.sleep(1.5)  # and nothing restarts it afterwards
+        assert len(starts(caplog)) == MAX_LOAD_FAILURES
+        await worker.stop()
+
+    run(scenario)
+    gaps = [b - a for a, b in itertools.pairwise(starts(caplog))]
+    assert gaps[0] >= RESTART_DELAY_S and gaps[1] >= 2 * RESTART_DELAY_S, gaps
+
+
+def test_a_worker_that_crashes_again_and_again_after_ready_backs_off_each_time() -> None:
+    """A worker that loads but keeps dying is restarted every time (it serves between
+    crashes), later each time: 0.5 s, 1 s, 2 s."""
+
+    async def scenario() -> list[float]:
+        worker = handle()
+        worker.start()
+        await worker.wait_ready()
+        downtimes = []
+        for _ in range(3):
+            with pytest.raises(WorkerDied, match="exited with code 3"):
+                await worker.render(await batch_of("[[fault:exit]]"), lambda _s, _t: None)
+            died = time.monotonic()
+            assert worker.state == WorkerState.STARTING
+            assert worker.failure == "the worker exited with code 3 after it was ready"
+            assert await worker.wait_ready() and worker.failure is None
+            downtimes.append(time.monotonic() - died)
+        assert worker.restarts == 3
+        await worker.stop()
+        return downtimes
+
+    downtimes = run(scenario)
+    for crash, downtime in enumerate(downtimes):
+        assert downtime >= RESTART_DELAY_S * 2**crash, downtimes

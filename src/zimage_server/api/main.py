@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from zimage_server import __version__
 from zimage_server.accounts import AccessControl, KeyService, RateLimiter
@@ -171,11 +172,14 @@ def create_app(
         async with _running(services):
             yield
 
-    app = FastAPI(
+    # /docs and /redoc load their Swagger UI 5 and ReDoc assets from the installed
+    # fastapi-offline package, not a CDN: the docs work on an air-gapped install.
+    app = FastAPIOffline(
         title="zimage-server",
         version=__version__,
         summary="Self-hosted, Segmind-compatible API for Z-Image-Turbo.",
         lifespan=lifespan,
+        favicon_url="/static/favicon.svg",
     )
     state = app.state
     state.services, state.settings, state.engine = services, settings, services.engine

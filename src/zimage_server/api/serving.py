@@ -4,10 +4,14 @@ On the first SIGTERM/SIGINT the server keeps listening but answers new work with
 ``Retry-After`` (so a load balancer moves on), lets in-flight requests finish for up to
 ``shutdown_grace_s``, then exits 0. Queued async jobs stay in the store for the next start.
 A second signal exits at once.
+
+Once it listens and the model is ready it says where to go: one ``ready:`` line with the
+playground, docs and API URLs, with the port really bound (``--port 0`` picks one).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -20,24 +24,48 @@ from fastapi import FastAPI
 from zimage_server.api.middleware import Drain
 from zimage_server.core.config import Settings
 from zimage_server.core.errors import StartupError
+from zimage_server.engine import EngineLike, EngineState
 
 log = logging.getLogger("zimage.api")
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, drain: Drain, grace_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Drain, grace_s: float, engine: EngineLike
+    ) -> None:
         super().__init__(config)
         self.drain = drain
         self.grace_s = grace_s
+        self.engine = engine
+        self._announcer: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """Start, then say where (uvicorn is silent about sockets it did not open)."""
         await super().startup(sockets)
-        if not self.should_exit:
-            for sock in sockets or []:
-                host, port = sock.getsockname()[:2]
-                shown = f"[{host}]" if ":" in host else host
-                log.info("listening on http://%s:%d (Ctrl-C to stop)", shown, port)
+        if not self.should_exit and sockets:
+            host, port = sockets[0].getsockname()[:2]
+            log.info("listening on http://%s:%d (Ctrl-C to stop)", _bracketed(host), port)
+            self._announcer = asyncio.create_task(self._announce(_browsable(host), port))
+
+    async def _announce(self, host: str, port: int) -> None:
+        """The last start-up line: where to go once the model is ready, or why not."""
+        while self.engine.state == EngineState.STARTING:
+            await asyncio.sleep(0.1)
+        url = f"http://{host}:{port}"
+        if self.engine.state == EngineState.READY:
+            log.info(
+                "ready: playground %s/  docs %s/docs  API %s/v1/z-image-turbo",
+                url,
+                url,
+                url,
+                extra={"url": url},
+            )
+        elif self.engine.state == EngineState.FAILED:
+            log.error(
+                "not serving: the model failed to load (%s); %s/readyz says FAILED",
+                self.engine.failure,
+                url,
+            )
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain.draining:
@@ -54,6 +82,15 @@ class GracefulServer(uvicorn.Server):
         if self.drain.in_flight:
             log.warning("grace period over with %d requests in flight", self.drain.in_flight)
         self.should_exit = True
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _browsable(host: str) -> str:
+    """A URL host a browser on this machine can open: loopback for 'every interface'."""
+    return {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, _bracketed(host))  # noqa: S104
 
 
 def listen(settings: Settings) -> socket.socket:
@@ -80,4 +117,5 @@ def run(app: FastAPI, settings: Settings, sock: socket.socket) -> None:
         access_log=False,  # zimage.access writes one structured line per request
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )
-    GracefulServer(config, app.state.drain, settings.shutdown_grace_s).run(sockets=[sock])
+    server = GracefulServer(config, app.state.drain, settings.shutdown_grace_s, app.state.engine)
+    server.run(sockets=[sock])

@@ -189,7 +189,9 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
     webhook_max_in_flight: int = Field(64, ge=1, description="Deliveries in flight in all.")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = Field("json", description="One JSON object per line.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="auto: readable on a terminal, one JSON object per line otherwise."
+    )
     log_prompts: bool = Field(False, description="Include prompts in the access log.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger bodies get 413.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="Drain time on SIGTERM.")

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -48,6 +50,12 @@ log = logging.getLogger("zimage.engine")
 ProgressCallback = Callable[[str, str, int, int], None]  # worker, stage, step, total
 StepCallback = Callable[[int, int], None]
 MAX_LOAD_FAILURES = 3
+# Restarts back off (0.5, 1, 2, ... up to 30 s) while exits come in a streak: a worker that
+# dies at once (killed at import, a segfault) must not be restarted hundreds of times a
+# second. A run that stayed up STABLE_RUN_S ends the streak.
+RESTART_DELAY_S = 0.5
+MAX_RESTART_DELAY_S = 30.0
+STABLE_RUN_S = 60.0
 # Imported once by the forkserver; an import that fails there is simply done in the worker.
 PRELOAD = ("zimage_server.engine.worker", "zimage_server.engine.generator")
 STOP_TIMEOUT_S = 10.0
@@ -128,6 +136,7 @@ class WorkerHandle:
         self._state = WorkerState.STARTING
         self._state_changed = asyncio.Event()
         self._failure: str | None = None
+        self._load_error: str | None = None  # why the current start failed, if it said
         self._load_failures = 0
         self._restarts = 0
         self._load_s = 0.0
@@ -135,6 +144,9 @@ class WorkerHandle:
         self._conn: Connection | None = None
         self._in_flight: _InFlight | None = None
         self._start_timer: asyncio.TimerHandle | None = None
+        self._restart_timer: asyncio.TimerHandle | None = None
+        self._exit_streak = 0
+        self._ready_at: float | None = None
 
     # -- read-only view ------------------------------------------------------------------
     @property
@@ -172,6 +184,15 @@ class WorkerHandle:
 
     # -- process lifecycle ---------------------------------------------------------------
     def start(self) -> None:
+        """Spawn the worker process; a spawn that fails counts as a failed load."""
+        try:
+            self._spawn()
+        except Exception as exc:  # e.g. the forkserver could not be started
+            log.exception("worker %s could not be started", self.name)
+            self._exited(f"the worker process could not be started ({exc!r})", loaded=False)
+
+    def _spawn(self) -> None:
+        self._load_error = None
         ctx = _process_context()
         parent, child = ctx.Pipe()
         process = ctx.Process(
@@ -192,9 +213,21 @@ class WorkerHandle:
                 event = conn.recv()
             except (EOFError, OSError):
                 break
-            loop.call_soon_threadsafe(self._on_event, event)
+            if isinstance(event, logging.LogRecord):
+                loop.call_soon_threadsafe(self._relog, event)
+            else:
+                loop.call_soon_threadsafe(self._on_event, event)
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             loop.call_soon_threadsafe(self._on_exit, conn)
+
+    def _relog(self, record: logging.LogRecord) -> None:
+        """A worker's record, logged here in the run's one format, named after its worker."""
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            record.msg = f"{self.name}: {record.msg}"
+            record.worker = self.name
+            record.threadName = threading.current_thread().name  # handled on this loop
+            logger.handle(record)
 
     def _send(self, command: Command) -> bool:
         if self._conn is None:
@@ -209,7 +242,7 @@ class WorkerHandle:
         if conn is not self._conn or self._state != WorkerState.STARTING:
             return
         timeout = self.spec.worker.worker_start_timeout_s
-        self._failure = f"the worker did not load the model within {timeout:g}s"
+        self._failure = self._load_error = f"the worker did not load the model within {timeout:g}s"
         log.error("worker %s: %s; ending it", self.name, self._failure)
         self._kill()
 
@@ -227,22 +260,41 @@ class WorkerHandle:
         self._fail_in_flight(
             WorkerDied(
                 "The worker process died while rendering this request "
-                f"(exit code {code}); it has been restarted. Retry the request."
+                f"({_describe_exit(code)}); it is being restarted. Retry the request."
             )
         )
-        if self._state == WorkerState.STOPPED:
+        loaded = self._state != WorkerState.STARTING
+        self._exited(f"the worker {_describe_exit(code)}", loaded)
+
+    def _exited(self, why: str, loaded: bool) -> None:
+        """Count the exit, then restart after a back-off or, after too many failed loads,
+        give up (FAILED, with the reason)."""
+        if self._state.is_terminal:
             return
-        if self._state == WorkerState.STARTING:  # it never became ready: a failed load
+        if not loaded:  # it never became ready: a failed load
             self._load_failures += 1
-            self._failure = self._failure or f"the worker exited while loading (code {code})"
+            self._failure = self._load_error or f"{why} while loading the model"
         if self._load_failures >= MAX_LOAD_FAILURES:
-            log.error("worker %s gave up after %d failed loads", self.name, self._load_failures)
+            self._failure = f"{self._failure} ({self._load_failures} failed starts)"
+            log.error("worker %s gave up: %s", self.name, self._failure)
             self._move(WorkerState.FAILED)
             return
+        stable = self._ready_at is not None and time.monotonic() - self._ready_at >= STABLE_RUN_S
+        self._exit_streak = 1 if stable else self._exit_streak + 1
+        self._ready_at = None
+        delay = min(RESTART_DELAY_S * 2 ** (self._exit_streak - 1), MAX_RESTART_DELAY_S)
+        if loaded:
+            self._failure = f"{why} after it was ready"
+        log.warning("worker %s: %s; restarting in %gs", self.name, why, delay)
         self._restarts += 1
-        log.warning("worker %s exited (code %s); restarting", self.name, code)
         self._move(WorkerState.STARTING)
-        self.start()
+        loop = asyncio.get_running_loop()
+        self._restart_timer = loop.call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        self._restart_timer = None
+        if self._state == WorkerState.STARTING:
+            self.start()
 
     def _reap(self) -> int | None:
         """End a worker whose pipe is gone (useless even if alive), then reap it: no zombie.
@@ -254,6 +306,8 @@ class WorkerHandle:
         return self._process.exitcode
 
     async def stop(self) -> None:
+        if self._restart_timer is not None:
+            self._restart_timer.cancel()
         if self._state != WorkerState.STOPPED:
             self._move(WorkerState.STOPPED)
         self._send(Shutdown())
@@ -270,7 +324,7 @@ class WorkerHandle:
         elif isinstance(event, Ready):
             self._on_ready(event)
         elif isinstance(event, LoadFailed):
-            self._failure = event.error
+            self._failure = self._load_error = event.error
             log.error("worker %s failed to load the model: %s", self.name, event.error)
         elif self._in_flight is None or self._in_flight.batch.id != event.batch_id:
             return  # about a batch that was already given up on
@@ -293,6 +347,7 @@ class WorkerHandle:
         if self._start_timer is not None:
             self._start_timer.cancel()
         self._failure, self._load_failures, self._load_s = None, 0, event.load_s
+        self._ready_at = time.monotonic()
         if self._state == WorkerState.STARTING:
             self._move(WorkerState.READY)
         self._progress("ready", 1, 1)
@@ -346,6 +401,14 @@ def _process_context() -> ForkServerContext | SpawnContext:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))
     return ctx
+
+
+def _describe_exit(code: int | None) -> str:
+    """``exited with code 1`` or ``was killed by SIGKILL``: what an operator can act on."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
 
 
 def _render_command(batch: Batch) -> RenderBatch:

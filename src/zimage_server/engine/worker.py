@@ -2,14 +2,17 @@
 
 A reader thread takes commands off the pipe (so a ``Cancel`` lands while a batch is
 rendering); the main thread renders batches one at a time and answers with events.
-If the API process goes away the pipe closes and the worker exits.
+If the API process goes away the pipe closes and the worker exits. Its log records go
+over the same pipe, for the API process to write in its one format.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -75,9 +78,53 @@ class _Outbox:
         self._conn = conn
         self._lock = threading.Lock()
 
-    def send(self, event: Event) -> None:
+    def send(self, event: Event | logging.LogRecord) -> None:
         with self._lock:
             self._conn.send(event)
+
+
+class _PipeHandler(logging.Handler):
+    """Sends each record to the API process, which logs it in the run's one format (JSON,
+    or readable on a terminal), instead of a second format interleaved on the same stderr."""
+
+    def __init__(self, out: _Outbox) -> None:
+        super().__init__()
+        self._out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        portable = logging.makeLogRecord(vars(record))
+        portable.msg = self.format(record)  # with its traceback: those do not pickle
+        portable.args = portable.exc_info = portable.exc_text = portable.stack_info = None
+        with contextlib.suppress(OSError, ValueError):  # the API process is gone: no one to tell
+            self._out.send(portable)
+
+
+def _log_to_parent(out: _Outbox) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [_PipeHandler(out)]
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+
+
+def _quiet_libraries() -> None:
+    """diffusers and transformers print tqdm bars and log through handlers of their own,
+    straight to the terminal, under the API's output: send their records through ours and
+    drop the bars (the load stages reach the API as ``LoadProgress``), unless asked for
+    with ``HF_HUB_DISABLE_PROGRESS_BARS=0``."""
+    wanted = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("0", "false")
+    if not wanted:  # for the libraries not imported yet
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        library = sys.modules.get(name)
+        if library is None:
+            continue
+        library.disable_default_handler()
+        library.enable_propagation()
+        if not wanted:
+            library.disable_progress_bar()
+    hub = sys.modules.get("huggingface_hub.utils")
+    if hub is not None and not wanted:
+        hub.disable_progress_bars()
 
 
 def _read_commands(
@@ -124,6 +171,7 @@ def _load(spec: WorkerSpec, out: _Outbox) -> ImageGenerator | None:
             out.send(LoadProgress("building the tiny model", 0, 3))
             build_tiny_model(Path(spec.build_tiny_at))
         generator = make_generator(spec)
+        _quiet_libraries()
         generator.load(lambda stage, i, n: out.send(LoadProgress(stage, i, n)))
         if spec.worker.warmup:
             out.send(LoadProgress("warming up", 3, 3))
@@ -200,9 +248,14 @@ def _release_accelerator_memory() -> None:
 
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
-    """Entry point of the worker process (spawned, so it starts from a clean interpreter)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    """Entry point of the worker process (spawned, so it starts from a clean interpreter).
+
+    It ignores SIGINT: Ctrl-C reaches the whole process group, and the API process stops
+    its workers itself (``Shutdown``) after draining, without a traceback from each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = _Outbox(conn)
+    _log_to_parent(out)
+    _quiet_libraries()
     inbox: queue.Queue[RenderBatch | None] = queue.Queue()
     prefetches = queue.Queue[Prefetch]() if spec.prefetches else None
     cancelled: set[str] = set()

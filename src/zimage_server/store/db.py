@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,21 +17,35 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from zimage_server.core.errors import StoreUnavailable
 
+log = logging.getLogger("zimage.store")
+
 
 class Database:
     """One SQLAlchemy engine and session factory per process."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._file: _WatchedFile | None = None
         if url.startswith("sqlite"):
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            if path and path != ":memory:" and "mode=memory" not in url:
+                self._file = _WatchedFile(Path(path.split("?", 1)[0]), self.engine)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def problem(self) -> str | None:
+        """Why the store cannot be used until a restart (its file is gone), or None."""
+        return self._file.problem() if self._file is not None else None
+
+    def _check(self) -> None:
+        why = self.problem()
+        if why is not None:
+            raise StoreUnavailable(f"{why}; nothing was charged.", retry_after=60)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -37,6 +53,7 @@ class Database:
 
         A database that cannot be reached becomes ``StoreUnavailable`` (503), never a 500.
         """
+        self._check()
         with _unavailable_as_503(), self._sessions.begin() as session:
             yield session
 
@@ -45,6 +62,7 @@ class Database:
         """The same, as a Core connection: for the per-request statements (key lookup,
         hold), built once and run without the ORM's per-statement work. On SQLite a hold
         took ~2.5 ms through the ORM session and takes ~0.5 ms so, most of it the fsync."""
+        self._check()
         with _unavailable_as_503(), self.engine.begin() as connection:
             yield connection
 
@@ -58,6 +76,42 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class _WatchedFile:
+    """The SQLite file this process opened, by device and inode.
+
+    Deleted (or replaced) under a running server, SQLite keeps writing to the open, unlinked
+    file: every request succeeds and everything is lost at the next start. A ``stat`` per
+    transaction (a few microseconds) catches that, and the store fails closed instead.
+    """
+
+    def __init__(self, path: Path, engine: Engine) -> None:
+        self.path = path
+        with engine.connect():  # creates the file: the identity to hold on to
+            pass
+        self._identity = _identity(path)
+        self._reported = False
+
+    def problem(self) -> str | None:
+        if _identity(self.path) == self._identity:
+            return None
+        why = (
+            f"The database file {self.path} was removed or replaced while the server ran; "
+            "restart the server (with the file restored from a backup, or a new, empty one)"
+        )
+        if not self._reported:
+            self._reported = True
+            log.critical("%s. Requests that need the store are refused until then.", why)
+        return why
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 @contextmanager

@@ -17,10 +17,17 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: the model is loaded and warmed up")
 async def readyz(request: Request) -> JSONResponse:
+    """503 unless new work would be served: while loading, when the model failed, while
+    draining for shutdown, when the store is gone, or with the queue full (BUSY)."""
     engine: EngineLike = request.app.state.engine
-    state = engine.state.value
+    state, reason = engine.state.value, engine.failure
     if engine.state == EngineState.READY and engine.depth >= engine.max_queue:
         state = "BUSY"  # loaded, but the queue is full: a balancer should go elsewhere
+    store_problem = request.app.state.services.db.problem()
+    if store_problem is not None:
+        state, reason = "UNAVAILABLE", store_problem
+    if request.app.state.drain.draining:
+        state, reason = "DRAINING", "The server is shutting down."
     body: dict[str, object] = {
         "status": state,
         "model": request.app.state.model_label,
@@ -28,8 +35,8 @@ async def readyz(request: Request) -> JSONResponse:
     }
     if state == EngineState.READY.value:
         return JSONResponse(body)
-    if engine.failure:
-        body["reason"] = engine.failure
+    if reason:
+        body["reason"] = reason
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
