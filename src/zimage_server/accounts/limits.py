@@ -8,11 +8,43 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from limits import parse, storage, strategies
+from limits import RateLimitItem, parse, storage, strategies
 
-from zimage_server.accounts.keys import Principal
-from zimage_server.core.errors import RateLimited
+from zimage_server.core.errors import InvalidRequest, RateLimited
+
+if TYPE_CHECKING:
+    from zimage_server.accounts.keys import Principal
+
+# Bounds a limit must keep: a longer window overflows the reset time's date (a 500 on every
+# request of the key), and Redis counts in 64-bit integers. The text fits its column.
+MAX_WINDOW_S = 366 * 24 * 3600
+MAX_AMOUNT = 1_000_000_000
+MAX_LIMIT_CHARS = 64
+
+
+def parse_limit(text: str) -> RateLimitItem:
+    """``text`` in the ``limits`` notation ('60/minute', '10 per 2 seconds'), or the
+    ``InvalidRequest`` naming ``rate_limit`` and the range it must keep."""
+    try:
+        item = parse(text) if len(text) <= MAX_LIMIT_CHARS else None
+    except ValueError:
+        item = None
+    if item is None or not 1 <= item.amount <= MAX_AMOUNT:
+        raise InvalidRequest(
+            f"Invalid 'rate_limit': use the form '60/minute' or '10 per 2 seconds', with 1 to "
+            f"{MAX_AMOUNT} requests, in at most {MAX_LIMIT_CHARS} characters "
+            f"(got {text[:40]!r}).",
+            field="rate_limit",
+        )
+    if not 1 <= item.get_expiry() <= MAX_WINDOW_S:
+        raise InvalidRequest(
+            f"Invalid 'rate_limit': the window must be from 1 second to 366 days "
+            f"({MAX_WINDOW_S} seconds); got {text[:40]!r}.",
+            field="rate_limit",
+        )
+    return item
 
 
 @dataclass(frozen=True)
