@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, Field
 
 from zimage_server.accounts import KeyInfo, KeyService
+from zimage_server.accounts.limits import LIMIT_PATTERN
 from zimage_server.api.auth import require_admin
 from zimage_server.api.bodies import JsonRoute
 from zimage_server.api.errors import Example, error_docs
@@ -37,7 +38,7 @@ class KeyCreate(BaseModel):
         description="e.g. '60/minute' (the `limits` notation), a window from 1 second to "
         "366 days; default from settings",
         max_length=64,
-        pattern=r"^\s*[1-9]\d*\s*(/|per)\s*\d*\s*(second|minute|hour|day|month|year)s?\s*$",
+        json_schema_extra={"pattern": LIMIT_PATTERN},  # checked by the service, its message
     )
     max_in_flight: Annotated[int, Field(ge=1, le=10_000), BeforeValidator(no_bool)] | None = None
 
