@@ -241,7 +241,11 @@ class InProcessServer(_Http):
         self._sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, timeout_graceful_shutdown=5
+            self.app,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            proxy_headers=False,  # as `zimage serve`: forwarded headers are the app's to trust
         )
         self._uvicorn = uvicorn.Server(config)
         self._failure: BaseException | None = None

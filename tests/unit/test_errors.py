@@ -118,7 +118,7 @@ def tiny_app(drain: Drain) -> RequestIdMiddleware:
         ]
     )
     install_error_handlers(app)
-    limited = BodyLimitMiddleware(app, max_bytes=LIMIT)
+    limited = BodyLimitMiddleware(app, max_bytes=LIMIT, timeout_s=30)
     return RequestIdMiddleware(DrainMiddleware(limited, drain), Metrics())
 
 

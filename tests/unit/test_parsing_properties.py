@@ -43,7 +43,8 @@ def test_any_body_is_params_or_a_named_400(body: dict[str, object]) -> None:
 
 @settings(max_examples=200, derandomize=True, **STEADY)
 @given(
-    st.text(min_size=1).filter(str.strip),
+    # Lone surrogates are not text (the parser refuses them: test_protocol_edges).
+    st.text(st.characters(exclude_categories=["Cs"]), min_size=1).filter(str.strip),
     st.integers(1, 75),
     st.integers(256, 2048),
     st.integers(256, 2048),

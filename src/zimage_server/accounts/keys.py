@@ -16,6 +16,7 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, insert, select, update
 
+from zimage_server.accounts.limits import parse_limit
 from zimage_server.billing.ledger import Ledger
 from zimage_server.core.errors import Forbidden, InvalidRequest, NotFound, Unauthenticated
 from zimage_server.store.db import Database
@@ -40,21 +41,6 @@ _LOOKUP = select(
 def _hash(key: str) -> str:
     # Keys carry 256 random bits, so a fast hash is safe; no salt or KDF is needed.
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def _check_limit(rate_limit: str) -> None:
-    from limits import parse
-
-    try:
-        item = parse(rate_limit)
-    except ValueError:
-        item = None
-    if item is None or item.amount < 1 or item.get_expiry() < 1:
-        raise InvalidRequest(
-            f"Invalid 'rate_limit': use the form '60/minute' or '10 per 2 seconds' "
-            f"(got {rate_limit[:40]!r}).",
-            field="rate_limit",
-        )
 
 
 @dataclass(frozen=True)
@@ -110,7 +96,7 @@ class KeyService:
         if credits < 0:
             raise InvalidRequest("Invalid 'credits': must be 0 or more.", field="credits")
         if rate_limit is not None:
-            _check_limit(rate_limit)
+            parse_limit(rate_limit)
         unknown = scopes - SCOPES
         if unknown:
             raise InvalidRequest(f"Unknown scopes {sorted(unknown)}: allowed {sorted(SCOPES)}.")

@@ -3,10 +3,9 @@
 FastAPI's own body validation would answer with its messages (and only for JSON content
 types); ours name the field and its allowed values. So a route declares
 ``body: JsonBody[GenerationParams]``: the OpenAPI schema shows the model, FastAPI hands
-the route the raw JSON value (or the raw bytes of a body not labelled as JSON), and the
-route validates it with the protocol's functions. ``BodyRoute`` turns the errors FastAPI
-still raises itself (empty body, invalid JSON) into the same ``InvalidRequest`` that our
-parser raises for them.
+the route the JSON value, and the route validates it with the protocol's functions.
+``JsonRoute`` makes every JSON body go through the protocol's parser (415 for a body not
+labelled as JSON); ``BodyRoute`` also gives an empty body the protocol's message.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 from starlette.exceptions import HTTPException
 
+from zimage_server.core.errors import UnsupportedMediaType, ZImageError
 from zimage_server.protocol.segmind import parse_json
 
 
@@ -43,33 +43,78 @@ class DocumentedAs:
         return handler(self.model.__pydantic_core_schema__)
 
 
-class BodyRoute(APIRoute):
-    """A route whose body is validated by the protocol: FastAPI's body-level errors (empty
-    body, invalid JSON, undecodable bytes) become our ``InvalidRequest``."""
+class JsonRequest(Request):
+    """A request whose JSON is parsed by the protocol's parser, with its limits and
+    messages, wherever FastAPI asks for it."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_parsed"):
+            self._parsed = parse_json(await self.body())
+        return self._parsed
+
+
+class JsonRoute(APIRoute):
+    """A route whose body is JSON: sent as JSON, and parsed by ``parse_json``.
+
+    A body labelled as anything but JSON gets 415 before it is read: ``text/plain`` and
+    form bodies are what a web page may post to another origin without asking (no CORS
+    preflight), and a body without a ``Content-Type`` (a ``Blob``) too, so refusing them
+    keeps other sites from driving a server that runs without keys.
+    """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        takes_body = self.body_field is not None
 
         async def route_handler(request: Request) -> Response:
+            if takes_body:
+                require_json(request.headers.get("content-type"))
+            json_request = JsonRequest(request.scope, request.receive)
             try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                if not _body_level(exc):
-                    raise
-                parse_json(await request.body())  # raises with our message
-                raise
+                return await self.call_handler(handler, json_request)
             except HTTPException as exc:
-                if exc.status_code != 400 or exc.__cause__ is None:
-                    raise
-                parse_json(await request.body())
+                # FastAPI wraps what the body's parser raises; ours carries our message.
+                if isinstance(exc.__cause__, ZImageError):
+                    raise exc.__cause__ from None
                 raise
 
         return route_handler
 
+    async def call_handler(
+        self, handler: Callable[[Request], Coroutine[Any, Any, Response]], request: Request
+    ) -> Response:
+        return await handler(request)
+
+
+class BodyRoute(JsonRoute):
+    """A route whose body is validated by the protocol: an empty body gets the protocol's
+    message (FastAPI's would say that the field ``body`` is missing)."""
+
+    async def call_handler(
+        self, handler: Callable[[Request], Coroutine[Any, Any, Response]], request: Request
+    ) -> Response:
+        try:
+            return await handler(request)
+        except RequestValidationError as exc:
+            if _body_level(exc):
+                parse_json(await request.body())  # raises with our message
+            raise
+
+
+def require_json(content_type: str | None) -> None:
+    """415 unless ``content_type`` is ``application/json`` or ``application/*+json``."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    if kind == "application" and (subtype == "json" or subtype.endswith("+json")):
+        return
+    shown = media[:60] or "none"
+    raise UnsupportedMediaType(
+        f"Unsupported Content-Type '{shown}': send the body as JSON with "
+        "'Content-Type: application/json'.",
+        field="Content-Type",
+    )
+
 
 def _body_level(exc: RequestValidationError) -> bool:
     first = exc.errors()[0]
-    return tuple(first.get("loc", ()))[:1] == ("body",) and first.get("type") in (
-        "missing",
-        "json_invalid",
-    )
+    return tuple(first.get("loc", ()))[:1] == ("body",) and first.get("type") == "missing"

@@ -38,6 +38,7 @@ def render_error(exc: e.ZImageError, scope: Scope) -> Response:
     status, message = exc.status, exc.message
     if not exc.public:
         status, message = 500, f"Internal server error (request id {request_id or '-'})."
+    message = message.encode("utf-8", "replace").decode()  # a message never fails to encode
     headers = dict(exc.headers)
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
@@ -59,6 +60,7 @@ _HTTP_ERRORS: dict[int, type[e.ZImageError]] = {
     400: e.InvalidRequest,
     404: e.NotFound,
     405: e.MethodNotAllowed,
+    408: e.RequestTimeout,
     413: e.PayloadTooLarge,
 }
 

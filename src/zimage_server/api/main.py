@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from zimage_server import __version__
 from zimage_server.accounts import AccessControl, KeyService, RateLimiter
@@ -19,6 +20,7 @@ from zimage_server.api.middleware import (
     BodyLimitMiddleware,
     Drain,
     DrainMiddleware,
+    HostMiddleware,
     RequestIdMiddleware,
 )
 from zimage_server.api.routes import admin, health, metrics, openai_images, outputs, v1, v2
@@ -200,7 +202,12 @@ def create_app(
     app.include_router(admin.router, include_in_schema=settings.admin_token is not None)
     install_error_handlers(app)
     mount_playground(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(DrainMiddleware, drain=services.drain)
-    app.add_middleware(RequestIdMiddleware, metrics=services.metrics)  # outermost
+    app.add_middleware(HostMiddleware, allowed=settings.served_hosts)
+    app.add_middleware(RequestIdMiddleware, metrics=services.metrics)
+    if settings.trusted_proxies:  # here, not in uvicorn, so that Ray's ingress does the same
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app

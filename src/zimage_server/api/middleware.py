@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zimage_server.api.errors import render_error
-from zimage_server.core.errors import NotReady, PayloadTooLarge
+from zimage_server.core.errors import InvalidRequest, NotReady, PayloadTooLarge, RequestTimeout
 from zimage_server.telemetry import Metrics, context
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -77,16 +79,20 @@ class RequestIdMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit, by ``Content-Length`` or while streaming.
+    """413 for bodies over the limit, by ``Content-Length`` or while streaming; 408 for
+    bodies still arriving ``timeout_s`` after the request began (a slow client holds a
+    connection, a task and its buffers for as long as it likes otherwise).
 
-    A streamed body that grows too large raises ``BodyTooLarge`` from ``receive``: an
-    ``HTTPException``, so that FastAPI passes it on while reading a body and the app's
-    handler renders it; one that escapes the app is answered here, the same way.
+    Either raises from ``receive``: an ``HTTPException``, so that FastAPI passes it on while
+    reading a body and the app's handler renders it; one that escapes the app is answered
+    here, the same way. Once the body is complete, ``receive`` (which then waits for the
+    client to disconnect) is the server's own again, without a deadline.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,12 +102,19 @@ class BodyLimitMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await render_error(PayloadTooLarge(self._message()), scope)(scope, receive, send)
             return
-        seen = 0
+        seen, complete = 0, False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                raise BodyTooSlow(408, self._slow(), {"Connection": "close"}) from None
             seen += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
             if seen > self.max_bytes:
                 raise BodyTooLarge(413, self._message())
             return message
@@ -110,12 +123,22 @@ class BodyLimitMiddleware:
             await self.app(scope, limited, send)
         except BodyTooLarge as exc:
             await render_error(PayloadTooLarge(exc.detail), scope)(scope, receive, send)
+        except BodyTooSlow as exc:
+            error = RequestTimeout(exc.detail, headers=exc.headers)
+            await render_error(error, scope)(scope, receive, send)
 
     def _message(self) -> str:
         return f"Request body too large: at most {self.max_bytes} bytes."
 
+    def _slow(self) -> str:
+        return f"Request body not received within {self.timeout_s:g} s; send it at once."
+
 
 class BodyTooLarge(HTTPException):
+    pass
+
+
+class BodyTooSlow(HTTPException):
     pass
 
 
@@ -148,3 +171,61 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.drain.in_flight -= 1
+
+
+HEALTH_PROBES = frozenset(PROBES)  # no URL in them is built from the Host header
+MAX_HOST_CHARS = 255
+_HOST = re.compile(r"^(?:\[(?P<ipv6>[0-9a-fA-F:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::\d{1,5})?$")
+
+
+class HostMiddleware:
+    """400 unless the ``Host`` header names a host this server answers to.
+
+    Absolute URLs in responses (image links, ``status_url``) and in stored jobs (their
+    webhooks) are built from ``Host`` unless ``ZIMAGE_PUBLIC_URL`` is set, so a forged one
+    would send clients elsewhere; and a page on another site whose name resolves to this
+    machine (DNS rebinding) reaches it with its own name. ``allowed`` holds host names
+    (without port), ``*.example.com`` for a domain's subdomains, or ``*`` for any. The
+    probes, which build no URLs, answer whatever the name (load balancers and kubelets
+    address a server by its IP).
+    """
+
+    def __init__(self, app: ASGIApp, allowed: Collection[str]) -> None:
+        self.app = app
+        names = {host.lower().rstrip(".") for host in allowed}
+        self.any = "*" in names
+        self.names = frozenset(name for name in names if not name.startswith("*."))
+        self.suffixes = tuple(name[1:] for name in names if name.startswith("*."))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in HEALTH_PROBES:
+            error = self._check(dict(scope["headers"]).get(b"host"))
+            if error is not None:
+                await render_error(error, scope)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, raw: bytes | None) -> InvalidRequest | None:
+        if raw is None:  # HTTP/1.0: URLs are built from the address the client reached
+            return None
+        host = raw.decode("latin-1")
+        if len(host) > MAX_HOST_CHARS:
+            return InvalidRequest(
+                f"Invalid 'Host' header: at most {MAX_HOST_CHARS} characters (got {len(host)}).",
+                field="Host",
+            )
+        match = _HOST.match(host)
+        if match is None:
+            return InvalidRequest(
+                f"Invalid 'Host' header: must be a host name or address with an optional "
+                f"port (got {host[:60]!r}).",
+                field="Host",
+            )
+        name = (match["ipv6"] or match["name"]).lower().rstrip(".")
+        if self.any or name in self.names or name.endswith(self.suffixes):
+            return None
+        return InvalidRequest(
+            f"Host '{name[:60]}' is not served here: the operator can add it to "
+            "ZIMAGE_ALLOWED_HOSTS.",
+            field="Host",
+        )

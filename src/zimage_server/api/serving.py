@@ -12,6 +12,7 @@ playground, docs and API URLs, with the port really bound (``--port 0`` picks on
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -20,6 +21,7 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from zimage_server.api.middleware import Drain
 from zimage_server.core.config import Settings
@@ -107,15 +109,81 @@ def listen(settings: Settings) -> socket.socket:
         ) from None
 
 
-def run(app: FastAPI, settings: Settings, sock: socket.socket) -> None:
-    config = uvicorn.Config(
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, which waits for a request's line and headers for as long
+    as the client takes to send them (its keep-alive timeout only runs between requests);
+    this one gives them ``header_timeout_s`` from the connection, or from the first byte of
+    the next request on a kept-alive one. Then: 408 (silence when nothing came) and close.
+    """
+
+    header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+    _partial = False  # some of a request has arrived, not all of its headers
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._partial = True
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._partial = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _timed_out(self) -> None:
+        self._header_timer = None
+        if self._partial and not self.transport.is_closing():
+            message = f"Request headers not received within {self.header_timeout_s:g} s."
+            body = json.dumps({"error": message, "request_id": ""}).encode()
+            head = (
+                "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
+def _protocol(timeout_s: float) -> type[HeaderTimeoutProtocol]:
+    class Protocol(HeaderTimeoutProtocol):
+        header_timeout_s = timeout_s
+
+    return Protocol
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """How ``zimage serve`` runs the app. Forwarded headers are left to the app (see
+    ``ZIMAGE_TRUSTED_PROXIES``): uvicorn would believe any from loopback."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=_protocol(settings.header_timeout_s),
+        proxy_headers=False,
         log_level=settings.log_level,
         log_config=None,  # our handlers (JSON) format uvicorn's records too
         access_log=False,  # zimage.access writes one structured line per request
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )
+
+
+def run(app: FastAPI, settings: Settings, sock: socket.socket) -> None:
+    config = uvicorn_config(app, settings)
     server = GracefulServer(config, app.state.drain, settings.shutdown_grace_s, app.state.engine)
     server.run(sockets=[sock])

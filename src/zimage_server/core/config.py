@@ -6,8 +6,10 @@ Nothing reads the environment at import time: the CLI builds a ``Settings`` and 
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -198,8 +200,41 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
     output_min_free_bytes: int = Field(
         100 * 2**20, ge=0, description="Refuse renders (507) when the output disk has less."
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names the server answers to (comma-separated; '*.example.com', "
+        "'*' for any); default: loopback, ZIMAGE_HOST and ZIMAGE_PUBLIC_URL's host.",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses or networks whose X-Forwarded-For/-Proto are believed.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="When set, /metrics needs 'Authorization: Bearer <token>'."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A request's line and headers must arrive within this."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request's body must arrive within this (then 408)."
+    )
 
-    @field_validator("admin_token", "webhook_secret", mode="before")
+    @field_validator("allowed_hosts", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry != "*":
+                ipaddress.ip_network(entry, strict=False)  # ValueError names the entry
+        return value
+
+    @field_validator("admin_token", "webhook_secret", "metrics_token", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         """An empty secret would open the admin API to anyone, or sign webhooks with a
@@ -221,9 +256,13 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
     @field_validator("default_rate_limit")
     @classmethod
     def _valid_limit(cls, value: str) -> str:
-        from limits import parse
+        from zimage_server.accounts.limits import parse_limit
+        from zimage_server.core.errors import InvalidRequest
 
-        parse(value)  # raises ValueError with the offending text
+        try:
+            parse_limit(value)  # the bounds a key's own limit must keep
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
         return value
 
     @property
@@ -237,6 +276,19 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
     @property
     def speedups(self) -> SpeedupSettings:
         return section(self, SpeedupSettings)
+
+    @property
+    def served_hosts(self) -> frozenset[str]:
+        """The host names requests may name: ``allowed_hosts``, or by default loopback, the
+        address listened on (unless every address) and the public URL's host."""
+        if self.allowed_hosts:
+            return frozenset(self.allowed_hosts)
+        hosts = {"localhost", "127.0.0.1", "::1"}
+        if self.host not in ("", "0.0.0.0", "::"):  # noqa: S104 - every address names none
+            hosts.add(self.host.strip("[]"))
+        if self.public_url and urlsplit(self.public_url).hostname:
+            hosts.add(str(urlsplit(self.public_url).hostname))
+        return frozenset(hosts)
 
     @property
     def auth_required(self) -> bool:

@@ -15,9 +15,11 @@ so every error pickles with its data intact (a Ray replica sends them across pro
     │   └── OutputNotFound             unknown, expired or malformed output id
     ├── MethodNotAllowed          405  the path exists, not with this method
     ├── InsufficientCredits       406  the balance does not cover the price
+    ├── RequestTimeout            408  the client sent its body too slowly
     ├── Cancelled                 409  the job was cancelled (reported in job status)
     ├── Conflict                  409  e.g. an Idempotency-Key reused with another body
     ├── PayloadTooLarge           413  the body is over the server's limit
+    ├── UnsupportedMediaType      415  a JSON body sent without a JSON Content-Type
     ├── ClientDisconnected        499  the client left before the answer (nobody reads it)
     ├── Overloaded                429  queue full; carries retry_after
     │   └── RateLimited                the key's per-minute or in-flight limit
@@ -121,6 +123,11 @@ class InsufficientCredits(ZImageError):
     public = True
 
 
+class RequestTimeout(ZImageError):
+    status = 408
+    public = True
+
+
 class Cancelled(ZImageError):
     """The one cancellation error: the engine raises it for a cancelled render."""
 
@@ -135,6 +142,11 @@ class Conflict(ZImageError):
 
 class PayloadTooLarge(ZImageError):
     status = 413
+    public = True
+
+
+class UnsupportedMediaType(ZImageError):
+    status = 415
     public = True
 
 

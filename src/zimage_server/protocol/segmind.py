@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from zimage_server.core.errors import InvalidRequest
 
 MAX_SEED = 2**63 - 1
+MAX_JSON_DEPTH = 200  # pydantic_core's recursion limit
+_JSON_LIMITS = {
+    "recursion limit": f" (objects and arrays may nest at most {MAX_JSON_DEPTH} levels)",
+    "number out of range": f" (integers may have at most {sys.get_int_max_str_digits()} digits)",
+    "hex escape": " (escapes from \\ud800 to \\udfff must form UTF-16 surrogate pairs)",
+}
 MODEL_SLUG = "z-image-turbo"
 JobState = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
 
@@ -109,15 +117,23 @@ def _num(value: float) -> str:
 
 
 def parse_json(body: bytes) -> Any:
-    """A raw body as JSON, or the ``InvalidRequest`` that says what is wrong with it."""
+    """A raw body as JSON, or the ``InvalidRequest`` that says what is wrong with it.
+
+    pydantic's parser (not ``json.loads``) because it refuses, with a message and not a
+    ``RecursionError`` or an unencodable string later, what no client means to send: nesting
+    past ``MAX_JSON_DEPTH``, integers past Python's digit limit, NaN, and lone UTF-16
+    surrogates (``"\\ud800"``), which no response, log line or database could encode.
+    Its messages name a position, never the offending text.
+    """
     if not body.strip():
         raise InvalidRequest(
             'The request body is empty: send a JSON object such as {"prompt": "a red fox"}.'
         )
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+        return pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        hint = next((text for known, text in _JSON_LIMITS.items() if known in str(exc)), "")
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}{hint}.") from None
 
 
 def json_value(body: object) -> Any:

@@ -7,6 +7,8 @@ from datetime import datetime
 from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, String, Text, UniqueConstraint, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+MAX_IDEMPOTENCY_KEY = 200  # characters; longer keys are refused before they reach a query
+
 
 class Base(DeclarativeBase):
     pass
@@ -86,7 +88,7 @@ class Job(Base):
     price: Mapped[int] = mapped_column(BigInteger, default=0)
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
     base_url: Mapped[str] = mapped_column(String(500))  # for absolute URLs in webhooks
-    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(MAX_IDEMPOTENCY_KEY))
     body_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
     deadline_at: Mapped[float] = mapped_column(Float)

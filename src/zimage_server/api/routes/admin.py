@@ -10,7 +10,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, Field
 
 from zimage_server.accounts import KeyInfo, KeyService
+from zimage_server.accounts.limits import LIMIT_PATTERN
 from zimage_server.api.auth import require_admin
+from zimage_server.api.bodies import JsonRoute
 from zimage_server.api.errors import Example, error_docs
 from zimage_server.billing import Ledger, format_credits, to_micro
 from zimage_server.protocol import Flavour
@@ -20,6 +22,7 @@ router = APIRouter(
     prefix="/admin",
     tags=["admin"],
     dependencies=[Depends(require_admin)],
+    route_class=JsonRoute,
     responses=error_docs(
         Flavour.SEGMIND, Example.bad_admin_body, Example.no_admin_token, Example.unknown_key
     ),
@@ -32,8 +35,10 @@ class KeyCreate(BaseModel):
     scopes: list[Literal["generate"]] = ["generate"]
     rate_limit: str | None = Field(
         None,
-        description="e.g. '60/minute' (the `limits` notation); default from settings",
-        pattern=r"^\s*[1-9]\d*\s*(/|per)\s*\d*\s*(second|minute|hour|day|month|year)s?\s*$",
+        description="e.g. '60/minute' (the `limits` notation), a window from 1 second to "
+        "366 days; default from settings",
+        max_length=64,
+        json_schema_extra={"pattern": LIMIT_PATTERN},  # checked by the service, its message
     )
     max_in_flight: Annotated[int, Field(ge=1, le=10_000), BeforeValidator(no_bool)] | None = None
 

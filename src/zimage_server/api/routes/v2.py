@@ -16,7 +16,7 @@ from zimage_server.api.bodies import BodyRoute, DocumentedAs
 from zimage_server.api.errors import Example, error_docs
 from zimage_server.api.responses import image_json, model_response
 from zimage_server.api.routes.v1 import public_base
-from zimage_server.core.errors import ZImageError
+from zimage_server.core.errors import InvalidRequest, ZImageError
 from zimage_server.images import GenerationService
 from zimage_server.jobs import JobRunner, JobStatus, Submission, owner_of, result_body
 from zimage_server.protocol import (
@@ -29,7 +29,7 @@ from zimage_server.protocol import (
     SubmittedJob,
 )
 from zimage_server.protocol.segmind import JobProgress
-from zimage_server.store.models import Job
+from zimage_server.store.models import MAX_IDEMPOTENCY_KEY, Job
 
 router = APIRouter(tags=["jobs"], route_class=BodyRoute)
 Caller = Annotated[Admission, Depends(identify_caller)]
@@ -76,6 +76,18 @@ def _status_fields(runner: JobRunner, job: Job) -> dict[str, Any]:
     return fields
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header, refused when longer than its column holds."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest(
+            f"Invalid 'Idempotency-Key' header: at most {MAX_IDEMPOTENCY_KEY} characters "
+            f"(got {len(key)}).",
+            field="Idempotency-Key",
+        )
+    return key
+
+
 def _reply(body: JobStatusBody) -> Response:
     # Segmind serves a FAILED request's body with HTTP 422.
     return model_response(body, status_code=422 if body.status == "FAILED" else 200)
@@ -109,7 +121,7 @@ async def submit(
     submission = Submission(
         params=submit.generation_params(),
         webhook_url=submit.webhook_url,
-        idempotency_key=request.headers.get("idempotency-key"),
+        idempotency_key=idempotency_key(request),
         deadline_s=deadline_from(request),
         base_url=base,
     )
