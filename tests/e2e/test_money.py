@@ -295,3 +295,30 @@ def test_a_database_lost_mid_render_keeps_the_hold_honestly_then_returns_it(
     finally:
         server.stop()
         admin.dispose()
+
+
+def prompt_sources(server: AnyServer) -> dict[str, float]:
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("zimage_prompt_embeddings_total{"):
+            source = line.split('source="', 1)[1].split('"', 1)[0]
+            counts[source] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_one_key_cannot_learn_another_key_prompt_from_the_cache(money: InProcessServer) -> None:
+    """The prompt cache is per key: a second key's identical prompt is encoded afresh
+    (no tell-tale fast ``text_encode``), while the first key still gets its own hits."""
+    alice, mallory = create_key(money, ADMIN, 10), create_key(money, ADMIN, 10)
+    body = {**SLOW, "prompt": "alice's unreleased product", "steps": 1}
+
+    def render(key: str) -> dict[str, float]:
+        before = prompt_sources(money)
+        assert money.post(body, headers={"x-api-key": key}).status_code == 200
+        after = prompt_sources(money)
+        return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+
+    assert render(alice) == {"encoded": 1.0}
+    assert render(mallory) == {"encoded": 1.0}  # not "cache": alice's prompt stays hers
+    assert render(alice) == {"cache": 1.0}

@@ -22,7 +22,7 @@ from zimage_server.core.errors import (
 )
 from zimage_server.engine import Engine, EngineState, RenderSpec
 from zimage_server.engine.handle import WorkerState
-from zimage_server.engine.protocol import BatchDone, RawImage
+from zimage_server.engine.protocol import BatchDone, Prompt, RawImage
 from zimage_server.engine.scheduler import Batch
 
 T = TypeVar("T")
@@ -43,7 +43,7 @@ class FakeWorker:
         self.batches: list[Batch] = []
         self.outcome: asyncio.Future[BatchDone] | None = None
         self.cancelled: list[str] = []
-        self.hints: list[tuple[str, ...]] = []
+        self.hints: list[tuple[Prompt, ...]] = []
         self._prefetches = prefetches
         self.failure: str | None = None
         self.restarts = 0
@@ -96,7 +96,7 @@ class FakeWorker:
     def cancel(self, ticket_id: str) -> None:
         self.cancelled.append(ticket_id)
 
-    def prefetch(self, prompts: tuple[str, ...]) -> None:
+    def prefetch(self, prompts: tuple[Prompt, ...]) -> None:
         self.hints.append(prompts)
 
 
@@ -287,7 +287,7 @@ def test_queued_prompts_are_hinted_to_a_worker_that_prefetches() -> None:
         await until(lambda: worker.outcome is not None)
         second = asyncio.ensure_future(e.render(spec("second"), 5))
         await until(lambda: e.depth == 2)
-        assert worker.hints == [("second",)]  # queued while every worker was busy
+        assert worker.hints == [(Prompt("", "second"),)]  # queued while every worker was busy
         worker.auto = True
         worker.outcome.set_result(done(worker.batches[0]))  # type: ignore[union-attr]
         await asyncio.gather(first, second)

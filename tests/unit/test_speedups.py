@@ -18,7 +18,14 @@ from pydantic import ValidationError
 
 from zimage_server.core.config import Settings, SpeedupSettings, WorkerSettings
 from zimage_server.engine.generator import DiffusersGenerator
-from zimage_server.engine.protocol import BatchDone, Prefetch, RenderBatch, RenderItem, WorkerSpec
+from zimage_server.engine.protocol import (
+    BatchDone,
+    Prefetch,
+    Prompt,
+    RenderBatch,
+    RenderItem,
+    WorkerSpec,
+)
 from zimage_server.engine.rope import rotate, use_real_rope
 from zimage_server.engine.speedups import SpeedupError, attention_backend, quantize_fp8
 from zimage_server.engine.text import PromptEncoder
@@ -104,6 +111,23 @@ def test_prompt_cache_reuses_and_evicts(tiny_model_dir: Path) -> None:
         encoder.encode(["c"])  # evicts "a", the least recently used
         encoder.encode(["a"])
     assert encoder.hits == 1 and encoder.padded_tokens == 64
+
+
+def test_prompt_cache_and_prefetch_are_scoped_by_tenant(tiny_model_dir: Path) -> None:
+    """One key's cached prompt is never another's hit: a fast encode would tell it that
+    the other used that exact prompt."""
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, bucket=64, cache_size=8)
+    with torch.inference_mode():
+        (mine,) = encoder.encode([Prompt("key-1", "a secret plan")])
+        (theirs,) = encoder.encode([Prompt("key-2", "a secret plan")])
+        assert encoder.sources == ["encoded"] and theirs is not mine
+        torch.testing.assert_close(theirs, mine)  # the same embedding, computed anew
+        encoder.encode([Prompt("key-1", "a secret plan")])
+        assert encoder.sources == ["cache"]
+        assert encoder.prefetch([Prompt("key-3", "a secret plan")], lambda _e: None) == 1
+        encoder.encode([Prompt("key-3", "a secret plan")])
+        assert encoder.sources == ["prefetch"]
 
 
 def test_default_speedups_render_the_stock_image(
@@ -315,12 +339,12 @@ def test_a_failed_prefetch_is_logged_and_the_next_one_still_runs(
 
     encoder.forward = flaky
     hints: queue.Queue[Prefetch] = queue.Queue()
-    hints.put(Prefetch(("first",)))
-    hints.put(Prefetch(("second",)))
+    hints.put(Prefetch((Prompt("", "first"),)))
+    hints.put(Prefetch((Prompt("", "second"),)))
     args = (generator, hints)
     threading.Thread(target=prefetch_forever, args=args, daemon=True).start()
     deadline = time.monotonic() + 60
-    while "second" not in generator.text._prefetched:
+    while Prompt("", "second") not in generator.text._prefetched:
         assert time.monotonic() < deadline, "the second prefetch never ran"
         time.sleep(0.05)
     assert "simulated prefetch failure" in caplog.text

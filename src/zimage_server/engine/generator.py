@@ -17,7 +17,7 @@ import torch
 from diffusers import ZImagePipeline
 
 from zimage_server.core.errors import Cancelled
-from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch, WorkerSpec
+from zimage_server.engine.protocol import BatchDone, Prompt, RawImage, RenderBatch, WorkerSpec
 from zimage_server.engine.random_model import build_random_pipeline, is_random_model
 from zimage_server.engine.speedups import apply_speedups, uncompile, use_compile_cache
 from zimage_server.engine.text import PromptEncoder
@@ -111,12 +111,12 @@ class DiffusersGenerator:
         for i, size in enumerate(sizes):
             for guidance in (1.0, 2.0) if self.compiled and i == 0 else (1.0,):
                 batch = RenderBatch("warmup", (), size, size, settings.warmup_steps, guidance)
-                self._run(batch, ["warm-up"], [0], lambda _s, _t: None, lambda: False)
+                self._run(batch, [Prompt("", "warm-up")], [0], lambda _s, _t: None, lambda: False)
 
     def generate(
         self, batch: RenderBatch, on_step: StepFn, is_cancelled: Callable[[], bool]
     ) -> BatchDone:
-        prompts = [item.prompt for item in batch.items]
+        prompts = [Prompt(item.tenant, item.prompt) for item in batch.items]
         seeds = [item.seed for item in batch.items]
         out = self._run(batch, prompts, seeds, on_step, is_cancelled)
         images = tuple(
@@ -132,7 +132,7 @@ class DiffusersGenerator:
             tuple(out.prompt_sources),
         )
 
-    def prefetch(self, prompts: list[str]) -> None:
+    def prefetch(self, prompts: list[Prompt]) -> None:
         """Encode queued prompts now (another thread); on a GPU, on a side stream.
 
         Embeddings made on the side stream are marked as used by the main one, so their
@@ -163,7 +163,7 @@ class DiffusersGenerator:
     def _run(
         self,
         batch: RenderBatch,
-        prompts: list[str],
+        prompts: list[Prompt],
         seeds: list[int],
         on_step: StepFn,
         is_cancelled: Callable[[], bool],
@@ -186,7 +186,7 @@ class DiffusersGenerator:
     def _render(
         self,
         batch: RenderBatch,
-        prompts: list[str],
+        prompts: list[Prompt],
         seeds: list[int],
         on_step: StepFn,
         is_cancelled: Callable[[], bool],

@@ -36,6 +36,7 @@ from zimage_server.engine.protocol import (
     LoadFailed,
     LoadProgress,
     Prefetch,
+    Prompt,
     Ready,
     RenderBatch,
     RenderItem,
@@ -114,7 +115,7 @@ class WorkerLike(Protocol):
 
     def cancel(self, ticket_id: str) -> None: ...
 
-    def prefetch(self, prompts: tuple[str, ...]) -> None: ...
+    def prefetch(self, prompts: tuple[Prompt, ...]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -386,7 +387,7 @@ class WorkerHandle:
         """Ask the worker to stop between steps once every image of its batch is cancelled."""
         self._send(Cancel(ticket_id))
 
-    def prefetch(self, prompts: tuple[str, ...]) -> None:
+    def prefetch(self, prompts: tuple[Prompt, ...]) -> None:
         if self.prefetches and prompts:
             self._send(Prefetch(prompts))
 
@@ -414,7 +415,9 @@ def _describe_exit(code: int | None) -> str:
 def _render_command(batch: Batch) -> RenderBatch:
     key = batch.key
     items = tuple(
-        RenderItem(ticket.id, ticket.spec.prompt, ticket.spec.seed, ticket.request_id)
+        RenderItem(
+            ticket.id, ticket.spec.prompt, ticket.spec.seed, ticket.request_id, ticket.spec.tenant
+        )
         for ticket in batch.tickets
     )
     return RenderBatch(batch.id, items, key.width, key.height, key.steps, key.guidance_scale)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch
+from zimage_server.engine.protocol import BatchDone, Prompt, RawImage, RenderBatch
 
 NULL_MODEL = "null"
 STAGES = ("text_encode", "denoise", "vae_decode")
@@ -47,5 +47,5 @@ class NullGenerator:
         timings = dict.fromkeys(STAGES, 0.0)
         return BatchDone(batch.batch_id, images, timings, 0, tuple(0 for _ in batch.items))
 
-    def prefetch(self, prompts: list[str]) -> None:
+    def prefetch(self, prompts: list[Prompt]) -> None:
         """No text encoder: nothing to do ahead."""

@@ -10,7 +10,7 @@ off the accelerator's critical path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from zimage_server.core.config import SpeedupSettings, WorkerSettings
 
@@ -41,6 +41,7 @@ class RenderItem:
     prompt: str
     seed: int
     request_id: str = ""  # the HTTP request's id, for the worker's logs
+    tenant: str = ""  # whose prompt: cached embeddings are shared only within a tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +61,22 @@ class Cancel:
     job_id: str
 
 
+class Prompt(NamedTuple):
+    """A prompt and the tenant it belongs to: the key of cached prompt embeddings.
+
+    Scoping the cache by tenant keeps its benefit (a client repeating its own prompts)
+    without letting a response's ``text_encode`` time tell one API key whether another
+    used an exact prompt."""
+
+    tenant: str
+    text: str
+
+
 @dataclass(frozen=True, slots=True)
 class Prefetch:
     """Prompts of renders queued behind the running batch: encode them meanwhile."""
 
-    prompts: tuple[str, ...]
+    prompts: tuple[Prompt, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from zimage_server.engine.protocol import Prompt
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BatchKey:
@@ -29,6 +31,11 @@ class RenderSpec:
     height: int
     steps: int
     guidance_scale: float
+    tenant: str = ""  # whose request: cached prompt embeddings are shared only within one
+
+    @property
+    def cache_key(self) -> Prompt:
+        return Prompt(self.tenant, self.prompt)
 
     def batch_key(self) -> BatchKey:
         return BatchKey(

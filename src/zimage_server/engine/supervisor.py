@@ -239,7 +239,7 @@ class Engine:
         """A batch just went to ``worker``: let it encode the next batch's prompts meanwhile."""
         queued = self.scheduler.peek(self.scheduler.max_batch_size)
         if queued and worker.prefetches:
-            worker.prefetch(tuple(ticket.spec.prompt for ticket in queued))
+            worker.prefetch(tuple(ticket.spec.cache_key for ticket in queued))
 
     def _hint_queued(self, ticket: Ticket) -> None:
         """Every worker busy and ``ticket`` in the next round: hint the one that started first."""
@@ -248,7 +248,7 @@ class Engine:
         first = self._workers[min(self._busy_since, key=self._busy_since.__getitem__)]
         next_round = self.scheduler.max_batch_size * len(self._busy_since)
         if first.prefetches and len(self.scheduler.peek(next_round + 1)) <= next_round:
-            first.prefetch((ticket.spec.prompt,))
+            first.prefetch((ticket.spec.cache_key,))
 
 
 def _results(done: BatchDone, worker: str) -> list[RenderResult]:

@@ -9,15 +9,18 @@ negative is encoded once and kept.
 
 Three sources, in order: prompts prefetched while the previous batch was denoising
 (``prefetch``, run from another thread), a small LRU cache of recent prompts, and the
-encoder itself.
+encoder itself. The first two are keyed by ``Prompt`` (tenant and text): one tenant's
+prompts are never served from another's, so a fast encode reveals nothing across keys.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from zimage_server.engine.protocol import Prompt
 
 MAX_SEQUENCE_LENGTH = 512  # Z-Image's text window; longer prompts are truncated.
 PREFETCH_LIMIT = 64  # embeddings encoded ahead and not yet used
@@ -32,6 +35,10 @@ def chat_text(tokenizer: Any, prompt: str) -> str:
     return text
 
 
+def as_prompt(prompt: str | Prompt) -> Prompt:
+    return prompt if isinstance(prompt, Prompt) else Prompt("", prompt)
+
+
 class PromptEncoder:
     """Encodes prompt batches to per-prompt embeddings (only the real tokens kept).
 
@@ -42,19 +49,21 @@ class PromptEncoder:
     def __init__(self, tokenizer: Any, text_encoder: Any, bucket: int, cache_size: int) -> None:
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.bucket, self.cache_size = bucket, cache_size
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-        self._prefetched: OrderedDict[str, Any] = OrderedDict()
-        self._in_flight: dict[str, threading.Event] = {}
+        self._cache: OrderedDict[Prompt, Any] = OrderedDict()
+        self._prefetched: OrderedDict[Prompt, Any] = OrderedDict()
+        self._in_flight: dict[Prompt, threading.Event] = {}
         self._lock = threading.Lock()
         self._empty: Any = None  # the CFG negative, kept whatever the cache size
         self.hits = 0  # prompts served from the LRU cache
         self.padded_tokens = 0  # tokens through the encoder in the last call (padding included)
         self.sources: list[str] = []  # per prompt of the last call: encoded | cache | prefetch
 
-    def encode(self, prompts: list[str]) -> list[Any]:
-        """One embedding tensor ``(tokens, hidden)`` per prompt, in order."""
+    def encode(self, texts: Sequence[str | Prompt]) -> list[Any]:
+        """One embedding tensor ``(tokens, hidden)`` per prompt, in order (a bare string
+        is a prompt of the anonymous tenant)."""
+        prompts = [as_prompt(p) for p in texts]
         self._await_prefetch(prompts)
-        found: dict[str, tuple[Any, str]] = {}
+        found: dict[Prompt, tuple[Any, str]] = {}
         with self._lock:
             for prompt in dict.fromkeys(prompts):
                 if prompt in self._prefetched:
@@ -65,7 +74,7 @@ class PromptEncoder:
         missing = [p for p in dict.fromkeys(prompts) if p not in found]
         self.padded_tokens = 0
         if missing:
-            embeddings, self.padded_tokens = self._run(missing)
+            embeddings, self.padded_tokens = self._run([p.text for p in missing])
             found.update(zip(missing, ((e, "encoded") for e in embeddings), strict=True))
         with self._lock:
             for prompt, (embedding, source) in found.items():
@@ -81,9 +90,10 @@ class PromptEncoder:
             (self._empty,), _tokens = self._run([""])
         return [self._empty] * count
 
-    def prefetch(self, prompts: list[str], publish: Callable[[list[Any]], None]) -> int:
+    def prefetch(self, texts: Sequence[str | Prompt], publish: Callable[[list[Any]], None]) -> int:
         """Encode prompts ahead of their batch; ``publish`` runs before others may use them
         (on a GPU it waits for the side stream). Returns how many were encoded."""
+        prompts = [as_prompt(p) for p in texts]
         with self._lock:
             todo = [
                 p
@@ -95,7 +105,7 @@ class PromptEncoder:
         if not todo:
             return 0
         try:
-            embeddings, _tokens = self._run(todo)
+            embeddings, _tokens = self._run([p.text for p in todo])
             publish(embeddings)
             with self._lock:
                 self._prefetched.update(zip(todo, embeddings, strict=True))
@@ -107,14 +117,14 @@ class PromptEncoder:
                     self._in_flight.pop(prompt).set()
         return len(todo)
 
-    def _await_prefetch(self, prompts: list[str]) -> None:
+    def _await_prefetch(self, prompts: list[Prompt]) -> None:
         """A prompt being prefetched right now is nearly done: wait rather than encode twice."""
         with self._lock:
             events = [self._in_flight[p] for p in prompts if p in self._in_flight]
         for event in events:
             event.wait()
 
-    def _remember(self, prompt: str, embedding: Any) -> None:
+    def _remember(self, prompt: Prompt, embedding: Any) -> None:
         if self.cache_size <= 0:
             return
         self._cache[prompt] = embedding

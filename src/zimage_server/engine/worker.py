@@ -33,6 +33,7 @@ from zimage_server.engine.protocol import (
     LoadFailed,
     LoadProgress,
     Prefetch,
+    Prompt,
     Ready,
     RenderBatch,
     Shutdown,
@@ -59,7 +60,7 @@ class ImageGenerator(Protocol):
         self, batch: RenderBatch, on_step: StepFn, is_cancelled: Callable[[], bool]
     ) -> BatchDone: ...
 
-    def prefetch(self, prompts: list[str]) -> None: ...
+    def prefetch(self, prompts: list[Prompt]) -> None: ...
 
 
 def make_generator(spec: WorkerSpec) -> ImageGenerator:

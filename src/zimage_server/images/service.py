@@ -92,6 +92,11 @@ async def _all_or_none(renders: Iterable[Coroutine[Any, Any, Generated]]) -> lis
     return [task.result() for task in tasks]
 
 
+def tenant_of(admission: Admission) -> str:
+    """Who a request belongs to: its key's id, or "anonymous" when auth is off."""
+    return str(admission.principal.key_id) if admission.principal else "anonymous"
+
+
 def pick_seed(params: GenerationParams) -> int:
     return params.seed if params.seed >= 0 else secrets.randbelow(SEED_RANGE)
 
@@ -151,7 +156,9 @@ class GenerationService:
         price = self.price(params)
         timeout = timeout or self.settings.request_timeout_s
         async with self._billed(admission, price, timeout) as remaining:
-            generated = await self.render(params, pick_seed(params), timeout)
+            generated = await self.render(
+                params, pick_seed(params), timeout, tenant=tenant_of(admission)
+            )
             if store:
                 output_id = await asyncio.to_thread(
                     self.outputs.save, generated.data, params.image_format
@@ -179,7 +186,7 @@ class GenerationService:
         timeout = self.settings.request_timeout_s
         async with self._billed(admission, price, timeout) as remaining:
             results = await _all_or_none(
-                self._render_one(params, timeout, store) for params in batch
+                self._render_one(params, timeout, store, tenant_of(admission)) for params in batch
             )
         self._record(admission, results)
         if admission.principal is None:
@@ -190,8 +197,10 @@ class GenerationService:
             for g, p in zip(results, share, strict=True)
         ]
 
-    async def _render_one(self, params: GenerationParams, timeout: float, store: bool) -> Generated:
-        generated = await self.render(params, pick_seed(params), timeout)
+    async def _render_one(
+        self, params: GenerationParams, timeout: float, store: bool, tenant: str
+    ) -> Generated:
+        generated = await self.render(params, pick_seed(params), timeout, tenant=tenant)
         if not store:
             return generated
         output_id = await asyncio.to_thread(self.outputs.save, generated.data, params.image_format)
@@ -255,7 +264,13 @@ class GenerationService:
         )
 
     async def render(
-        self, params: GenerationParams, seed: int, timeout: float, job_id: str | None = None
+        self,
+        params: GenerationParams,
+        seed: int,
+        timeout: float,
+        job_id: str | None = None,
+        *,
+        tenant: str,
     ) -> Generated:
         """Render and encode, unbilled (callers own billing). ``job_id`` names the render
         in the engine so it can be located and cancelled; such renders were admitted
@@ -268,6 +283,7 @@ class GenerationService:
             height=round_up_16(params.height),
             steps=params.steps,
             guidance_scale=params.guidance_scale,
+            tenant=tenant,
         )
         result = await self.engine.render(spec, timeout, job_id, admitted=job_id is not None)
         encode_start = time.perf_counter()

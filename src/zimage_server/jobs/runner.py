@@ -31,7 +31,7 @@ from zimage_server.core.errors import (
 )
 from zimage_server.engine import EngineLike
 from zimage_server.images import Generated, GenerationService
-from zimage_server.images.service import pick_seed
+from zimage_server.images.service import pick_seed, tenant_of
 from zimage_server.jobs.repository import JobRepository, NewJob
 from zimage_server.jobs.states import JobStatus
 from zimage_server.jobs.webhooks import WebhookPolicy
@@ -51,8 +51,7 @@ class InFlightSlots(Protocol):
     def vacate(self, key_id: int) -> None: ...
 
 
-def owner_of(admission: Admission) -> str:
-    return str(admission.principal.key_id) if admission.principal else "anonymous"
+owner_of = tenant_of  # a job's owner is the tenant its renders run for
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,11 @@ class JobRunner:
         for attempt in range(self.settings.job_retries + 1):
             try:
                 generated = await self.generation.render(
-                    params, job.seed, job.deadline_at - time.time(), job_id=job.id
+                    params,
+                    job.seed,
+                    job.deadline_at - time.time(),
+                    job_id=job.id,
+                    tenant=job.owner,
                 )
             except WorkerDied as exc:
                 if attempt < self.settings.job_retries:
