@@ -11,8 +11,8 @@
 # Any Debian bookworm root filesystem: CI builds one with debootstrap (scripts/build-base-image).
 ARG BASE_IMAGE=debian:bookworm-slim
 
-# Debian's Python 3.11, shared by both stages so the virtual environment built in one runs in
-# the other (its interpreter is /usr/bin/python3 in both).
+# Debian's Python 3.11, shared by every stage so the virtual environment built in one runs
+# in the other (its interpreter is /usr/bin/python3 in both).
 FROM ${BASE_IMAGE} AS python
 # Debian's stable packages take security fixes under new version numbers: pin the release
 # (bookworm, Python 3.11), not each package.
@@ -21,7 +21,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3=3.11.* ca-certificates tini \
     && rm -rf /var/lib/apt/lists/*
 
-FROM python AS build
+# The virtual environment with every dependency, but not this project.
+FROM python AS deps
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv=3.11.* \
     && rm -rf /var/lib/apt/lists/*
@@ -54,9 +55,17 @@ extras = [name.strip() for name in os.environ["EXTRAS"].split(",") if name.strip
 print("\n".join(project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]))' \
     >/tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
+
+# This project as a wheel: the only layers a source change rebuilds.
+FROM deps AS wheel
+# (build arguments are per stage: pip's again, for setuptools)
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
 COPY README.md /src/
 COPY src /src/src
-RUN pip install --no-deps /src && zimage --help >/dev/null
+RUN pip wheel --no-deps --wheel-dir /wheels /src
 
 FROM python AS runtime
 ARG EXTRAS=""
@@ -72,7 +81,12 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/zim
         --shell /usr/sbin/nologin zimage \
     && mkdir -p /data /cache \
     && chown zimage:zimage /data /cache
-COPY --from=build /opt/zimage /opt/zimage
+COPY --from=deps /opt/zimage /opt/zimage
+COPY --from=wheel /wheels /tmp/wheels
+RUN PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+    /opt/zimage/bin/pip install --no-deps --no-index /tmp/wheels/*.whl \
+    && rm -rf /tmp/wheels \
+    && /opt/zimage/bin/zimage --help >/dev/null
 # Login shells (KubeRay starts Ray with `bash -lc`) get PATH from /etc/profile, which drops
 # ENV PATH: put the environment back there ($PATH expands at login, not here).
 # hadolint ignore=SC2016
