@@ -26,7 +26,14 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.conftest import AnyServer, InProcessServer, Server, create_key, fresh_database_url
+from tests.conftest import (
+    ROOT,
+    AnyServer,
+    InProcessServer,
+    Server,
+    create_key,
+    fresh_database_url,
+)
 from zimage_server.billing import Pricing, format_credits
 
 ADMIN = "money-admin"
@@ -40,6 +47,15 @@ ENV = {
     "ZIMAGE_DEFAULT_RATE_LIMIT": "1000/minute",
 }
 SLOW = {"prompt": "a slow heron", "width": 256, "height": 256, "steps": 8}  # ~2.4 s
+
+
+def record(test: str, **figures: object) -> None:
+    """Merge this test's measured figures into artifacts/money.json (RELIABILITY.md)."""
+    path = ROOT / "artifacts" / "money.json"
+    path.parent.mkdir(exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[test] = figures
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def usage(server: AnyServer, key: str) -> dict[str, Any]:
@@ -94,7 +110,8 @@ def test_a_v1_client_that_hangs_up_is_not_charged_and_its_render_stops(
         time.sleep(3 * STEP_S)  # a few steps into the 8
     stopped = wait_for(lambda: depth(money) == 0, 10, "the render to stop")
     assert stopped < 4 * STEP_S  # it would otherwise run its remaining ~5 steps (1.5 s)
-    wait_for(lambda: settled(money, key, "10"), 5, "the refund")
+    refunded = wait_for(lambda: settled(money, key, "10"), 5, "the refund")
+    record("v1 hang-up", render_stopped_s=round(stopped, 2), refunded_s=round(refunded, 2))
     assert usage(money, key)["images"] == 0
     assert '"status": 499' in money.log()  # the access log says the client left
 
@@ -153,6 +170,7 @@ def test_a_burst_of_v2_submissions_never_exceeds_the_queue_bound(money: InProces
     with ThreadPoolExecutor(max_workers=16) as pool:
         replies = list(pool.map(lambda _: submit(money, key, SLOW), range(16)))
     codes = sorted(r.status_code for r in replies)
+    record("v2 burst", accepted=codes.count(202), refused=codes.count(429), bound=4)
     assert codes == [202] * 4 + [429] * 12, codes
     for r in replies:
         if r.status_code == 202:
@@ -176,6 +194,7 @@ def test_cancelling_a_running_job_pays_for_the_steps_it_used(money: InProcessSer
     used = usage(money, key)
     price = Pricing().price(256, 256, 8)
     spent = round(float(used["spent"]) * 1e6)
+    record("cancel running", spent_fraction=round(spent / price, 3))
     assert 2 * price // 8 <= spent < price, (spent, price)  # paid for some steps, not all
     assert used["pending"] == "0" and used["balance"] == used["ledger_sum"]
 
@@ -246,7 +265,9 @@ def test_a_server_killed_mid_render_gives_the_hold_back(kind: str, tmp_path: Pat
     second = Server(tmp_path / "srv", env=env)
     try:
         wait_for(lambda: settled(second, key, "10"), 30, "the hold to come back")
-        assert time.monotonic() - killed_at < 4 + 0.5 + 20  # its deadline + grace + restart
+        back_s = time.monotonic() - killed_at
+        record(f"server killed ({kind})", hold_back_after_kill_s=round(back_s, 1))
+        assert back_s < 4 + 0.5 + 20  # its deadline + grace + a restart
         assert usage(second, key)["images"] == 0
         quick = {**SLOW, "steps": 1}
         assert second.post(quick, headers={"x-api-key": key}).status_code == 200
@@ -291,7 +312,8 @@ def test_a_database_lost_mid_render_keeps_the_hold_honestly_then_returns_it(
         assert "nothing was charged" not in error and "returned automatically" in error
         with admin.connect() as c:
             c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-        wait_for(lambda: settled(server, key, "10"), 20, "the hold to come back")
+        back_s = wait_for(lambda: settled(server, key, "10"), 20, "the hold to come back")
+        record("database lost", status=r.status_code, hold_back_after_restore_s=round(back_s, 1))
     finally:
         server.stop()
         admin.dispose()
