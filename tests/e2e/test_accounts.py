@@ -163,6 +163,7 @@ def test_exactly_the_affordable_requests_succeed_under_concurrency(accounts: Acc
         "spent": "0.03",
         "balance": "0",
         "ledger_sum": "0",
+        "pending": "0",
     }
     engine = sa.create_engine(accounts.db_url)
     with engine.connect() as connection:

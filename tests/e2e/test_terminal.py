@@ -25,7 +25,10 @@ from tests.conftest import BASE_ENV, ROOT, Server, seed_tiny_model
 from zimage_server.launcher import absolute_pythonpath
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-READY = re.compile(r"ready: playground (http://127\.0\.0\.1:(\d+))/ +docs \1/docs +API \1/v1/")
+# \s+: a narrow terminal wraps the line (rich indents the continuation)
+READY = re.compile(
+    r"ready: playground (http://127\.0\.0\.1:(\d+))/\s+docs\s+\1/docs\s+API\s+\1/v1/"
+)
 
 
 class Terminal:
@@ -37,6 +40,7 @@ class Terminal:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
         env = {**os.environ, **BASE_ENV, **absolute_pythonpath(), "TERM": "xterm-256color"}
         env.update({"ZIMAGE_DATA_DIR": str(data_dir), "ZIMAGE_LOG_FORMAT": "auto"})
+        env.update({"COLUMNS": "160", "LINES": "40"})  # the pty's size, whatever the runner set
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "zimage_server", "serve", "--port", "0", *args],
             stdin=slave,

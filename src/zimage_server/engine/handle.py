@@ -332,10 +332,11 @@ class WorkerHandle:
         elif isinstance(event, StepProgress):
             self._in_flight.on_step(event.step, event.total)
         elif isinstance(event, BatchDone):
-            self._end_batch().set_result(event)
+            outcome = self._end_batch()
+            if not outcome.done():  # its awaiter may be gone (cancelled at shutdown)
+                outcome.set_result(event)
         else:
-            error = _batch_error(event, self._in_flight.batch)
-            self._end_batch().set_exception(error)
+            self._fail_in_flight(_batch_error(event, self._in_flight.batch))
 
     def _on_ready(self, event: Ready) -> None:
         log.info(
