@@ -198,3 +198,49 @@ def test_fifty_unread_streams_neither_slow_renders_nor_grow_memory(
             sock.close()
     assert took < 2 * alone_s * len(jobs) + 5, (took, alone_s)
     assert _rss_kib() - before < 200_000  # KiB: the unread streams hold no image backlog
+
+
+def post_stream(srv: InProcessServer, path: str, body: dict[str, Any]) -> list[Event]:
+    headers = {"Accept": "text/event-stream"}
+    with httpx.stream("POST", srv.url + path, json=body, headers=headers, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        return list(parse(r.iter_lines()))
+
+
+def test_v1_streams_the_same_events_and_ends_with_its_body(srv: InProcessServer) -> None:
+    events = post_stream(srv, "/v1/z-image-turbo", {**JOB, "preview_size": 32})
+    assert names(events) == ["queued", "started", "step", "step", "step", "completed"]
+    assert decode(events[2][2]["preview"]).size == (32, 32)
+    body = events[-1][2]
+    assert body["steps"] == 3 and body["image"].startswith(srv.url + "/v1/outputs/")
+    # Bad input is still an ordinary 400 naming the field, not a stream.
+    r = httpx.post(
+        f"{srv.url}/v1/z-image-turbo",
+        json={**JOB, "preview_size": 5000},
+        headers={"Accept": "text/event-stream"},
+    )
+    assert r.status_code == 400 and "preview_size" in r.text
+
+
+def test_openai_streams_partial_images_and_the_completed_image(srv: InProcessServer) -> None:
+    body = {"prompt": "a fox", "size": "256x256", "num_inference_steps": 2}
+    events = post_stream(
+        srv, "/v1/images/generations", {**body, "stream": True, "partial_images": 2}
+    )
+    assert names(events) == [
+        "queued",
+        "started",
+        "step",
+        "image_generation.partial_image",
+        "step",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    partial = events[3][2]
+    assert partial["type"] == "image_generation.partial_image"
+    assert partial["partial_image_index"] == 0 and decode({"image": partial["b64_json"]})
+    done = events[-1][2]
+    assert done["type"] == "image_generation.completed" and done["size"] == "256x256"
+    assert decode({"image": done["b64_json"]}).size == (256, 256)
+    r = httpx.post(f"{srv.url}/v1/images/generations", json={**body, "stream": True, "n": 2})
+    assert r.status_code == 400 and "'n'" in r.text

@@ -73,6 +73,12 @@ class Subscription:
     def buffered(self) -> int:
         return len(self._pending)
 
+    async def wait(self) -> None:
+        """Until an event is pending (not taking it)."""
+        while not self._pending:
+            self._wake.clear()
+            await self._wake.wait()
+
     async def next(self, timeout: float) -> StreamEvent | None:
         """The next event, or None after ``timeout`` seconds without one (keep-alive)."""
         if not self._pending:
