@@ -34,6 +34,7 @@ def test_services_do_not_import_fastapi() -> None:
         "client",
         "core",
         "outbound",
+        "streams",
     ):
         for path in (PACKAGE / concern).rglob("*.py"):
             text = path.read_text()

@@ -64,6 +64,8 @@ class FakeEngine:
     def cancel(self, job_id: str) -> bool:
         return False
 
+    def watch(self, listener: Any) -> None: ...
+
     def restarts(self) -> float:
         return 0.0
 

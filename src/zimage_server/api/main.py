@@ -36,6 +36,7 @@ from zimage_server.jobs.repository import JobRepository
 from zimage_server.jobs.webhooks import WebhookDeliverer, WebhookPolicy
 from zimage_server.store import OutputStore
 from zimage_server.store.db import Database
+from zimage_server.streams import ProgressHub
 from zimage_server.telemetry import Metrics
 
 log = logging.getLogger("zimage.api")
@@ -80,6 +81,7 @@ class Services:
     metrics: Metrics
     drain: Drain
     model_label: str
+    events: ProgressHub
 
 
 def build_services(
@@ -109,7 +111,13 @@ def build_services(
     generation = GenerationService(settings, engine, outputs_store, ledger, pricing, metrics_)
     policy = WebhookPolicy.from_settings(settings)
     repo = JobRepository(db, settings.output_ttl_s, clock=clock)
-    runner = JobRunner(settings, repo, engine, generation, outputs_store, limiter, policy)
+    hub = ProgressHub(
+        engine.position,
+        buffer=settings.stream_buffer_events,
+        retention_s=settings.stream_retention_s,
+    )
+    engine.watch(hub.update)
+    runner = JobRunner(settings, repo, engine, generation, outputs_store, limiter, policy, hub)
     metrics_.watch(
         depth=lambda: engine.depth,
         restarts=engine.restarts,
@@ -130,6 +138,7 @@ def build_services(
         metrics_,
         Drain(),
         label,
+        hub,
     )
 
 
@@ -196,6 +205,7 @@ def create_app(
         services.generation,
     )
     state.jobs, state.metrics, state.drain = services.jobs, services.metrics, services.drain
+    state.events = services.events
     for module in (health, metrics, outputs, openai_images, v2, v1):
         app.include_router(module.router)
     # The admin API answers 404 without a token configured: then it is not documented either.

@@ -171,6 +171,15 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
 
     job_timeout_s: float = Field(600.0, gt=0, description="Default deadline of a v2 job.")
     job_retries: int = Field(1, ge=0, le=5, description="Re-runs of a job whose worker died.")
+    stream_keepalive_s: float = Field(
+        15.0, gt=0, description="An event stream's keep-alive comment after this much quiet."
+    )
+    stream_buffer_events: int = Field(
+        8, ge=1, le=1000, description="Unread steps per stream reader; older ones are dropped."
+    )
+    stream_retention_s: float = Field(
+        300.0, ge=0, description="How long a finished render's events stay for reconnects."
+    )
     webhook_secret: SecretStr | None = Field(
         None, description="HMAC-SHA256 key for webhook signatures; unset = webhooks refused."
     )

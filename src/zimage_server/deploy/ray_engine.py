@@ -31,7 +31,7 @@ from zimage_server.core.errors import (
     ZImageError,
 )
 from zimage_server.deploy.replica import ReplicaStatus
-from zimage_server.engine import EngineState, RenderResult, RenderSpec
+from zimage_server.engine import EngineState, RenderListener, RenderResult, RenderSpec
 from zimage_server.telemetry import context
 
 log = logging.getLogger("zimage.deploy")
@@ -137,6 +137,9 @@ class RayEngine:
 
     def progress(self, job_id: str) -> tuple[int, int] | None:
         return None
+
+    def watch(self, listener: RenderListener) -> None:
+        """Replicas do not report steps yet: event streams get queued, then the result."""
 
     def admit(self, reserve: str | None = None) -> None:
         """Raise ``NotReady`` when the model failed, ``Overloaded`` when the bound is hit;

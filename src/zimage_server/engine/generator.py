@@ -17,14 +17,22 @@ import torch
 from diffusers import ZImagePipeline
 
 from zimage_server.core.errors import Cancelled
-from zimage_server.engine.protocol import BatchDone, Prompt, RawImage, RenderBatch, WorkerSpec
+from zimage_server.engine.preview import LatentPreviewer
+from zimage_server.engine.protocol import (
+    BatchDone,
+    Preview,
+    Prompt,
+    RawImage,
+    RenderBatch,
+    WorkerSpec,
+)
 from zimage_server.engine.random_model import build_random_pipeline, is_random_model
 from zimage_server.engine.speedups import apply_speedups, uncompile, use_compile_cache
 from zimage_server.engine.text import PromptEncoder
 
 log = logging.getLogger("zimage.worker")
 ProgressFn = Callable[[str, int, int], None]
-StepFn = Callable[[int, int], None]
+StepFn = Callable[[int, int, tuple[Preview, ...]], None]
 
 
 def diffusers_guidance(guidance_scale: float) -> float:
@@ -62,6 +70,8 @@ class DiffusersGenerator:
         self.compile_error: str | None = None
         self._side_stream: Any = None
         self._passes = 0
+        self._previewer: LatentPreviewer | None = None
+        self._preview_s = 0.0  # this render's preview time, summed over steps
 
     @property
     def dtype_name(self) -> str:
@@ -111,7 +121,7 @@ class DiffusersGenerator:
         for i, size in enumerate(sizes):
             for guidance in (1.0, 2.0) if self.compiled and i == 0 else (1.0,):
                 batch = RenderBatch("warmup", (), size, size, settings.warmup_steps, guidance)
-                self._run(batch, [Prompt("", "warm-up")], [0], lambda _s, _t: None, lambda: False)
+                self._run(batch, [Prompt("", "warm-up")], [0], _no_steps, lambda: False)
 
     def generate(
         self, batch: RenderBatch, on_step: StepFn, is_cancelled: Callable[[], bool]
@@ -194,7 +204,7 @@ class DiffusersGenerator:
         text = self._text()
         guidance = diffusers_guidance(batch.guidance_scale)
         timings: dict[str, float] = {}
-        self._passes = 0
+        self._passes, self._preview_s = 0, 0.0
         with torch.inference_mode():
             start = time.perf_counter()
             positive = text.encode(prompts)
@@ -207,6 +217,8 @@ class DiffusersGenerator:
             timings["denoise"] = self._lap(start, sum(timings.values()))
             pixels = self._decode(latents)
             timings["vae_decode"] = self._lap(start, sum(timings.values()))
+        if self._preview_s:  # inside denoise: reported, not added to the stages' sum
+            timings["preview"] = self._preview_s
         passes = self._passes
         if self.step_cache is not None:
             passes -= self.step_cache.skipped * len(seeds) * (2 if guidance > 0 else 1)
@@ -234,13 +246,18 @@ class DiffusersGenerator:
         delay = self.spec.worker.debug_step_delay_s
         if self.step_cache is not None:
             self.step_cache.begin(batch.steps)
+        wanted = [
+            (index, item.job_id, item.preview_size)
+            for index, item in enumerate(batch.items)
+            if item.preview_size > 0
+        ]
 
-        def step_end(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
+        def step_end(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if delay:
                 time.sleep(delay)
             if is_cancelled():
                 raise Cancelled("every image of the batch was cancelled")
-            on_step(step + 1, batch.steps)
+            on_step(step + 1, batch.steps, self._previews(kwargs["latents"], wanted, batch))
             return {}
 
         return pipe(
@@ -254,6 +271,18 @@ class DiffusersGenerator:
             output_type="latent",
             callback_on_step_end=step_end,
         ).images
+
+    def _previews(
+        self, latents: Any, wanted: list[tuple[int, str, int]], batch: RenderBatch
+    ) -> tuple[Preview, ...]:
+        """This step's previews for the items that asked (none: no work at all)."""
+        if not wanted:
+            return ()
+        if self._previewer is None:
+            self._previewer = LatentPreviewer(latents.device)
+        previews = self._previewer.previews(latents, wanted, (batch.width, batch.height))
+        self._preview_s += previews[0].compute_s
+        return previews
 
     def _decode(self, latents: Any) -> Any:
         """VAE decode, then the stock post-processing (denormalise, round to uint8)."""
@@ -269,3 +298,7 @@ class DiffusersGenerator:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start - before
+
+
+def _no_steps(_step: int, _total: int, _previews: tuple[Preview, ...]) -> None:
+    """Warm-up reports no progress."""

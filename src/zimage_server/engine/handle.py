@@ -36,6 +36,7 @@ from zimage_server.engine.protocol import (
     LoadFailed,
     LoadProgress,
     Prefetch,
+    Preview,
     Prompt,
     Ready,
     RenderBatch,
@@ -49,7 +50,14 @@ from zimage_server.engine.worker import worker_main
 
 log = logging.getLogger("zimage.engine")
 ProgressCallback = Callable[[str, str, int, int], None]  # worker, stage, step, total
-StepCallback = Callable[[int, int], None]
+
+
+class StepCallback(Protocol):
+    """Told each finished step, with the previews of the images that asked for them."""
+
+    def __call__(self, step: int, total: int, previews: tuple[Preview, ...] = ()) -> None: ...
+
+
 MAX_LOAD_FAILURES = 3
 # Restarts back off (0.5, 1, 2, ... up to 30 s) while exits come in a streak: a worker that
 # dies at once (killed at import, a segfault) must not be restarted hundreds of times a
@@ -330,7 +338,7 @@ class WorkerHandle:
         elif self._in_flight is None or self._in_flight.batch.id != event.batch_id:
             return  # about a batch that was already given up on
         elif isinstance(event, StepProgress):
-            self._in_flight.on_step(event.step, event.total)
+            self._in_flight.on_step(event.step, event.total, event.previews)
         elif isinstance(event, BatchDone):
             outcome = self._end_batch()
             if not outcome.done():  # its awaiter may be gone (cancelled at shutdown)
@@ -417,7 +425,12 @@ def _render_command(batch: Batch) -> RenderBatch:
     key = batch.key
     items = tuple(
         RenderItem(
-            ticket.id, ticket.spec.prompt, ticket.spec.seed, ticket.request_id, ticket.spec.tenant
+            ticket.id,
+            ticket.spec.prompt,
+            ticket.spec.seed,
+            ticket.request_id,
+            ticket.spec.tenant,
+            ticket.spec.preview_size,
         )
         for ticket in batch.tickets
     )

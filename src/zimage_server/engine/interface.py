@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from zimage_server.engine.render import RenderResult, RenderSpec
+from zimage_server.engine.render import RenderListener, RenderResult, RenderSpec
 from zimage_server.engine.supervisor import EngineState
 
 
@@ -29,6 +29,9 @@ class EngineLike(Protocol):
     def progress(self, job_id: str) -> tuple[int, int] | None: ...
 
     def cancel(self, job_id: str) -> bool: ...
+
+    def watch(self, listener: RenderListener) -> None:
+        """Tell ``listener`` each render's queueing, start and steps (for event streams)."""
 
     def restarts(self) -> float: ...
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from zimage_server.engine.protocol import BatchDone, Prompt, RawImage, RenderBatch
+from zimage_server.engine.protocol import BatchDone, Preview, Prompt, RawImage, RenderBatch
 
 NULL_MODEL = "null"
 STAGES = ("text_encode", "denoise", "vae_decode")
@@ -36,7 +36,7 @@ class NullGenerator:
     def generate(
         self,
         batch: RenderBatch,
-        on_step: Callable[[int, int], None],
+        on_step: Callable[[int, int, tuple[Preview, ...]], None],
         is_cancelled: Callable[[], bool],
     ) -> BatchDone:
         pixels = batch.width * batch.height

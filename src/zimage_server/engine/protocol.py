@@ -42,6 +42,7 @@ class RenderItem:
     seed: int
     request_id: str = ""  # the HTTP request's id, for the worker's logs
     tenant: str = ""  # whose prompt: cached embeddings are shared only within a tenant
+    preview_size: int = 0  # longer side of a per-step preview, in pixels; 0: no previews
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +108,22 @@ class LoadFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class Preview:
+    """One image's per-step preview: small uint8 RGB made from the latents (no VAE)."""
+
+    job_id: str
+    width: int
+    height: int
+    rgb: bytes
+    compute_s: float  # on the device, for the whole batch's previews of this step
+
+
+@dataclass(frozen=True, slots=True)
 class StepProgress:
     batch_id: str
     step: int
     total: int
+    previews: tuple[Preview, ...] = ()  # only for the items that asked for previews
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from zimage_server.engine.protocol import Prompt
+from zimage_server.engine.protocol import Preview, Prompt
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +34,7 @@ class RenderSpec:
     steps: int
     guidance_scale: float
     tenant: str = ""  # whose request: cached prompt embeddings are shared only within one
+    preview_size: int = 0  # per-step previews this many pixels on the longer side; 0: none
 
     @property
     def cache_key(self) -> Prompt:
@@ -59,3 +62,19 @@ class RenderResult:
     prompt_tokens: int = 0
     worker: str = ""
     prompt_source: str = ""  # encoded | cache | prefetch ("" from a generator without one)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenderUpdate:
+    """What happened to one render, for whoever streams its progress: ``queued`` (with
+    the place in the queue, 0 = next), ``started``, or ``step`` (with its preview)."""
+
+    render_id: str
+    stage: Literal["queued", "started", "step"]
+    step: int = 0
+    total: int = 0
+    position: int | None = None
+    preview: Preview | None = None
+
+
+RenderListener = Callable[[RenderUpdate], None]

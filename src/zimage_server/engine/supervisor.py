@@ -26,8 +26,8 @@ from zimage_server.core.errors import (
 )
 from zimage_server.engine.handle import ProgressCallback, WorkerHandle, WorkerLike, WorkerState
 from zimage_server.engine.model_source import detect_devices, resolve_model
-from zimage_server.engine.protocol import BatchDone, WorkerSpec
-from zimage_server.engine.render import RenderResult, RenderSpec
+from zimage_server.engine.protocol import BatchDone, Preview, WorkerSpec
+from zimage_server.engine.render import RenderListener, RenderResult, RenderSpec, RenderUpdate
 from zimage_server.engine.scheduler import Batch, Clock, Scheduler, Ticket
 from zimage_server.telemetry import context
 
@@ -62,6 +62,7 @@ class Engine:
         self._busy_since: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._listeners: list[RenderListener] = []
         self.model_label = "custom workers"
 
     @classmethod
@@ -138,6 +139,33 @@ class Engine:
     def load_seconds(self) -> float:
         return max((worker.load_s for worker in self._workers.values()), default=0.0)
 
+    def watch(self, listener: RenderListener) -> None:
+        """Tell ``listener`` each render's queueing, start and steps (with previews)."""
+        self._listeners.append(listener)
+
+    def _tell(self, update: RenderUpdate) -> None:
+        for listener in self._listeners:
+            try:
+                listener(update)
+            except Exception:  # a listener's bug must not fail the render
+                log.exception("a render listener failed on %s", update.stage)
+
+    def _tell_steps(
+        self, batch: Batch, step: int, total: int, previews: tuple[Preview, ...]
+    ) -> None:
+        self.scheduler.report_step(batch, step, total)
+        by_id = {preview.job_id: preview for preview in previews}
+        for ticket in batch.live():
+            self._tell(
+                RenderUpdate(
+                    render_id=ticket.id,
+                    stage="step",
+                    step=step,
+                    total=total,
+                    preview=by_id.get(ticket.id),
+                )
+            )
+
     # -- requests ------------------------------------------------------------------------
     def admit(self, reserve: str | None = None) -> None:
         """Raise ``Overloaded`` when the queue is full, ``NotReady`` when the model failed;
@@ -167,6 +195,9 @@ class Engine:
             self.admit()
         ticket = self.scheduler.submit(spec, ticket_id=job_id, request_id=context.request_id.get())
         self._hint_queued(ticket)
+        if self._listeners:
+            position = self.scheduler.position(ticket.id)
+            self._tell(RenderUpdate(render_id=ticket.id, stage="queued", position=position))
         try:
             result = await asyncio.wait_for(asyncio.shield(ticket.future), max(timeout, 0.001))
         except TimeoutError:
@@ -221,10 +252,14 @@ class Engine:
         self.scheduler.start(batch, worker.name)
         self._busy_since[worker.name] = time.monotonic()
         self._hint_next(worker)
+        for ticket in batch.tickets:
+            self._tell(RenderUpdate(render_id=ticket.id, stage="started", total=batch.key.steps))
+
+        def on_step(step: int, total: int, previews: tuple[Preview, ...] = ()) -> None:
+            self._tell_steps(batch, step, total, previews)
+
         try:
-            done = await worker.render(
-                batch, lambda step, total: self.scheduler.report_step(batch, step, total)
-            )
+            done = await worker.render(batch, on_step)
         except ZImageError as exc:
             self.scheduler.fail(batch, exc)
         except Exception:  # a bug must neither leave callers waiting nor stop dispatching

@@ -33,6 +33,7 @@ from zimage_server.engine.protocol import (
     LoadFailed,
     LoadProgress,
     Prefetch,
+    Preview,
     Prompt,
     Ready,
     RenderBatch,
@@ -43,7 +44,7 @@ from zimage_server.engine.protocol import (
 
 log = logging.getLogger("zimage.worker")
 ProgressFn = Callable[[str, int, int], None]
-StepFn = Callable[[int, int], None]
+StepFn = Callable[[int, int, tuple[Preview, ...]], None]
 
 
 class ImageGenerator(Protocol):
@@ -215,7 +216,9 @@ def _render(
             inject_faults(batch)
         done = generator.generate(
             batch,
-            on_step=lambda step, total: out.send(StepProgress(batch.batch_id, step, total)),
+            on_step=lambda step, total, previews: out.send(
+                StepProgress(batch.batch_id, step, total, previews)
+            ),
             is_cancelled=lambda: job_ids <= cancelled,
         )
     except Cancelled:

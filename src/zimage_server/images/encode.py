@@ -62,3 +62,13 @@ def encode_image(
     else:
         image.save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
+
+
+PREVIEW_QUALITY = 70  # a preview lives a fraction of a second: small beats faithful
+
+
+def encode_preview(rgb: bytes, size: tuple[int, int]) -> bytes:
+    """A step preview (raw RGB at preview size) as a small, fast WebP."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", size, rgb).save(buffer, "WEBP", quality=PREVIEW_QUALITY, method=0)
+    return buffer.getvalue()

@@ -51,6 +51,7 @@ def to_params(data: object) -> tuple[ImageGenerationRequest, list[GenerationPara
         "height": height,
         "image_format": request.output_format,
         "quality": quality,
+        "preview": request.partial_images > 0,  # previews go only to event streams
     }
     seeds = [-1] * request.n
     if request.seed is not None and request.seed >= 0:

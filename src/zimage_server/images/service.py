@@ -151,13 +151,14 @@ class GenerationService:
         admission: Admission,
         store: bool = False,
         timeout: float | None = None,
+        stream_id: str | None = None,
     ) -> Generated:
         """Hold the price, render, encode (and store); anything short of success refunds."""
         price = self.price(params)
         timeout = timeout or self.settings.request_timeout_s
         async with self._billed(admission, price, timeout) as remaining:
             generated = await self.render(
-                params, pick_seed(params), timeout, tenant=tenant_of(admission)
+                params, pick_seed(params), timeout, tenant=tenant_of(admission), stream_id=stream_id
             )
             if store:
                 output_id = await asyncio.to_thread(
@@ -271,10 +272,12 @@ class GenerationService:
         job_id: str | None = None,
         *,
         tenant: str,
+        stream_id: str | None = None,
     ) -> Generated:
         """Render and encode, unbilled (callers own billing). ``job_id`` names the render
         in the engine so it can be located and cancelled; such renders were admitted
-        earlier (at submit, or before a restart) and skip the queue bound."""
+        earlier (at submit, or before a restart) and skip the queue bound. ``stream_id``
+        names a render whose events a client streams (admitted as usual)."""
         start = time.perf_counter()
         spec = RenderSpec(
             prompt=params.prompt,
@@ -284,8 +287,10 @@ class GenerationService:
             steps=params.steps,
             guidance_scale=params.guidance_scale,
             tenant=tenant,
+            preview_size=params.preview_pixels,
         )
-        result = await self.engine.render(spec, timeout, job_id, admitted=job_id is not None)
+        render_id = job_id or stream_id
+        result = await self.engine.render(spec, timeout, render_id, admitted=job_id is not None)
         encode_start = time.perf_counter()
         data = await asyncio.to_thread(
             encode_image,

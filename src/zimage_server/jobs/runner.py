@@ -38,6 +38,7 @@ from zimage_server.jobs.webhooks import WebhookPolicy
 from zimage_server.protocol import GenerationParams, JobMetrics, JobResult, wire
 from zimage_server.store import OutputStore
 from zimage_server.store.models import Job
+from zimage_server.streams import ProgressHub
 
 log = logging.getLogger("zimage.jobs")
 FINISH_RETRY_MAX_S = 30.0
@@ -79,6 +80,7 @@ class JobRunner:
         outputs: OutputStore,
         slots: InFlightSlots,
         policy: WebhookPolicy,
+        events: ProgressHub | None = None,
     ) -> None:
         self.settings, self.repo, self.engine = settings, repo, engine
         self.generation, self.outputs, self.slots, self.policy = (
@@ -87,6 +89,7 @@ class JobRunner:
             slots,
             policy,
         )
+        self.events = events if events is not None else ProgressHub(engine.position)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._occupied: dict[str, int] = {}  # job id -> key id whose in-flight slot it holds
         self._cancel_cost: dict[str, int] = {}  # micro-credits a cancelled render used
@@ -194,6 +197,7 @@ class JobRunner:
 
     # -- running -----------------------------------------------------------------------------
     def _spawn(self, job: Job) -> None:
+        self.events.open(job.id)  # before the render is queued: a reader finds it at once
         task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
         self._tasks[job.id] = task
         task.add_done_callback(functools.partial(self._forget, job.id))
@@ -302,6 +306,8 @@ class JobRunner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, FINISH_RETRY_MAX_S)
         self._vacate(job.id)
+        # Its readers build the terminal event from the stored job, as GET would.
+        self.events.finish(job.id, status.value.lower(), {"request_id": job.id})
 
 
 def result_body(job: Job, outputs: OutputStore, status: JobStatus | None = None) -> JobResult:

@@ -41,6 +41,10 @@ class ImageGenerationRequest(BaseModel):
     seed: Annotated[int, Field(ge=-1, le=JS_SAFE_MAX), BeforeValidator(no_bool)] | None = None
     num_inference_steps: Int = Field(8, ge=1, le=75)
     guidance_scale: Number = Field(1.0, ge=0, le=15)
+    stream: bool = Field(False, description="Server-sent events, ending with the image.")
+    partial_images: Int = Field(
+        0, ge=0, le=3, description="With `stream`: >0 sends a preview of every step."
+    )
 
 
 class ImageObject(BaseModel):

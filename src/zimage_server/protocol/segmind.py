@@ -25,6 +25,7 @@ _JSON_LIMITS = {
     "hex escape": " (escapes from \\ud800 to \\udfff must form UTF-16 surrogate pairs)",
 }
 MODEL_SLUG = "z-image-turbo"
+DEFAULT_PREVIEW_SIZE = 256
 JobState = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
 
 
@@ -72,6 +73,17 @@ class GenerationParams(BaseModel):
     image_format: ImageFormat = Field("webp", description="Output image format.")
     quality: Int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless).")
     base_64: bool = Field(False, description="Return the image as base64 instead of a URL.")
+    preview: bool = Field(
+        False, description="Event streams carry a small WebP preview of every step (256 px)."
+    )
+    preview_size: Int = Field(
+        0, ge=0, le=1024, description="Longer side of step previews in pixels; >0 turns them on."
+    )
+
+    @property
+    def preview_pixels(self) -> int:
+        """The previews' longer side; 0 when the request did not ask for previews."""
+        return self.preview_size or (DEFAULT_PREVIEW_SIZE if self.preview else 0)
 
     @field_validator("prompt")
     @classmethod

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
@@ -15,12 +16,16 @@ from zimage_server.api.disconnect import unless_disconnected
 from zimage_server.api.errors import RENDER_FAILURES, Example, error_docs
 from zimage_server.api.responses import image_json, is_large, model_response
 from zimage_server.api.routes.v1 import public_base
+from zimage_server.api.sse import Frames, wants_stream
+from zimage_server.api.streaming import stream_render
 from zimage_server.billing import format_credits
-from zimage_server.images import GenerationService
+from zimage_server.core.errors import InvalidRequest
+from zimage_server.images import Generated, GenerationService
 from zimage_server.images.openai_compat import to_params
 from zimage_server.protocol import (
     MODEL_SLUG,
     Flavour,
+    GenerationParams,
     ImageGenerationRequest,
     ImageObject,
     ImagesResponse,
@@ -51,6 +56,8 @@ async def generations(
     openai_request, batch = to_params(json_value(body))
     service.check_prompt(openai_request.prompt)
     as_url = openai_request.response_format == "url"
+    if openai_request.stream or wants_stream(request):
+        return await _stream(request, service, openai_request, batch[0], admission)
     images = await unless_disconnected(
         request, service.generate_many(batch, admission, store=as_url)
     )
@@ -85,6 +92,61 @@ async def generations(
 
     inline = 0 if as_url else sum(len(g.data) for g in images)
     return await image_json(content, is_large(inline), headers=headers)
+
+
+async def _stream(
+    request: Request,
+    service: GenerationService,
+    openai_request: ImageGenerationRequest,
+    params: GenerationParams,
+    admission: Admission,
+) -> Response:
+    """OpenAI's streaming shape: a step's preview as ``image_generation.partial_image``,
+    the image as ``image_generation.completed``; queue and step events as on v1."""
+    if openai_request.n > 1:
+        raise InvalidRequest(
+            f"Invalid 'n': a streamed request makes one image (got {openai_request.n}).",
+            field="n",
+        )
+    as_url = openai_request.response_format == "url"
+    size = f"{params.width}x{params.height}"
+    common = {"size": size, "quality": "auto", "background": "opaque"}
+
+    async def run(render_id: str) -> Generated:
+        return await service.generate(params, admission, store=as_url, stream_id=render_id)
+
+    async def result(g: Generated) -> dict[str, Any]:
+        image = (
+            {"url": f"{public_base(request)}/v1/outputs/{g.output_id}"}
+            if as_url
+            else {"b64_json": await asyncio.to_thread(g.base64)}
+        )
+        return {
+            "type": "image_generation.completed",
+            **image,
+            "created_at": int(time.time()),
+            "output_format": openai_request.output_format,
+            "seed": g.seed,
+            **common,
+        }
+
+    def shape(name: str, data: dict[str, Any]) -> Frames:
+        preview = data.get("preview")
+        if name != "step" or preview is None:
+            return [(name, data)]
+        partial = {
+            "type": "image_generation.partial_image",
+            "b64_json": preview["image"],
+            "partial_image_index": data["step"] - 1,
+            "created_at": int(time.time()),
+            "output_format": "webp",
+            **common,
+        }
+        step = {k: v for k, v in data.items() if k != "preview"}
+        return [("step", step), ("image_generation.partial_image", partial)]
+
+    names = {"completed": "image_generation.completed"}
+    return await stream_render(request, run, result, names, shape)
 
 
 @router.get(

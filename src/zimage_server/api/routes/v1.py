@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
@@ -13,9 +14,11 @@ from zimage_server.api.bodies import BodyRoute, DocumentedAs
 from zimage_server.api.disconnect import unless_disconnected
 from zimage_server.api.errors import RENDER_FAILURES, Example, error_docs
 from zimage_server.api.responses import image_json, is_large, model_response
+from zimage_server.api.sse import wants_stream
+from zimage_server.api.streaming import stream_render
 from zimage_server.billing import format_credits
 from zimage_server.images import Generated, GenerationService
-from zimage_server.protocol import Flavour, GenerationParams, ImageResponse
+from zimage_server.protocol import Flavour, GenerationParams, ImageResponse, wire
 
 router = APIRouter(tags=["images"], route_class=BodyRoute)
 V1Body = Annotated[object, DocumentedAs(GenerationParams), Body(title="GenerationParams")]
@@ -71,6 +74,8 @@ async def generate(
     params = service.validate(body)
     if service.settings.log_prompts:
         request.state.log_prompt = params.prompt
+    if wants_stream(request):
+        return await _stream(request, service, params, admission)
     raw = wants_image_bytes(request, service.settings.v1_default_response)
     generated = await unless_disconnected(
         request,
@@ -90,6 +95,28 @@ async def generate(
         is_large(len(generated.data)),
         headers=headers,
     )
+
+
+async def _stream(
+    request: Request, service: GenerationService, params: GenerationParams, admission: Admission
+) -> Response:
+    """``Accept: text/event-stream``: the render's events, then the JSON body as
+    ``completed``."""
+    deadline = deadline_from(request)
+
+    async def run(render_id: str) -> Generated:
+        store = not params.base_64
+        return await service.generate(
+            params, admission, store=store, timeout=deadline, stream_id=render_id
+        )
+
+    async def result(generated: Generated) -> dict[str, Any]:
+        if generated.output_id:
+            image = f"{public_base(request)}/v1/outputs/{generated.output_id}"
+            return wire(generated.response(image))
+        return await asyncio.to_thread(lambda: wire(generated.response(generated.base64())))
+
+    return await stream_render(request, run, result)
 
 
 def public_base(request: Request) -> str:

@@ -16,6 +16,7 @@ from zimage_server.api.bodies import BodyRoute, DocumentedAs
 from zimage_server.api.errors import Example, error_docs
 from zimage_server.api.responses import image_json, model_response
 from zimage_server.api.routes.v1 import public_base
+from zimage_server.api.sse import Frames, event_frames, event_stream, last_event_id
 from zimage_server.core.errors import InvalidRequest, ZImageError
 from zimage_server.images import GenerationService
 from zimage_server.jobs import JobRunner, JobStatus, Submission, owner_of, result_body
@@ -27,9 +28,11 @@ from zimage_server.protocol import (
     JobStatusBody,
     SubmitRequest,
     SubmittedJob,
+    wire,
 )
 from zimage_server.protocol.segmind import JobProgress
 from zimage_server.store.models import MAX_IDEMPOTENCY_KEY, Job
+from zimage_server.streams import StreamEvent
 
 router = APIRouter(tags=["jobs"], route_class=BodyRoute)
 Caller = Annotated[Admission, Depends(identify_caller)]
@@ -189,6 +192,42 @@ async def cancel(request_id: str, request: Request, caller: Caller) -> Response:
     runner = _runner(request)
     job = await runner.cancel(request_id, owner_of(caller))
     return _reply(JobStatusBody(**_status_fields(runner, job)))
+
+
+_EVENTS_DOC = (
+    "Server-sent events of one request: `queued` (`queue_position`, 1 = next), `started`, "
+    "`step` (`step` of `total`, and `preview` when the request asked for previews), then "
+    "one of `completed`, `failed` or `cancelled` whose data is the body of "
+    "`GET /v2/requests/{id}`, and the stream ends. Reconnect with `Last-Event-ID` to get "
+    "what was missed (the latest of each kind, and always the terminal event)."
+)
+
+
+@router.get(
+    "/v2/requests/{request_id}/events",
+    summary="Stream a request's progress (server-sent events)",
+    description=_EVENTS_DOC,
+    response_class=Response,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The event stream."},
+        **_errors(Example.unknown_request),
+    },
+)
+async def events(request_id: str, request: Request, caller: Caller) -> Response:
+    runner = _runner(request)
+    owner = owner_of(caller)
+    job = await runner.get(request_id, owner)  # 404 for another key's request
+    subscription = runner.events.subscribe(job.id, last_event_id(request))
+    if JobStatus(job.status).is_terminal:  # its live events may be long gone
+        runner.events.finish(job.id, job.status.lower(), {"request_id": job.id})
+
+    async def finish(event: StreamEvent) -> Frames:
+        finished = await runner.get(request_id, owner)
+        body = await asyncio.to_thread(lambda: wire(result_body(finished, runner.outputs)))
+        return [(event.name, body)]
+
+    keepalive = request.app.state.settings.stream_keepalive_s
+    return event_stream(event_frames(subscription, finish, keepalive))
 
 
 __all__ = ["JobStatus", "router"]
