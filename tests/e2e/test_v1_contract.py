@@ -130,6 +130,8 @@ def test_accept_image_gives_raw_bytes(server: InProcessServer, accept: str) -> N
         ("image/png;q=0.5, image/jpeg", "jpeg"),  # q-values honoured
         ("image/png;q=0.5, image/*", "webp"),  # the specific range's q applies to png
         ("image/avif", "webp"),  # nothing we encode is acceptable: the default, not 406
+        ("IMAGE/PNG", "png"),  # media types are case-insensitive
+        ("image/png;q=abc", "png"),  # a malformed q-value does not make a 500
     ],
 )
 def test_accept_chooses_the_format_when_the_body_names_none(

@@ -36,6 +36,7 @@ class Negotiated:
 
 def negotiate(accept: str, default_response: str, body_names_format: bool) -> Negotiated:
     """What to answer for this ``Accept`` header (see the module docstring)."""
+    accept = accept.lower()  # media types are case-insensitive; mimeparse compares as is
     if not _well_formed(accept):
         return Negotiated(default_response == "binary", None)
     raw = _wants_bytes(accept, default_response)
