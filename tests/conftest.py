@@ -203,7 +203,11 @@ class InProcessServer(_Http):
     """
 
     def __init__(
-        self, data_dir: Path, env: dict[str, str] | None = None, wait: bool = True
+        self,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        port: int = 0,  # a stopped server's port, to bring "it" back at the same URL
     ) -> None:
         from zimage_server.api.main import create_app
         from zimage_server.core.config import Settings
@@ -238,7 +242,7 @@ class InProcessServer(_Http):
 
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock.bind(("127.0.0.1", port))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         config = uvicorn.Config(
             self.app,

@@ -58,7 +58,9 @@ class _LoadProgress:
         self.progress.update(
             self.tasks[worker],
             description=f"{worker}: {stage}",
-            completed=total if done else step,
+            # Short of full until ready: a finished task's spinner and clock stop, and the
+            # last stage (warming up, "3 of 3") is the longest.
+            completed=total if done else min(step, total - 1),
             total=total,
         )
         if done and all(self.progress.tasks[t].finished for t in self.tasks.values()):

@@ -38,6 +38,9 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--disable-dev-shm-usage",
     "--force-device-scale-factor=1",
+    # Headless Chromium has no pointing device; say it has a mouse, as a desktop does, so
+    # (hover: hover) and (pointer: fine) match until a test emulates a touch screen.
+    "--blink-settings=primaryPointerType=4,availablePointerTypes=4,primaryHoverType=2,availableHoverTypes=2",
 ]
 WAIT_S = 90
 
@@ -330,10 +333,14 @@ def test_api_key_is_asked_for_and_sent_only_here(
     assert "(401)" in by_id(driver, "error").text
     wait_for(driver, lambda d: dialog.get_attribute("open") is not None, "the key dialog again")
 
-    # The right key: an image, and the key kept in this browser.
+    # The dialog says how to get a key.
+    help_text = by_id(driver, "key-help").text
+    assert "zimage keys create --name NAME --credits N" in help_text
+    assert "Ask whoever runs this server" in help_text
+
+    # The right key: the request that got the 401 runs again by itself, and gives an image.
     by_id(driver, "key-input").send_keys(key)
     by_id(driver, "key-save").click()
-    by_id(driver, "generate").click()
     wait_for_image(driver, 512, 512)
     assert not by_id(driver, "error").is_displayed()
     assert driver.execute_script("return localStorage.getItem('zimage.playground.apiKey')") == key
@@ -357,3 +364,68 @@ def test_api_key_is_asked_for_and_sent_only_here(
     assert driver.execute_script("return localStorage.getItem('zimage.playground.apiKey')") is None
     assert dialog.get_attribute("open") is not None
     assert_no_console_errors(driver, allowed=("401",))
+
+
+def status_of(driver: WebDriver) -> tuple[str, str]:
+    return (
+        by_id(driver, "status").get_attribute("data-state") or "",
+        by_id(driver, "status-text").text,
+    )
+
+
+def record_statuses(driver: WebDriver) -> None:
+    """Keep every status text the pill shows (some last only one poll)."""
+    driver.execute_script(
+        "window.__statuses = [];"
+        "const text = document.getElementById('status-text');"
+        "new MutationObserver(() => window.__statuses.push(text.textContent))"
+        "  .observe(text, {childList: true, characterData: true, subtree: true});"
+    )
+
+
+def test_status_follows_the_server_down_and_back(browser: WebDriver, tmp_path: Path) -> None:
+    driver = browser
+    first = InProcessServer(tmp_path / "first")
+    port = int(first.url.rsplit(":", 1)[1])
+    try:
+        open_page(driver, first.url)
+        wait_for(driver, lambda d: status_of(d)[0] == "ready", "Ready")
+        record_statuses(driver)
+    finally:
+        first.stop()
+
+    # Down: the pill says so within one poll, and Generate explains instead of failing vaguely.
+    wait_for(driver, lambda d: status_of(d) == ("unreachable", "Server unreachable"), "unreachable")
+    by_id(driver, "prompt").send_keys("a lighthouse")
+    by_id(driver, "generate").click()
+    wait_for(driver, lambda d: by_id(d, "error").is_displayed(), "the error")
+    assert by_id(driver, "error-title").text == "Cannot reach the server"
+    screenshot(driver, "playground-unreachable.png")
+
+    # Back (same URL): STARTING while the model loads, then Ready, and the error goes.
+    second = InProcessServer(tmp_path / "second", port=port, wait=False)
+    try:
+        driver.execute_script("window.dispatchEvent(new Event('online'))")  # poll now
+        wait_for(driver, lambda d: status_of(d)[0] == "ready", "Ready again")
+        seen = driver.execute_script("return window.__statuses")
+        assert "Starting: loading the model…" in seen, seen
+        assert not by_id(driver, "error").is_displayed()
+        assert status_of(driver)[1].startswith("Ready")
+    finally:
+        second.stop()
+
+
+def test_shortcut_hint_only_with_a_keyboard_and_mouse(
+    browser: WebDriver, server: InProcessServer
+) -> None:
+    driver = browser
+    open_page(driver, server.url)
+    hint = driver.find_element("css selector", ".hint")
+    assert hint.is_displayed() and "Enter" in hint.text
+
+    viewport(driver, 390, 844, mobile=True)
+    touch = {"enabled": True, "maxTouchPoints": 5}
+    driver.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", touch)  # type: ignore[attr-defined]
+    assert driver.execute_script("return matchMedia('(pointer: coarse)').matches")
+    assert not hint.is_displayed()
+    assert by_id(driver, "generate").is_displayed()

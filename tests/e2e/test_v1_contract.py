@@ -121,6 +121,44 @@ def test_accept_image_gives_raw_bytes(server: InProcessServer, accept: str) -> N
     assert r.headers["x-seed"].isdigit()
 
 
+@pytest.mark.parametrize(
+    ("accept", "fmt"),
+    [
+        ("image/png", "png"),
+        ("image/jpeg", "jpeg"),
+        ("image/*", "webp"),  # a wildcard keeps the default
+        ("image/png;q=0.5, image/jpeg", "jpeg"),  # q-values honoured
+        ("image/png;q=0.5, image/*", "webp"),  # the specific range's q applies to png
+        ("image/avif", "webp"),  # nothing we encode is acceptable: the default, not 406
+        ("IMAGE/PNG", "png"),  # media types are case-insensitive
+        ("image/png;q=abc", "png"),  # a malformed q-value does not make a 500
+    ],
+)
+def test_accept_chooses_the_format_when_the_body_names_none(
+    server: InProcessServer, accept: str, fmt: str
+) -> None:
+    r = server.post({"prompt": "a lighthouse", **SMALL}, headers={"Accept": accept})
+    assert r.status_code == 200 and r.headers["content-type"] == f"image/{fmt}"
+    assert image_of(r).format == {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt]
+    assert "accept" in r.headers["vary"].lower()
+
+
+def test_body_image_format_wins_over_accept(server: InProcessServer) -> None:
+    """Never 406 for Accept: Segmind's clients (and ours) read 406 as insufficient credits."""
+    r = server.post(
+        {"prompt": "a lighthouse", **SMALL, "image_format": "png"}, headers={"Accept": "image/jpeg"}
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert image_of(r).format == "PNG"
+
+
+@pytest.mark.parametrize("accept", ["application/json", "*/*", "application/json, image/png;q=0.5"])
+def test_accept_preferring_json_gives_json(server: InProcessServer, accept: str) -> None:
+    r = server.post({"prompt": "a lighthouse", **SMALL}, headers={"Accept": accept})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.json()["image_format"] == "webp"
+
+
 def test_odd_size_returns_exactly_that_size(server: InProcessServer) -> None:
     r = server.post(
         {"prompt": "a wide valley", "width": 1000, "height": 600, "steps": 1},

@@ -13,6 +13,7 @@ from zimage_server.api.auth import admit_generate, deadline_from
 from zimage_server.api.bodies import BodyRoute, DocumentedAs
 from zimage_server.api.disconnect import unless_disconnected
 from zimage_server.api.errors import RENDER_FAILURES, Example, error_docs
+from zimage_server.api.negotiation import negotiate
 from zimage_server.api.responses import image_json, is_large, model_response
 from zimage_server.api.sse import wants_stream
 from zimage_server.api.streaming import stream_render
@@ -26,22 +27,27 @@ V1Body = Annotated[object, DocumentedAs(GenerationParams), Body(title="Generatio
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON with the image URL (or base64 when `base_64` is true); the "
-        "raw image when the request sends `Accept: image/*`.",
+        "raw image when `Accept` prefers an image type. Without `image_format` in the body, "
+        "`Accept` picks the format (image/png, image/jpeg, image/webp; q-values honoured); "
+        "the body's `image_format` wins over `Accept` (never 406, which means insufficient "
+        "credits).",
         "content": {"image/webp": {}, "image/jpeg": {}, "image/png": {}},
     },
     **error_docs(Flavour.SEGMIND, Example.bad_steps, Example.unknown_model, *RENDER_FAILURES),
 }
 
 
-def wants_image_bytes(request: Request, default: str) -> bool:
-    """Raw bytes for ``Accept: image/...`` (first preference), JSON otherwise."""
-    accept = request.headers.get("accept", "")
-    first = accept.split(",")[0].split(";")[0].strip().lower()
-    if first.startswith("image/"):
-        return True
-    if first in ("", "*/*"):
-        return default == "binary"
-    return False
+def negotiated(
+    request: Request, params: GenerationParams, default: str
+) -> tuple[bool, GenerationParams]:
+    """Raw bytes or JSON, and the params with the format ``Accept`` chose when the body
+    named none (``api/negotiation.py`` has the rules)."""
+    choice = negotiate(
+        request.headers.get("accept", ""), default, "image_format" in params.model_fields_set
+    )
+    if choice.image_format is not None:
+        params = params.model_copy(update={"image_format": choice.image_format})
+    return choice.raw, params
 
 
 def _headers(generated: Generated, admission: Admission) -> dict[str, str]:
@@ -49,6 +55,7 @@ def _headers(generated: Generated, admission: Admission) -> dict[str, str]:
         "X-Seed": str(generated.seed),
         "X-Generation-Time": f"{generated.generation_time:.4f}",
         "X-Replica": generated.worker,
+        "Vary": "Accept",
         **admission.headers,
     }
     if generated.credits_consumed is not None and generated.credits_remaining is not None:
@@ -76,7 +83,7 @@ async def generate(
         request.state.log_prompt = params.prompt
     if wants_stream(request):
         return await _stream(request, service, params, admission)
-    raw = wants_image_bytes(request, service.settings.v1_default_response)
+    raw, params = negotiated(request, params, service.settings.v1_default_response)
     generated = await unless_disconnected(
         request,
         service.generate(

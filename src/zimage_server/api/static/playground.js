@@ -75,6 +75,7 @@
     invalidInput: null, // the field a validation error points at
     objectUrl: null,
     history: [],
+    retryAfterKey: false, // a generate that asked for a key runs again once one is saved
   };
 
   // ---------- storage (never throws: private modes and full quotas just lose the data) ----------
@@ -162,8 +163,10 @@
       if (!response.ok) throw new Error(`${response.status} ${await errorMessage(response)}`);
       info = await response.json();
     } catch (err) {
-      setStatus("error", "Server unreachable", String(err));
+      setStatus("unreachable", "Server unreachable", String(err));
       showError("Cannot reach the server", `GET /info failed: ${err.message || err}`);
+      el.error.dataset.cause = "unreachable";
+      setTimeout(loadInfo, 5000);
       return;
     }
     modelLabel = info.weights || info.model || "";
@@ -176,24 +179,47 @@
     pollReadiness();
   }
 
+  // Readiness is polled for as long as the page is open: every 5 s while ready, backing off
+  // from 1 s to 15 s while not, so the pill never says Ready for a server that is gone.
+  const READY_POLL_MS = 5000;
+  const MAX_POLL_MS = 15000;
+  const NOT_READY = {
+    STARTING: ["loading", "Starting: loading the model…"],
+    BUSY: ["busy", "Busy: queue full"],
+    DRAINING: ["error", "Shutting down"],
+    FAILED: ["error", "Model failed to load"],
+    UNAVAILABLE: ["error", "Database unavailable"],
+  };
+  const poll = { timer: null, delay: 1000, running: false };
+
   async function pollReadiness() {
+    if (poll.running) return;
+    poll.running = true;
+    clearTimeout(poll.timer);
+    let ready = false;
     try {
-      const response = await api("readyz");
+      const response = await api("readyz", { signal: AbortSignal.timeout(5000) });
       const body = await response.json().catch(() => ({}));
-      if (response.ok) {
-        setStatus("ready", modelLabel ? `Ready · ${modelLabel}` : "Ready", modelLabel);
-        return;
-      }
-      if (body.status === "FAILED") {
-        setStatus("error", "Model failed to load", body.reason || "");
-        return;
-      }
-      setStatus("loading", "Loading model…", body.reason || "");
+      ready = response.ok;
+      const [kind, text] = ready ? ["ready", "Ready"] : NOT_READY[body.status] || ["loading", "Not ready"];
+      if (ready) setStatus(kind, modelLabel ? `${text} · ${modelLabel}` : text, modelLabel);
+      if (ready && el.error.dataset.cause === "unreachable") hideError();
+      else setStatus(kind, text, body.reason || "");
     } catch (err) {
-      setStatus("error", "Server unreachable", String(err));
+      setUnreachable(err);
+    } finally {
+      poll.running = false;
     }
-    setTimeout(pollReadiness, 3000);
+    poll.delay = ready ? 1000 : Math.min(poll.delay * 2, MAX_POLL_MS);
+    poll.timer = setTimeout(pollReadiness, ready ? READY_POLL_MS : poll.delay);
   }
+
+  function setUnreachable(err) {
+    setStatus("unreachable", "Server unreachable", `No answer from the server: ${err && err.message ? err.message : err}`);
+  }
+
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) pollReadiness(); });
+  window.addEventListener("online", () => pollReadiness());
 
   function applyRanges(parameters) {
     for (const name of ["width", "height", "steps"]) {
@@ -231,7 +257,11 @@
   }
 
   el.keyButton.addEventListener("click", () => openKeyDialog());
-  el.keyCancel.addEventListener("click", () => el.keyDialog.close());
+  el.keyCancel.addEventListener("click", () => {
+    state.retryAfterKey = false;
+    el.keyDialog.close();
+  });
+  el.keyDialog.addEventListener("cancel", () => { state.retryAfterKey = false; });
   el.keyForget.addEventListener("click", () => {
     setKey("");
     openKeyDialog("Key forgotten. Enter another one, or cancel.");
@@ -248,6 +278,10 @@
     setKey(value);
     el.keyDialog.close();
     hideError();
+    if (state.retryAfterKey) {
+      state.retryAfterKey = false;
+      generate();
+    }
   });
 
   // ---------- form ----------
@@ -440,6 +474,7 @@
     const params = readForm();
     if (!params) return;
     if (state.authRequired && !getKey()) {
+      state.retryAfterKey = true;
       openKeyDialog("Enter an API key to generate images on this server.");
       return;
     }
@@ -451,7 +486,17 @@
         method: "POST",
         headers: { "Content-Type": "application/json", Accept: "application/json" },
         body: requestBody(params),
+      }).catch((err) => {
+        // fetch() rejects only when no answer came back at all: the server is down.
+        setUnreachable(err);
+        pollReadiness();
+        return null;
       });
+      if (!response) {
+        showError("Cannot reach the server", "The request got no answer: the server may be down or restarting. The status turns to Ready when it is back.");
+        el.error.dataset.cause = "unreachable";
+        return;
+      }
       if (!response.ok) {
         await handleFailure(response);
         return;
@@ -508,6 +553,7 @@
     const title = `${titles[response.status] || "Generation failed"} (${response.status})`;
     showError(title, message + suffix);
     if (response.status === 401 || response.status === 403) {
+      state.retryAfterKey = true;
       openKeyDialog(`The server said: ${message}`, "error");
     }
   }
@@ -591,6 +637,7 @@
   function showError(title, text) {
     el.errorTitle.textContent = title;
     el.errorText.textContent = text;
+    el.error.dataset.cause = "";
     el.error.hidden = false;
   }
 
