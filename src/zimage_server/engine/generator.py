@@ -17,6 +17,7 @@ import torch
 from diffusers import ZImagePipeline
 
 from zimage_server.core.errors import Cancelled
+from zimage_server.engine.adapters import AdapterBank, AdapterError
 from zimage_server.engine.protocol import BatchDone, Prompt, RawImage, RenderBatch, WorkerSpec
 from zimage_server.engine.random_model import build_random_pipeline, is_random_model
 from zimage_server.engine.speedups import apply_speedups, uncompile, use_compile_cache
@@ -62,6 +63,7 @@ class DiffusersGenerator:
         self.compile_error: str | None = None
         self._side_stream: Any = None
         self._passes = 0
+        self.adapters: AdapterBank | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -82,6 +84,10 @@ class DiffusersGenerator:
         pipe.set_progress_bar_config(disable=True)
         pipe.transformer.register_forward_pre_hook(self._count_passes)
         self.pipe = pipe
+        if self.spec.loras.max_loras > 0:
+            self.adapters = AdapterBank(pipe, self.spec.loras)
+            if self.speedups.enabled(self.speedups.compile, self.device):
+                self.adapters.make_slots()  # compiled graphs must contain them from the start
         self._speed_up(pipe)
 
     def _speed_up(self, pipe: Any) -> None:
@@ -112,13 +118,21 @@ class DiffusersGenerator:
             for guidance in (1.0, 2.0) if self.compiled and i == 0 else (1.0,):
                 batch = RenderBatch("warmup", (), size, size, settings.warmup_steps, guidance)
                 self._run(batch, [Prompt("", "warm-up")], [0], lambda _s, _t: None, lambda: False)
+        if self.compiled and self.adapters is not None:
+            size = settings.warmup_size
+            batch = RenderBatch("warmup", (), size, size, settings.warmup_steps, 1.0)
+            prompts, noop = [Prompt("", "warm-up")], lambda _s, _t: None
+            self.adapters.warm(lambda: self._run(batch, prompts, [0], noop, lambda: False))
 
     def generate(
         self, batch: RenderBatch, on_step: StepFn, is_cancelled: Callable[[], bool]
     ) -> BatchDone:
         prompts = [Prompt(item.tenant, item.prompt) for item in batch.items]
         seeds = [item.seed for item in batch.items]
+        switch = self._adapters().apply(batch.loras) if batch.loras or self.adapters else 0.0
         out = self._run(batch, prompts, seeds, on_step, is_cancelled)
+        if batch.loras:
+            out.timings["lora_load"] = switch
         images = tuple(
             RawImage(item.job_id, batch.width, batch.height, out.pixels[i].tobytes())
             for i, item in enumerate(batch.items)
@@ -154,6 +168,11 @@ class DiffusersGenerator:
 
         with torch.cuda.stream(stream), torch.inference_mode():
             text.prefetch(prompts, publish)
+
+    def _adapters(self) -> AdapterBank:
+        if self.adapters is None:
+            raise AdapterError("LoRA adapters are off on this server (ZIMAGE_MAX_LORAS=0)")
+        return self.adapters
 
     def _text(self) -> PromptEncoder:
         if self.text is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zimage_server.engine.protocol import Prompt
+from zimage_server.engine.protocol import LoraRef, Prompt
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -19,6 +19,7 @@ class BatchKey:
     height: int
     steps: int
     guidance_scale: float
+    loras: tuple[LoraRef, ...] = ()  # the adapter set and scales: batches never mix them
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +33,7 @@ class RenderSpec:
     steps: int
     guidance_scale: float
     tenant: str = ""  # whose request: cached prompt embeddings are shared only within one
+    loras: tuple[LoraRef, ...] = ()
 
     @property
     def cache_key(self) -> Prompt:
@@ -43,6 +45,7 @@ class RenderSpec:
             height=self.height,
             steps=self.steps,
             guidance_scale=self.guidance_scale,
+            loras=self.loras,
         )
 
 

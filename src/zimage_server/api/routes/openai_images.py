@@ -50,6 +50,7 @@ async def generations(
     service: GenerationService = request.app.state.generation
     openai_request, batch = to_params(json_value(body))
     service.check_prompt(openai_request.prompt)
+    service.resolve_loras(batch[0])
     as_url = openai_request.response_format == "url"
     images = await unless_disconnected(
         request, service.generate_many(batch, admission, store=as_url)
