@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from zimage_server.core.config import Settings
 from zimage_server.core.errors import InvalidRequest
 from zimage_server.engine.protocol import LoraRef
+from zimage_server.outbound import Destination
 from zimage_server.protocol.segmind import LoraEntry
 
 SUFFIX = ".safetensors"
@@ -76,6 +77,8 @@ class LoraCatalog:
     def resolve_local(self, index: int, entry: LoraEntry) -> LoraRef:
         """An installed adapter or a cached repo; URLs are the downloader's."""
         name = entry.path
+        if name.lower().startswith(("http://", "https://")):
+            raise self.url_refusal(index, name)
         if entry.weight_name is not None and not _WEIGHT.fullmatch(entry.weight_name):
             raise refuse(index, name, "has an invalid weight_name (a plain file name)")
         if not _NAME.fullmatch(name) or ".." in name.split("/"):
@@ -97,6 +100,24 @@ class LoraCatalog:
                 "is not a Hugging Face repo in its cache",
             )
         return self.checked(index, name, file, entry.scale)
+
+    def url_refusal(self, index: int, url: str) -> InvalidRequest:
+        """Why this URL is not fetched: URLs off, not https, or a refused address."""
+        if not self.settings.lora_allow_urls:
+            return refuse(
+                index, url, "is a URL, and URLs are off on this server (ZIMAGE_LORA_ALLOW_URLS)"
+            )
+        from zimage_server.jobs.webhooks import WebhookPolicy
+
+        destination = Destination.parse(url, f"loras[{index}].path")
+        if destination.url.scheme != "https":
+            return refuse(index, url, "must be an https:// URL")
+        policy = WebhookPolicy.from_settings(self.settings)
+        try:
+            replace(policy, enabled=True).check(url)
+        except InvalidRequest as exc:
+            return refuse(index, url, "is refused: " + exc.message.split(": ", 1)[-1])
+        return refuse(index, url, "cannot be fetched: downloading adapters is not built yet")
 
     def _installed_file(self, index: int, name: str, weight_name: str | None) -> Path | None:
         root = self.root

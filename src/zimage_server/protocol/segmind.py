@@ -258,6 +258,21 @@ class ImageResponse(BaseModel):
     prompt_tokens: int
 
 
+class LoraInfo(BaseModel):
+    name: str = Field(description="What a request's `loras[].path` names it by.")
+    size_bytes: int
+
+
+class LoraList(BaseModel):
+    """``GET /v1/loras``: the adapters installed on this server, and the limits."""
+
+    loras: list[LoraInfo]
+    max_loras: int = Field(description="Entries a request may have (0: LoRAs are off).")
+    max_scale: float
+    max_rank: int
+    urls_allowed: bool
+
+
 class SubmittedJob(BaseModel):
     """The 202 of ``POST /v2/{model}``: where to poll, fetch and cancel (absolute URLs)."""
 
