@@ -92,7 +92,8 @@ def test_loras_change_the_image_scale_and_combine(lora_server: InProcessServer, 
     with_a = image(r)
     assert "lora_load" in r.json()["timings"] and "lora_load" not in first.json()["timings"]
     price = float(first.headers["x-credits-consumed"])
-    assert float(r.headers["x-credits-consumed"]) == pytest.approx(price * (1 + SURCHARGE), abs=1e-6)
+    charged = float(r.headers["x-credits-consumed"])
+    assert charged == pytest.approx(price * (1 + SURCHARGE), abs=1e-6)
     kohya = image(post(lora_server, key, loras=[{"path": "style-a-kohya", "scale": 1}]))
     both = image(post(lora_server, key, loras=[{"path": "style-a"}, {"path": "style-b"}]))
     off = image(post(lora_server, key, loras=[{"path": "style-a", "scale": 0}]))
