@@ -12,6 +12,7 @@ import io
 import pickle
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -163,3 +164,21 @@ def test_the_openai_endpoint_takes_loras(lora_server: InProcessServer, key: str)
         url, json={**body, "loras": [{"path": "nope"}]}, headers=headers, timeout=60
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "loras"
+
+
+def test_the_cli_takes_lora_name_and_scale(
+    lora_server: InProcessServer, key: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from zimage_server.cli import app
+
+    def run(*extra: str) -> np.ndarray:
+        out = tmp_path / f"out{len(extra)}.png"
+        args = ["generate", "a cat", "-o", str(out), "--url", lora_server.url]
+        args += ["--api-key", key, "--seed", "5", "--width", "256", "--height", "256"]
+        result = CliRunner().invoke(app, [*args, "--steps", str(STEPS), *extra])
+        assert result.exit_code == 0, result.output
+        return np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
+
+    assert np.abs(run("--lora", "style-a:1.5") - run()).max() > 8

@@ -6,6 +6,9 @@ the same request, so a slot left filled, scaled or half-swapped shows up as a di
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +137,49 @@ def test_adapters_off_refuse_a_lora_batch(tiny_model_dir: Path, adapters: dict[s
     gen = generator(tiny_model_dir, LoraSettings(max_loras=0))
     with pytest.raises(AdapterError, match="off on this server"):
         render(gen, (ref(adapters["a"]),))
+
+
+COMPILED_SWITCHES = """
+import json, sys
+from pathlib import Path
+from torch._dynamo.utils import counters
+from zimage_server.core.config import LoraSettings, SpeedupSettings, WorkerSettings
+from zimage_server.engine.generator import DiffusersGenerator
+from zimage_server.engine.protocol import LoraRef, RenderBatch, RenderItem, WorkerSpec
+
+model, files = sys.argv[1], sys.argv[2:]
+spec = WorkerSpec(
+    name="w", model_path=model, device="cpu",
+    worker=WorkerSettings(warmup_size=256, warmup_steps=1),
+    speedups=SpeedupSettings(compile="on", compile_vae="off", prefetch_prompts="off"),
+    loras=LoraSettings(lora_max_rank=8),
+)
+gen = DiffusersGenerator(spec)
+gen.load(lambda *_: None)
+gen.warmup()
+def render(*loras):
+    refs = tuple(LoraRef(name=Path(f).stem, path=f, identity=f) for f in loras)
+    batch = RenderBatch("b", (RenderItem("j", "a cat", 7),), 256, 256, 1, 1.0, refs)
+    return gen.generate(batch, lambda *_: None, lambda: False).images[0].rgb
+plain = render()
+warm = counters["stats"]["unique_graphs"]
+images = [render(f) for f in files] + [render(files[0]), render(*files), render()]
+print(json.dumps({"warm": warm, "after": counters["stats"]["unique_graphs"],
+    "compiled": gen.compiled, "plain_again": images[-1] == plain,
+    "distinct": len(set(images[:-1])), "a_again": images[0] == images[3]}))
+"""
+
+
+def test_switching_adapters_on_the_compiled_path_never_recompiles(
+    tiny_model_dir: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """Three adapters of different ranks and layers, one after another and together."""
+    third = save_diffusers(adapter_weights(tiny_model_dir, ATTENTION, rank=2, seed=3), tmp_path)
+    files = [str(adapters["a"]), str(adapters["b"]), str(third)]
+    args = [sys.executable, "-c", COMPILED_SWITCHES, str(tiny_model_dir), *files]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=400, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["compiled"] and result["warm"] > 0
+    assert result["after"] == result["warm"], result  # no graph compiled after warm-up
+    # A, B, C, A again, A+B+C: four different images, the second A as the first.
+    assert result["plain_again"] and result["a_again"] and result["distinct"] == 4
