@@ -308,6 +308,15 @@ class ImageFormat(StrEnum):
     jpeg = "jpeg"
 
 
+def lora_entry(text: str) -> dict[str, Any]:
+    """``NAME[:SCALE]`` as a request's ``loras`` entry (a URL's own colons stay in the name)."""
+    name, _, scale = text.rpartition(":")
+    try:
+        return {"path": name, "scale": float(scale)} if name else {"path": text}
+    except ValueError:
+        return {"path": text}
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
@@ -325,6 +334,10 @@ def generate(
     height: Annotated[int | None, typer.Option(min=256, max=2048)] = None,
     image_format: Annotated[ImageFormat | None, typer.Option("--format")] = None,
     quality: Annotated[int | None, typer.Option(min=1, max=100)] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(help="An adapter as NAME[:SCALE] (repeat for several; see GET /v1/loras)."),
+    ] = None,
 ) -> None:
     """Generate an image on a running server and save it."""
     from zimage_server.client import APIConnectionError, ZImageAPIError, ZImageClient
@@ -339,6 +352,7 @@ def generate(
         "height": height,
         "image_format": fmt,
         "quality": quality,
+        "loras": [lora_entry(text) for text in lora] if lora else None,
     }
     try:
         with ZImageClient(url, api_key) as client, console.status(f"Generating on {url} ..."):

@@ -107,7 +107,9 @@ def build_services(
         settings.rate_limit_storage, settings.default_rate_limit, settings.default_max_in_flight
     )
     metrics_ = Metrics()
-    pricing = Pricing(settings.price_reference, settings.price_minimum)
+    pricing = Pricing(
+        settings.price_reference, settings.price_minimum, settings.price_lora_surcharge
+    )
     generation = GenerationService(settings, engine, outputs_store, ledger, pricing, metrics_)
     policy = WebhookPolicy.from_settings(settings)
     repo = JobRepository(db, settings.output_ttl_s, clock=clock)

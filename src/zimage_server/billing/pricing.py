@@ -2,7 +2,8 @@
 
     price = max(minimum, reference x (width x height / 1024²) x (steps / 8))
 
-``reference`` is the price of the default image (1024x1024, 8 steps). Amounts are integer
+``reference`` is the price of the default image (1024x1024, 8 steps); an image with LoRA
+adapters costs ``lora_surcharge`` (a share) more. Amounts are integer
 micro-credits internally (exact sums) and decimal strings at the edges.
 """
 
@@ -30,9 +31,14 @@ def format_credits(micro: int) -> str:
 class Pricing:
     reference: float = 1.0
     minimum: float = 0.01
+    lora_surcharge: float = 0.0
 
-    def price(self, width: int, height: int, steps: int, images: int = 1) -> int:
+    def price(
+        self, width: int, height: int, steps: int, images: int = 1, loras: bool = False
+    ) -> int:
         """Price in micro-credits of ``images`` images of this size and step count."""
         scale = Decimal(width * height) / REFERENCE_PIXELS * Decimal(steps) / REFERENCE_STEPS
         one = max(to_micro(self.minimum), to_micro(Decimal(str(self.reference)) * scale))
+        if loras:
+            one += to_micro(Decimal(one) / MICRO * Decimal(str(self.lora_surcharge)))
         return one * images

@@ -77,7 +77,7 @@ class ZImageClient:
 
     def generate(self, prompt: str, *, model: str = MODEL, **options: Any) -> GeneratedImage:
         """Render one image (v1). Options: steps, guidance_scale, seed, width, height,
-        image_format, quality."""
+        image_format, quality, loras (``[{"path": name, "scale": 1.0}]``)."""
         body = generate_body(prompt, options)
         response = self._request("POST", f"/v1/{model}", json=body)
         return parse_image(response)

@@ -118,7 +118,23 @@ class SpeedupSettings(BaseModel):
         return toggle == "on" or (toggle == "auto" and device.startswith("cuda"))
 
 
-Section = TypeVar("Section", EngineSettings, WorkerSettings, SpeedupSettings)
+class LoraSettings(BaseModel):
+    """LoRA adapters per request: how many, how large, and what the worker keeps loaded."""
+
+    max_loras: int = Field(3, ge=0, le=8, description="Adapters per request; 0 turns LoRAs off.")
+    lora_max_rank: int = Field(
+        64, ge=1, le=1024, description="Rank of the hot-swap slots; higher-rank adapters get 400."
+    )
+    lora_max_bytes: int = Field(
+        1024 * 2**20, ge=1, description="Largest adapter file accepted (and downloaded)."
+    )
+    lora_cache_size: int = Field(8, ge=1, description="Adapters kept loaded on each worker.")
+    lora_cache_bytes: int = Field(
+        4 * 2**30, ge=1, description="Memory the adapters kept on each worker may take."
+    )
+
+
+Section = TypeVar("Section", EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings)
 
 
 def section(settings: BaseModel, kind: type[Section]) -> Section:
@@ -127,7 +143,7 @@ def section(settings: BaseModel, kind: type[Section]) -> Section:
     return kind.model_validate(settings.model_dump(include=set(kind.model_fields)))
 
 
-class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
+class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, BaseSettings):
     """Server configuration. Every field is also the env var ``ZIMAGE_<FIELD>``.
 
     The engine's, worker's and speed-ups' fields are declared once, in their own models;
@@ -165,6 +181,13 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
         1.0, ge=0, description="Credits for one 1024x1024, 8-step image; scales with both."
     )
     price_minimum: float = Field(0.01, ge=0, description="Floor of the price of one image.")
+    price_lora_surcharge: float = Field(
+        0.0, ge=0, le=100, description="Extra share of an image's price when it uses LoRAs."
+    )
+    lora_dir: Path | None = Field(
+        None, description="Installed LoRA adapters; default: the data folder's loras/."
+    )
+    lora_allow_urls: bool = Field(False, description="Let requests name adapters by HTTPS URL.")
     default_rate_limit: str = Field("120/minute", description="Per key, `limits` notation.")
     default_max_in_flight: int = Field(4, ge=1, description="Per key, concurrent requests.")
     rate_limit_storage: str = Field("memory://", description="`limits` storage URL (redis://...).")
@@ -285,6 +308,18 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, BaseSettings):
     @property
     def speedups(self) -> SpeedupSettings:
         return section(self, SpeedupSettings)
+
+    @property
+    def loras(self) -> LoraSettings:
+        return section(self, LoraSettings)
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.lora_dir or self.data_dir / "loras"
+
+    @property
+    def lora_download_dir(self) -> Path:
+        return self.data_dir / "lora-downloads"
 
     @property
     def served_hosts(self) -> frozenset[str]:

@@ -17,6 +17,7 @@ import torch
 from diffusers import ZImagePipeline
 
 from zimage_server.core.errors import Cancelled
+from zimage_server.engine.adapters import AdapterBank, AdapterError
 from zimage_server.engine.preview import LatentPreviewer
 from zimage_server.engine.protocol import (
     BatchDone,
@@ -72,6 +73,7 @@ class DiffusersGenerator:
         self._passes = 0
         self._previewer: LatentPreviewer | None = None
         self._preview_s = 0.0  # this render's preview time, summed over steps
+        self.adapters: AdapterBank | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -92,6 +94,10 @@ class DiffusersGenerator:
         pipe.set_progress_bar_config(disable=True)
         pipe.transformer.register_forward_pre_hook(self._count_passes)
         self.pipe = pipe
+        if self.spec.loras.max_loras > 0:
+            self.adapters = AdapterBank(pipe, self.spec.loras)
+            if self.speedups.enabled(self.speedups.compile, self.device):
+                self.adapters.make_slots()  # compiled graphs must contain them from the start
         self._speed_up(pipe)
 
     def _speed_up(self, pipe: Any) -> None:
@@ -122,13 +128,21 @@ class DiffusersGenerator:
             for guidance in (1.0, 2.0) if self.compiled and i == 0 else (1.0,):
                 batch = RenderBatch("warmup", (), size, size, settings.warmup_steps, guidance)
                 self._run(batch, [Prompt("", "warm-up")], [0], _no_steps, lambda: False)
+        if self.compiled and self.adapters is not None:
+            size = settings.warmup_size
+            batch = RenderBatch("warmup", (), size, size, settings.warmup_steps, 1.0)
+            prompts, noop = [Prompt("", "warm-up")], _no_steps
+            self.adapters.warm(lambda: self._run(batch, prompts, [0], noop, lambda: False))
 
     def generate(
         self, batch: RenderBatch, on_step: StepFn, is_cancelled: Callable[[], bool]
     ) -> BatchDone:
         prompts = [Prompt(item.tenant, item.prompt) for item in batch.items]
         seeds = [item.seed for item in batch.items]
+        switch = self._adapters().apply(batch.loras) if batch.loras or self.adapters else 0.0
         out = self._run(batch, prompts, seeds, on_step, is_cancelled)
+        if batch.loras:
+            out.timings["lora_load"] = switch
         images = tuple(
             RawImage(item.job_id, batch.width, batch.height, out.pixels[i].tobytes())
             for i, item in enumerate(batch.items)
@@ -164,6 +178,11 @@ class DiffusersGenerator:
 
         with torch.cuda.stream(stream), torch.inference_mode():
             text.prefetch(prompts, publish)
+
+    def _adapters(self) -> AdapterBank:
+        if self.adapters is None:
+            raise AdapterError("LoRA adapters are off on this server (ZIMAGE_MAX_LORAS=0)")
+        return self.adapters
 
     def _text(self) -> PromptEncoder:
         if self.text is None:

@@ -26,7 +26,13 @@ from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
-from zimage_server.core.errors import Cancelled, GenerationFailed, WorkerDied, ZImageError
+from zimage_server.core.errors import (
+    Cancelled,
+    GenerationFailed,
+    InvalidRequest,
+    WorkerDied,
+    ZImageError,
+)
 from zimage_server.engine.protocol import (
     BatchDone,
     BatchFailed,
@@ -434,7 +440,9 @@ def _render_command(batch: Batch) -> RenderBatch:
         )
         for ticket in batch.tickets
     )
-    return RenderBatch(batch.id, items, key.width, key.height, key.steps, key.guidance_scale)
+    return RenderBatch(
+        batch.id, items, key.width, key.height, key.steps, key.guidance_scale, key.loras
+    )
 
 
 def _batch_error(event: BatchFailed, batch: Batch) -> ZImageError:
@@ -447,4 +455,6 @@ def _batch_error(event: BatchFailed, batch: Batch) -> ZImageError:
             f"Out of accelerator memory rendering {len(batch.tickets)} image(s) of "
             f"{key.width}x{key.height}; try a smaller size. The server is still serving."
         )
+    if event.kind == "invalid":
+        return InvalidRequest(f"Invalid 'loras': {event.message}", field="loras")
     return GenerationFailed(f"Generation failed: {event.message}")

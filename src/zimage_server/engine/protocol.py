@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
-from zimage_server.core.config import SpeedupSettings, WorkerSettings
+from zimage_server.core.config import LoraSettings, SpeedupSettings, WorkerSettings
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,11 +26,25 @@ class WorkerSpec:
     speedups: SpeedupSettings
     compile_cache_dir: str | None = None
     build_tiny_at: str | None = None  # build the tiny model here first if it is missing
+    loras: LoraSettings = field(default_factory=LoraSettings)
 
     @property
     def prefetches(self) -> bool:
         """Whether this worker encodes hinted prompts ahead (others would drop hints)."""
         return self.speedups.enabled(self.speedups.prefetch_prompts, self.device)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoraRef:
+    """One adapter of a render, resolved by the API process to a local safetensors file.
+
+    ``identity`` changes when the file does (path, size, mtime): the worker's cache key.
+    """
+
+    name: str  # as the request named it, for messages
+    path: str
+    identity: str
+    scale: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +69,7 @@ class RenderBatch:
     height: int  # a multiple of 16
     steps: int
     guidance_scale: float  # the API's convention: <= 1 means no guidance
+    loras: tuple[LoraRef, ...] = ()  # applied to the whole batch; () = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +162,9 @@ class BatchDone:
     prompt_sources: tuple[str, ...] = ()
 
 
-FailureKind = Literal["cancelled", "oom", "error"]
+# "invalid": the request's input cannot be used with this model (an adapter that does not
+# fit its layers); the API answers 400 and refunds.
+FailureKind = Literal["cancelled", "oom", "error", "invalid"]
 
 
 @dataclass(frozen=True, slots=True)

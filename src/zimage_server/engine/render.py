@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from zimage_server.engine.protocol import Preview, Prompt
+from zimage_server.engine.protocol import LoraRef, Preview, Prompt
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -21,6 +21,7 @@ class BatchKey:
     height: int
     steps: int
     guidance_scale: float
+    loras: tuple[LoraRef, ...] = ()  # the adapter set and scales: batches never mix them
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,6 +36,7 @@ class RenderSpec:
     guidance_scale: float
     tenant: str = ""  # whose request: cached prompt embeddings are shared only within one
     preview_size: int = 0  # per-step previews this many pixels on the longer side; 0: none
+    loras: tuple[LoraRef, ...] = ()
 
     @property
     def cache_key(self) -> Prompt:
@@ -46,6 +48,7 @@ class RenderSpec:
             height=self.height,
             steps=self.steps,
             guidance_scale=self.guidance_scale,
+            loras=self.loras,
         )
 
 

@@ -85,6 +85,7 @@ class Engine:
                 device=device,
                 worker=settings.worker,
                 speedups=settings.speedups,
+                loras=settings.loras,
                 compile_cache_dir=str(settings.compile_cache_dir),
                 build_tiny_at=source.path if source.build_tiny else None,
             )

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from zimage_server.core.errors import Cancelled
+from zimage_server.engine.adapters import AdapterError
 from zimage_server.engine.null import NULL_MODEL, NullGenerator
 from zimage_server.engine.protocol import (
     BatchDone,
@@ -223,6 +224,9 @@ def _render(
         )
     except Cancelled:
         out.send(BatchFailed(batch.batch_id, "cancelled", "cancelled"))
+    except AdapterError as exc:
+        log.warning("batch %s: %s", batch.batch_id, exc)
+        out.send(BatchFailed(batch.batch_id, "invalid", str(exc)))
     except Exception as exc:
         requests = ",".join(item.request_id or item.job_id for item in batch.items)
         log.error(

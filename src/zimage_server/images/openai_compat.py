@@ -36,6 +36,8 @@ def to_params(data: object) -> tuple[ImageGenerationRequest, list[GenerationPara
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else "body"
+        if field == "loras" and isinstance(data, dict):
+            validate_params({"prompt": "-", "loras": data.get("loras")})  # the same message
         if field == "size" and isinstance(data, dict):
             parse_size(str(data.get("size")))  # raises with the readable message
         raise InvalidRequest(f"Invalid '{field}': {error['msg']}.", field=field) from None
@@ -52,6 +54,7 @@ def to_params(data: object) -> tuple[ImageGenerationRequest, list[GenerationPara
         "image_format": request.output_format,
         "quality": quality,
         "preview": request.partial_images > 0,  # previews go only to event streams
+        "loras": [entry.model_dump() for entry in request.loras],
     }
     seeds = [-1] * request.n
     if request.seed is not None and request.seed >= 0:

@@ -22,7 +22,9 @@ from zimage_server.core.errors import (
     ZImageError,
 )
 from zimage_server.engine import EngineLike, RenderSpec
+from zimage_server.engine.protocol import LoraRef
 from zimage_server.images.encode import MEDIA_TYPES, encode_image, round_up_16
+from zimage_server.images.loras import LoraCatalog
 from zimage_server.protocol.segmind import (
     MODEL_SLUG,
     GenerationParams,
@@ -117,6 +119,7 @@ class GenerationService:
         self.ledger = ledger
         self.pricing = pricing
         self.metrics = metrics
+        self.loras = LoraCatalog(settings)
 
     def check_model(self, slug: str) -> None:
         if slug != MODEL_SLUG:
@@ -126,6 +129,7 @@ class GenerationService:
         """A v1 body as the route received it (parsed JSON, or raw bytes)."""
         params = validate_params(json_value(body))
         self.check_prompt(params.prompt)
+        self.resolve_loras(params)
         return params
 
     def validate_submit(self, body: object) -> SubmitRequest:
@@ -142,8 +146,18 @@ class GenerationService:
                 field="prompt",
             )
 
+    def resolve_loras(self, params: GenerationParams) -> tuple[LoraRef, ...]:
+        """The request's adapters as local files, each checked (a 400 names the first
+        that fails); run at validation, before anything is held, and again at render."""
+        self.loras.check_count(params.loras)
+        return tuple(
+            self.loras.resolve_local(index, entry) for index, entry in enumerate(params.loras)
+        )
+
     def price(self, params: GenerationParams) -> int:
-        return self.pricing.price(params.width, params.height, params.steps)
+        return self.pricing.price(
+            params.width, params.height, params.steps, loras=bool(params.loras)
+        )
 
     async def generate(
         self,
@@ -288,6 +302,7 @@ class GenerationService:
             guidance_scale=params.guidance_scale,
             tenant=tenant,
             preview_size=params.preview_pixels,
+            loras=await asyncio.to_thread(self.resolve_loras, params) if params.loras else (),
         )
         render_id = job_id or stream_id
         result = await self.engine.render(spec, timeout, render_id, admitted=job_id is not None)

@@ -1,7 +1,7 @@
 """OpenAI's images API as we serve it: ``POST /v1/images/generations`` and ``GET /v1/models``.
 
-The official ``openai`` client sends these fields; ``seed``, ``num_inference_steps`` and
-``guidance_scale`` are our extensions (pass them with ``extra_body``).
+The official ``openai`` client sends these fields; ``seed``, ``num_inference_steps``,
+``guidance_scale`` and ``loras`` are our extensions (pass them with ``extra_body``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from zimage_server.protocol.segmind import Int, Number, no_bool
+from zimage_server.protocol.segmind import MAX_LORA_ENTRIES, Int, LoraEntry, Number, no_bool
 
 JS_SAFE_MAX = 2**53 - 1  # our extension: seeds that survive a JSON round trip in any client
 _SIDE = r"(?:25[6-9]|2[6-9]\d|[3-9]\d\d|1\d{3}|20[0-3]\d|204[0-8])"
@@ -45,6 +45,7 @@ class ImageGenerationRequest(BaseModel):
     partial_images: Int = Field(
         0, ge=0, le=3, description="With `stream`: >0 sends a preview of every step."
     )
+    loras: tuple[LoraEntry, ...] = Field((), max_length=MAX_LORA_ENTRIES)
 
 
 class ImageObject(BaseModel):

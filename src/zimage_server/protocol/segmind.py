@@ -49,6 +49,27 @@ ImageFormat = Annotated[Literal["jpeg", "png", "webp"], BeforeValidator(_format_
 
 
 # -- requests ----------------------------------------------------------------------------
+MAX_LORA_ENTRIES = 8  # the schema's cap; the server's own (ZIMAGE_MAX_LORAS) is checked after
+LORA_MAX_SCALE = 4.0
+
+
+class LoraEntry(BaseModel):
+    """One LoRA adapter of a request, applied to the transformer at ``scale``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(
+        min_length=1,
+        max_length=512,
+        description="An installed adapter's name (see GET /v1/loras), a Hugging Face repo id "
+        "in the server's cache, or an HTTPS URL where the server allows them.",
+    )
+    scale: Number = Field(1.0, ge=0, le=LORA_MAX_SCALE, description="Strength; 0 = off.")
+    weight_name: str | None = Field(
+        None, max_length=256, description="The .safetensors file inside a folder or repo."
+    )
+
+
 class GenerationParams(BaseModel):
     """Body of ``POST /v1/z-image-turbo``. Unknown fields are ignored, as Segmind does."""
 
@@ -73,6 +94,11 @@ class GenerationParams(BaseModel):
     image_format: ImageFormat = Field("webp", description="Output image format.")
     quality: Int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless).")
     base_64: bool = Field(False, description="Return the image as base64 instead of a URL.")
+    loras: tuple[LoraEntry, ...] = Field(
+        (),
+        max_length=MAX_LORA_ENTRIES,
+        description="LoRA adapters for this image (at most ZIMAGE_MAX_LORAS, default 3).",
+    )
     preview: bool = Field(
         False, description="Event streams carry a small WebP preview of every step (256 px)."
     )
@@ -183,6 +209,8 @@ def with_webhook(params: GenerationParams, data: dict[str, Any]) -> SubmitReques
 def _invalid(exc: ValidationError, data: dict[str, Any]) -> InvalidRequest:
     error = exc.errors()[0]
     field = str(error["loc"][0]) if error["loc"] else "body"
+    if field == "loras":
+        return _invalid_lora(error)
     allowed = allowed_values(field) if field in GenerationParams.model_fields else "valid"
     if error["type"] == "missing":
         return InvalidRequest(
@@ -192,6 +220,33 @@ def _invalid(exc: ValidationError, data: dict[str, Any]) -> InvalidRequest:
     if len(got) > 60:
         got = got[:57] + "..."
     return InvalidRequest(f"Invalid '{field}': must be {allowed} (got {got}).", field=field)
+
+
+def _invalid_lora(error: Any) -> InvalidRequest:
+    """``loras[1].scale`` and what it takes: the nested place, not just 'loras'."""
+    place = "loras" + "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:]
+    )
+    allowed = {
+        "scale": f"a number from 0 to {_num(LORA_MAX_SCALE)}",
+        "path": "an adapter name, repo id or URL (1 to 512 characters)",
+        "weight_name": "a file name (at most 256 characters)",
+    }.get(str(error["loc"][-1]), LORA_SHAPE)
+    if error["type"] == "missing":
+        return InvalidRequest(f"Missing '{place}': it must be {allowed}.", field="loras")
+    if error["type"] == "extra_forbidden":
+        return InvalidRequest(
+            f"Unknown field '{place}': each of 'loras' is {LORA_SHAPE}.", field="loras"
+        )
+    got = json.dumps(error.get("input"), ensure_ascii=False)
+    got = got[:57] + "..." if len(got) > 60 else got
+    return InvalidRequest(f"Invalid '{place}': must be {allowed} (got {got}).", field="loras")
+
+
+LORA_SHAPE = (
+    f'a list of at most {MAX_LORA_ENTRIES} objects {{"path": name, "scale": 0..'
+    f'{_num(LORA_MAX_SCALE)}, "weight_name": optional}}'
+)
 
 
 # -- responses ---------------------------------------------------------------------------
@@ -213,6 +268,21 @@ class ImageResponse(BaseModel):
     timings: dict[str, float] = Field(description="Seconds per stage.")
     transformer_passes: int
     prompt_tokens: int
+
+
+class LoraInfo(BaseModel):
+    name: str = Field(description="What a request's `loras[].path` names it by.")
+    size_bytes: int
+
+
+class LoraList(BaseModel):
+    """``GET /v1/loras``: the adapters installed on this server, and the limits."""
+
+    loras: list[LoraInfo]
+    max_loras: int = Field(description="Entries a request may have (0: LoRAs are off).")
+    max_scale: float
+    max_rank: int
+    urls_allowed: bool
 
 
 class SubmittedJob(BaseModel):

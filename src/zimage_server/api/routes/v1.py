@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import Response
 
 from zimage_server.accounts import Admission
-from zimage_server.api.auth import admit_generate, deadline_from
+from zimage_server.api.auth import admit_generate, deadline_from, identify_caller
 from zimage_server.api.bodies import BodyRoute, DocumentedAs
 from zimage_server.api.disconnect import unless_disconnected
 from zimage_server.api.errors import RENDER_FAILURES, Example, error_docs
@@ -20,6 +20,7 @@ from zimage_server.api.streaming import stream_render
 from zimage_server.billing import format_credits
 from zimage_server.images import Generated, GenerationService
 from zimage_server.protocol import Flavour, GenerationParams, ImageResponse, wire
+from zimage_server.protocol.segmind import LORA_MAX_SCALE, LoraInfo, LoraList
 
 router = APIRouter(tags=["images"], route_class=BodyRoute)
 V1Body = Annotated[object, DocumentedAs(GenerationParams), Body(title="GenerationParams")]
@@ -62,6 +63,22 @@ def _headers(generated: Generated, admission: Admission) -> dict[str, str]:
         headers["x-credits-consumed"] = format_credits(generated.credits_consumed)
         headers["x-remaining-credits"] = format_credits(generated.credits_remaining)
     return headers
+
+
+@router.get("/v1/loras", summary="The LoRA adapters installed on this server")
+async def list_loras(
+    request: Request, _caller: Annotated[Admission, Depends(identify_caller)]
+) -> LoraList:
+    service: GenerationService = request.app.state.generation
+    settings = service.settings
+    installed = await asyncio.to_thread(service.loras.installed)
+    return LoraList(
+        loras=[LoraInfo(name=lora.name, size_bytes=lora.size_bytes) for lora in installed],
+        max_loras=settings.max_loras,
+        max_scale=LORA_MAX_SCALE,
+        max_rank=settings.lora_max_rank,
+        urls_allowed=settings.lora_allow_urls,
+    )
 
 
 @router.post(
