@@ -79,6 +79,26 @@ def test_a_keys_limits_hold_across_both_processes(pair: tuple[Server, Server, st
     assert Counter(answers) == {202: 2, 429: 2}
 
 
+def test_readyz_names_the_replica_and_the_clusters_queue(
+    pair: tuple[Server, Server, str],
+) -> None:
+    first, second, _ = pair
+    key = create_key(first, ADMIN, 10)
+    for _ in range(6):  # more than one process renders at once (0.6 s each)
+        assert submit(first, key, JOB).status_code == 202
+    deadline = time.monotonic() + 10
+    while True:  # each replica's heartbeat reads the store's view every LEASE_S / 3
+        ready = [requests.get(s.url + "/readyz", timeout=10).json() for s in (first, second)]
+        if all(r["cluster_queue_depth"] >= 3 for r in ready):
+            break
+        assert time.monotonic() < deadline, ready
+        time.sleep(0.1)
+    assert ready[0]["replica"] != ready[1]["replica"]
+    assert all(r["cluster_oldest_wait_s"] > 0 for r in ready)
+    metrics = requests.get(second.url + "/metrics", timeout=10).text
+    assert "zimage_cluster_queue_depth" in metrics
+
+
 def test_sigkill_mid_burst_loses_nothing_and_bills_once(
     pair: tuple[Server, Server, str], redis_server: RedisServer
 ) -> None:

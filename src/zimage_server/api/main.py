@@ -143,6 +143,8 @@ def build_services(
         load_s=engine.load_seconds,
         ready=lambda: float(engine.state.value == "READY"),
     )
+    metrics_.cluster_depth.set_function(lambda: runner.cluster.depth)
+    metrics_.cluster_oldest.set_function(lambda: runner.cluster.oldest_wait_s)
     return Services(
         settings,
         engine,

@@ -39,7 +39,7 @@ from zimage_server.core.errors import (
 from zimage_server.engine import EngineLike
 from zimage_server.images import Generated, GenerationService
 from zimage_server.images.service import pick_seed, tenant_of
-from zimage_server.jobs.repository import JobRepository, NewJob
+from zimage_server.jobs.repository import JobRepository, NewJob, QueueView
 from zimage_server.jobs.states import JobStatus
 from zimage_server.jobs.webhooks import WebhookPolicy
 from zimage_server.protocol import GenerationParams, JobMetrics, JobResult, wire
@@ -108,6 +108,7 @@ class JobRunner:
         self._occupied: dict[str, int] = {}  # job id -> key id whose in-flight slot it holds
         self._cancel_cost: dict[str, int] = {}  # micro-credits a cancelled render used
         self._leases: asyncio.Task[None] | None = None
+        self.cluster = QueueView(0, 0.0)  # the whole cluster's jobs, as of the last heartbeat
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -137,6 +138,7 @@ class JobRunner:
             try:
                 await self._renew()
                 await self._claim()
+                self.cluster = await asyncio.to_thread(self.repo.queue_view)
             except (StoreUnavailable, SQLAlchemyError) as exc:
                 log.warning("job leases: the store is unavailable (%s)", exc)
             await asyncio.sleep(self.lease_s / 3)
