@@ -138,7 +138,8 @@ class OutputStore:
         return self.path(output_id).read_bytes()
 
     def open(self, output_id: str) -> Stored:
-        return Stored(media_type_of(output_id), path=self.path(output_id))
+        path = self.path(output_id)  # checks the id first
+        return Stored(media_type_of(output_id), path=path)
 
     def url(self, output_id: str, base_url: str) -> str:
         return f"{base_url}/v1/outputs/{output_id}"
