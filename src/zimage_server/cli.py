@@ -98,6 +98,10 @@ def serve(
     max_replicas: Annotated[
         int | None, typer.Option(min=1, help="With --ray: autoscaling ceiling.")
     ] = None,
+    api_replicas: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --ray: API ingress replicas (default 2)."),
+    ] = None,
     log_format: Annotated[
         LogFormat | None,
         typer.Option(help="auto: readable on a terminal, JSON lines otherwise."),
@@ -127,7 +131,7 @@ def serve(
         if ray:
             from zimage_server.deploy.cli import serve_ray
 
-            serve_ray(settings, ray_address, replicas, min_replicas, max_replicas)
+            serve_ray(settings, ray_address, replicas, min_replicas, max_replicas, api_replicas)
             return
         sock = serving.listen(settings)
         application = create_app(settings, on_progress=progress)

@@ -18,8 +18,10 @@ class AccessControl:
         """Raise ``Unauthenticated``/``Forbidden``/``RateLimited``, or let the caller in."""
         if not self.required:
             return Admission(None, {})
-        principal = await asyncio.to_thread(self.keys.authenticate, key, scope)
-        return self.limiter.enter(principal)
+        return await asyncio.to_thread(self._admit, key, scope)
+
+    def _admit(self, key: str | None, scope: str) -> Admission:
+        return self.limiter.enter(self.keys.authenticate(key, scope))
 
     async def identify(self, key: str | None, scope: str) -> Admission:
         """Authenticate only (polling a job is not rate-limited like a render)."""

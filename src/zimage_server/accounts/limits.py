@@ -1,22 +1,29 @@
-"""Per-key rate limits: requests per window (the ``limits`` library: memory storage on one
-machine, Redis by URL for several) and requests in flight (counted in this process)."""
+"""Per-key rate limits: requests per window (the ``limits`` library) and requests in
+flight. One URL (``ZIMAGE_RATE_LIMIT_STORAGE``) selects where both are counted: ``memory://``
+in this process (one API process), ``redis://...`` in Redis, shared by every API process."""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import secrets
 import time
-from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from limits import RateLimitItem, parse, storage, strategies
 
-from zimage_server.core.errors import InvalidRequest, RateLimited
+from zimage_server.accounts.inflight import InFlight, MemoryInFlight, RedisInFlight
+from zimage_server.core.errors import InvalidRequest, NotReady, RateLimited
 
 if TYPE_CHECKING:
     from zimage_server.accounts.keys import Principal
+
+log = logging.getLogger("zimage.limits")
 
 # Bounds a limit must keep: a longer window overflows the reset time's date (a 500 on every
 # request of the key), and Redis counts in 64-bit integers. The pattern (also the admin API's
@@ -56,17 +63,54 @@ class Admission:
 
     principal: Principal | None
     headers: dict[str, str]
+    slot: str = ""  # names the in-flight slot it holds
+
+
+class LimitsUnavailable(NotReady):
+    """Redis, where the limits are counted, cannot be reached (503, nothing charged)."""
+
+
+@contextmanager
+def _redis_errors_as_503() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] != "redis":
+            raise
+        raise LimitsUnavailable(
+            "The rate-limit store (Redis) is unavailable; nothing was charged. Retry shortly.",
+            retry_after=5,
+        ) from exc
 
 
 class RateLimiter:
-    def __init__(self, storage_url: str, default_limit: str, default_in_flight: int) -> None:
+    """``process`` names this API process's in-flight slots in Redis; ``lifetime_s`` is how
+    long a slot of a process that died keeps counting."""
+
+    def __init__(
+        self,
+        storage_url: str,
+        default_limit: str,
+        default_in_flight: int,
+        *,
+        process: str = "local",
+        lifetime_s: float = 10.0,
+    ) -> None:
         self._limiter = strategies.FixedWindowRateLimiter(storage.storage_from_string(storage_url))
         self.default_limit = default_limit
         self.default_in_flight = default_in_flight
-        self._in_flight: Counter[int] = Counter()
+        self.shared = storage_url.startswith(("redis://", "rediss://", "redis+unix://"))
+        self.in_flight: InFlight = (
+            RedisInFlight(storage_url, process, lifetime_s) if self.shared else MemoryInFlight()
+        )
 
     def enter(self, principal: Principal) -> Admission:
-        """Count the request against the key's limits; raise ``RateLimited`` if over."""
+        """Count the request against the key's limits; raise ``RateLimited`` if over.
+        Blocking with Redis: call it from a thread."""
+        with _redis_errors_as_503():
+            return self._enter(principal)
+
+    def _enter(self, principal: Principal) -> Admission:
         item = parse(principal.rate_limit or self.default_limit)
         ident = str(principal.key_id)
         allowed = self._limiter.hit(item, ident)
@@ -84,24 +128,35 @@ class RateLimiter:
                 headers=headers,
             )
         cap = principal.max_in_flight or self.default_in_flight
-        if self._in_flight[principal.key_id] >= cap:
+        slot = secrets.token_hex(8)
+        if not self.in_flight.enter(principal.key_id, slot, cap):
             raise RateLimited(
                 f"Key {principal.prefix} already has {cap} requests in flight (its limit).",
                 retry_after=1,
                 headers=headers,
             )
-        self._in_flight[principal.key_id] += 1
-        return Admission(principal, headers)
+        return Admission(principal, headers, slot)
 
     def leave(self, admission: Admission) -> None:
         if admission.principal is not None:
-            self.vacate(admission.principal.key_id)
+            self._quietly(self.in_flight.leave, admission.principal.key_id, admission.slot)
 
-    def occupy(self, key_id: int) -> None:
+    def occupy(self, key_id: int, token: str) -> None:
         """Count work that outlives its request (a v2 job) against the key's cap."""
-        self._in_flight[key_id] += 1
+        self._quietly(self.in_flight.occupy, key_id, token)
 
-    def vacate(self, key_id: int) -> None:
-        self._in_flight[key_id] -= 1
-        if self._in_flight[key_id] <= 0:
-            del self._in_flight[key_id]
+    def vacate(self, key_id: int, token: str) -> None:
+        self._quietly(self.in_flight.leave, key_id, token)
+
+    @staticmethod
+    def _quietly(call: Callable[[int, str], None], key_id: int, token: str) -> None:
+        """Slot bookkeeping after admission never fails a request: with Redis away, the
+        slot expires on its own (it is no longer renewed)."""
+        try:
+            with _redis_errors_as_503():
+                call(key_id, token)
+        except LimitsUnavailable as exc:
+            log.warning("in-flight slot of key %d: %s", key_id, exc.message)
+
+    def close(self) -> None:
+        self.in_flight.close()

@@ -27,14 +27,15 @@ from zimage_server.api.routes import admin, health, metrics, openai_images, outp
 from zimage_server.api.routes.playground import mount_playground
 from zimage_server.billing import Ledger, Pricing
 from zimage_server.core.config import Settings
-from zimage_server.core.errors import StoreUnavailable
+from zimage_server.core.errors import StoreUnavailable, ZImageError
 from zimage_server.engine import Engine, EngineLike
 from zimage_server.engine.handle import ProgressCallback
 from zimage_server.images import GenerationService
 from zimage_server.jobs import JobRunner
 from zimage_server.jobs.repository import JobRepository
+from zimage_server.jobs.runner import replica_name
 from zimage_server.jobs.webhooks import WebhookDeliverer, WebhookPolicy
-from zimage_server.store import OutputStore
+from zimage_server.store import Outputs, OutputStore
 from zimage_server.store.db import Database
 from zimage_server.streams import ProgressHub
 from zimage_server.telemetry import Metrics
@@ -43,12 +44,35 @@ log = logging.getLogger("zimage.api")
 SWEEP_INTERVAL_S = 60.0
 
 
-async def _sweep_forever(store: OutputStore) -> None:
+async def _sweep_forever(store: Outputs) -> None:
     while True:
         await asyncio.sleep(SWEEP_INTERVAL_S)
-        removed = await asyncio.to_thread(store.sweep)
+        try:
+            removed = await asyncio.to_thread(store.sweep)
+        except ZImageError as exc:  # the bucket is down: the next sweep catches up
+            log.warning("output sweep: %s", exc.message)
+            continue
         if removed:
             log.info("removed %d expired outputs", removed)
+
+
+def output_store(settings: Settings, clock: Callable[[], float]) -> Outputs:
+    """The data folder, or the bucket that ``ZIMAGE_OUTPUT_BUCKET`` names."""
+    if settings.output_bucket is None:
+        return OutputStore(
+            settings.outputs_dir, settings.output_ttl_s, settings.output_min_free_bytes, clock=clock
+        )
+    from zimage_server.store.buckets import BucketStore
+
+    return BucketStore(
+        settings.output_bucket,
+        settings.output_ttl_s,
+        endpoint_url=settings.output_s3_endpoint,
+        region=settings.output_s3_region,
+        prefix=settings.output_s3_prefix,
+        presigned=settings.output_urls == "presigned",
+        clock=clock,
+    )
 
 
 async def _release_expired_holds(ledger: Ledger, grace_s: float) -> None:
@@ -70,7 +94,7 @@ class Services:
 
     settings: Settings
     engine: EngineLike
-    outputs: OutputStore
+    outputs: Outputs
     db: Database
     keys: KeyService
     ledger: Ledger
@@ -96,15 +120,18 @@ def build_services(
         engine, label = local, local.model_label
     else:  # weights live where that engine runs (e.g. Ray GPU replicas)
         label = "tiny (random weights)" if settings.tiny else settings.model
-    outputs_store = OutputStore(
-        settings.outputs_dir, settings.output_ttl_s, settings.output_min_free_bytes, clock=clock
-    )
+    outputs_store = output_store(settings, clock)
     db = Database(settings.resolved_database_url)
     db.upgrade()
     ledger = Ledger(db)
     keys = KeyService(db, ledger)
+    replica = replica_name()
     limiter = RateLimiter(
-        settings.rate_limit_storage, settings.default_rate_limit, settings.default_max_in_flight
+        settings.rate_limit_storage,
+        settings.default_rate_limit,
+        settings.default_max_in_flight,
+        process=replica,
+        lifetime_s=settings.job_lease_s,
     )
     metrics_ = Metrics()
     pricing = Pricing(
@@ -119,13 +146,17 @@ def build_services(
         retention_s=settings.stream_retention_s,
     )
     engine.watch(hub.update)
-    runner = JobRunner(settings, repo, engine, generation, outputs_store, limiter, policy, hub)
+    runner = JobRunner(
+        settings, repo, engine, generation, outputs_store, limiter, policy, hub, replica
+    )
     metrics_.watch(
         depth=lambda: engine.depth,
         restarts=engine.restarts,
         load_s=engine.load_seconds,
         ready=lambda: float(engine.state.value == "READY"),
     )
+    metrics_.cluster_depth.set_function(lambda: runner.cluster.depth)
+    metrics_.cluster_oldest.set_function(lambda: runner.cluster.oldest_wait_s)
     return Services(
         settings,
         engine,
@@ -156,7 +187,7 @@ async def _running(services: Services) -> AsyncIterator[None]:
     ]
     deliverer = None
     if s.settings.webhook_secret is not None:
-        deliverer = WebhookDeliverer.from_settings(s.jobs.repo, s.settings)
+        deliverer = WebhookDeliverer.from_settings(s.jobs.repo, s.settings, s.jobs.replica)
         background.append(asyncio.create_task(deliverer.run_forever()))
     try:
         yield
@@ -167,6 +198,7 @@ async def _running(services: Services) -> AsyncIterator[None]:
         await s.engine.stop()
         if deliverer:
             await deliverer.close()
+        s.access.limiter.close()
         s.db.dispose()
 
 

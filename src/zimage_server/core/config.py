@@ -161,6 +161,19 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
     public_url: str | None = Field(None, description="Base URL for image links behind a proxy.")
 
     output_ttl_s: int = Field(3600, ge=1, description="How long generated images stay served.")
+    output_bucket: str | None = Field(
+        None, description="S3-compatible bucket for images; unset = the local data folder."
+    )
+    output_s3_endpoint: str | None = Field(
+        None, description="Endpoint URL of MinIO, R2, GCS (S3 mode)...; unset = AWS S3."
+    )
+    output_s3_region: str | None = Field(None, description="The bucket's region, if needed.")
+    output_s3_prefix: str = Field("outputs/", description="Key prefix of images in the bucket.")
+    output_urls: Literal["api", "presigned"] = Field(
+        "api",
+        description="Image URLs: through this API (streamed from the bucket) or presigned "
+        "URLs to the bucket, valid for the output TTL (with a bucket only).",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Default v1 deadline (then 504).")
     hold_grace_s: float = Field(
         60.0,
@@ -202,6 +215,13 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
     )
     stream_retention_s: float = Field(
         300.0, ge=0, description="How long a finished render's events stay for reconnects."
+    )
+    job_lease_s: float = Field(
+        10.0,
+        ge=0.5,
+        le=3600,
+        description="Lease of an API process on a job or webhook it runs, renewed every third "
+        "of it; when its process dies, another takes the work over after this long.",
     )
     webhook_secret: SecretStr | None = Field(
         None, description="HMAC-SHA256 key for webhook signatures; unset = webhooks refused."

@@ -25,9 +25,11 @@ def ray_options(
     replicas: int | None,
     min_replicas: int | None,
     max_replicas: int | None,
+    api_replicas: int | None = None,
 ) -> RayOptions:
     """Fixed ``replicas``, or autoscaling between ``min_replicas`` (default 1) and
-    ``max_replicas`` (default: this machine's GPUs for a local Ray, else ``min_replicas``).
+    ``max_replicas`` (default: this machine's GPUs for a local Ray, else ``min_replicas``);
+    ``api_replicas`` ingress replicas (default 2).
 
     Replicas reserve one GPU each, none with ``--device cpu`` or, for a local Ray, when this
     machine has no GPU."""
@@ -39,6 +41,8 @@ def ray_options(
     else:  # the cluster's GPUs are not this machine's
         on_gpu, gpus = settings.device != "cpu", 1
     values: dict[str, object] = {"num_gpus": 1.0 if on_gpu else 0.0}
+    if api_replicas is not None:
+        values["api_replicas"] = api_replicas
     if replicas is not None:
         values["replicas"] = replicas
     else:
@@ -57,11 +61,12 @@ def serve_ray(
     replicas: int | None = None,
     min_replicas: int | None = None,
     max_replicas: int | None = None,
+    api_replicas: int | None = None,
 ) -> None:
     """Deploy on Ray Serve (HTTP on ``settings.host:settings.port``) and block until Ctrl-C.
 
     Raises ``StartupError`` when Ray is not installed or the options are inconsistent."""
-    options = ray_options(settings, address, replicas, min_replicas, max_replicas)
+    options = ray_options(settings, address, replicas, min_replicas, max_replicas, api_replicas)
     try:
         import ray
         from ray import serve

@@ -4,7 +4,8 @@ ingress, with a ``RayEngine`` in place of the local worker processes.
 The app is built inside the replica (``__serve_build_asgi_app__``, Ray >= 2.56), not pickled
 from the driver: it holds a database engine and background tasks. Serve then runs the app's
 lifespan (engine start, job recovery, webhook delivery, output sweeping) as uvicorn would.
-Keep one ingress replica: job recovery at startup assumes a single API process per store.
+Any number of ingress replicas share the store: jobs and webhooks run under leases, limits
+live in Redis and images in a bucket (deploy/README.md), so none of them is a single point.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 
-@serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=2, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class ApiIngress:
     def __init__(self, engine: Any, settings: Settings, options: RayOptions) -> None:

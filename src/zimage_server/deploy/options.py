@@ -43,6 +43,18 @@ class RayOptions(BaseModel):
     replica_retries: int = Field(
         1, ge=0, le=3, description="Re-sends of a render whose replica died (deadline allowing)."
     )
+    api_replicas: int = Field(
+        2,
+        ge=1,
+        description="ApiIngress replicas (HTTP, encoding, billing); any number share "
+        "the store, Redis and the bucket.",
+    )
+    api_max_replicas: int | None = Field(
+        None, ge=1, description="Above api_replicas: autoscale the ingress up to this."
+    )
+    api_target_ongoing_requests: float = Field(
+        32.0, gt=0, description="Requests in flight per ingress replica the autoscaler aims at."
+    )
     app_name: str = "zimage"
     route_prefix: str = "/"
 
@@ -52,7 +64,27 @@ class RayOptions(BaseModel):
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
             )
+        if self.api_max_replicas is not None and self.api_max_replicas < self.api_replicas:
+            raise ValueError(
+                f"api_max_replicas ({self.api_max_replicas}) is below api_replicas "
+                f"({self.api_replicas})"
+            )
         return self
+
+    def ingress_scaling(self) -> dict[str, Any]:
+        """``num_replicas``, or an autoscaling config on requests in flight (request rate
+        times latency) between ``api_replicas`` and ``api_max_replicas``."""
+        if self.api_max_replicas is None or self.api_max_replicas == self.api_replicas:
+            return {"num_replicas": self.api_replicas}
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.api_replicas,
+                "max_replicas": self.api_max_replicas,
+                "target_ongoing_requests": self.api_target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+            }
+        }
 
     @property
     def scales_to_zero(self) -> bool:

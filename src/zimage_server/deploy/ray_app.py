@@ -27,7 +27,9 @@ def build_application(settings: Settings, options: RayOptions) -> Any:
         "ray_actor_options": {"num_gpus": options.num_gpus, "num_cpus": options.num_cpus},
         "max_ongoing_requests": ongoing,
         # Beyond the API's own bound nothing should queue; past it Serve raises
-        # BackPressureError, which the ingress turns into 429.
+        # BackPressureError, which the ingress turns into 429. Serve counts this in each
+        # caller's router, as each ingress replica counts ZIMAGE_MAX_QUEUE: both bounds are
+        # per ingress replica (deploy/README.md).
         "max_queued_requests": max(settings.max_queue, 1),
     }
     if options.replicas is not None:
@@ -36,7 +38,9 @@ def build_application(settings: Settings, options: RayOptions) -> Any:
         engine_options["autoscaling_config"] = options.autoscaling_config()
     # mypy does not apply class decorators: both names are Serve ``Deployment`` objects.
     engine = cast(Any, EngineReplica).options(**engine_options).bind(settings, ongoing)
-    ingress = cast(Any, ApiIngress).options(max_ongoing_requests=max(256, 4 * settings.max_queue))
+    ingress = cast(Any, ApiIngress).options(
+        max_ongoing_requests=max(256, 4 * settings.max_queue), **options.ingress_scaling()
+    )
     return ingress.bind(engine, settings, options)
 
 

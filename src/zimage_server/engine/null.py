@@ -8,8 +8,10 @@ Never imports torch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+from zimage_server.core.errors import Cancelled
 from zimage_server.engine.protocol import BatchDone, Preview, Prompt, RawImage, RenderBatch
 
 NULL_MODEL = "null"
@@ -23,9 +25,15 @@ def seed_colour(seed: int) -> bytes:
 
 
 class NullGenerator:
-    """Implements ``ImageGenerator`` with no model at all."""
+    """Implements ``ImageGenerator`` with no model at all. ``step_delay_s``
+    (``ZIMAGE_DEBUG_STEP_DELAY_S``) makes each step take that long, cancellable between
+    steps, as the diffusers generator does: tests that need renders in flight use it
+    without loading torch."""
 
     dtype_name = "none"
+
+    def __init__(self, step_delay_s: float = 0.0) -> None:
+        self.step_delay_s = step_delay_s
 
     def load(self, progress: ProgressFn) -> None:
         progress("null generator: nothing to load", 1, 1)
@@ -39,6 +47,12 @@ class NullGenerator:
         on_step: Callable[[int, int, tuple[Preview, ...]], None],
         is_cancelled: Callable[[], bool],
     ) -> BatchDone:
+        if self.step_delay_s:
+            for step in range(batch.steps):
+                time.sleep(self.step_delay_s)
+                if is_cancelled():
+                    raise Cancelled("every image of the batch was cancelled")
+                on_step(step + 1, batch.steps, ())
         pixels = batch.width * batch.height
         images = tuple(
             RawImage(item.job_id, batch.width, batch.height, seed_colour(item.seed) * pixels)

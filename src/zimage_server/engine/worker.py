@@ -68,7 +68,7 @@ class ImageGenerator(Protocol):
 def make_generator(spec: WorkerSpec) -> ImageGenerator:
     """The null generator for ``--model null`` (no torch at all); diffusers otherwise."""
     if spec.model_path == NULL_MODEL:
-        return NullGenerator()
+        return NullGenerator(spec.worker.debug_step_delay_s)
     from zimage_server.engine.generator import DiffusersGenerator
 
     return DiffusersGenerator(spec)

@@ -34,7 +34,7 @@ from zimage_server.protocol.segmind import (
     validate_params,
     with_webhook,
 )
-from zimage_server.store import OutputStore
+from zimage_server.store import Outputs
 from zimage_server.telemetry import Metrics
 
 SEED_RANGE = 2**31  # server-picked seeds stay below 2^31: safe in int32 and JS numbers
@@ -108,7 +108,7 @@ class GenerationService:
         self,
         settings: Settings,
         engine: EngineLike,
-        outputs: OutputStore,
+        outputs: Outputs,
         ledger: Ledger,
         pricing: Pricing,
         metrics: Metrics,

@@ -1,5 +1,10 @@
 """Job and webhook-delivery rows. Every state change is one conditional UPDATE, so two
-actors (a cancel and a completion, say) can never both win."""
+actors (a cancel and a completion, say) can never both win, in one process or many.
+
+Rows are run under leases: a replica claims unclaimed or expired rows in one UPDATE whose
+candidates are picked with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (so replicas claiming
+at once take different rows instead of queueing on each other's locks; SQLite has one
+writer and ignores the clause), and the lease condition is checked again in the UPDATE."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import ColumnElement, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,6 +36,21 @@ class NewJob:
     idempotency_key: str | None
     body_hash: str
     deadline_at: float
+    claimed_by: str
+    lease_until: float
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """The whole cluster's queue, from the store: jobs not yet finished, and how long the
+    oldest of them has waited."""
+
+    depth: int
+    oldest_wait_s: float
+
+
+def _lapsed(model: type[Job] | type[WebhookDelivery], now: float) -> ColumnElement[bool]:
+    return or_(model.lease_until.is_(None), model.lease_until < now)
 
 
 def settle_in(session: Session, job_id: str, status: JobStatus, keep: int = 0) -> None:
@@ -72,6 +92,8 @@ class JobRepository:
                         body_hash=new.body_hash,
                         created_at=time.time(),
                         deadline_at=new.deadline_at,
+                        claimed_by=new.claimed_by,
+                        lease_until=new.lease_until,
                     )
                 )
                 if new.key_id is not None:
@@ -121,15 +143,79 @@ class JobRepository:
                 .all()
             )
 
-    def unfinished(self) -> Sequence[Job]:
+    def claim(self, replica: str, lease_s: float, limit: int) -> Sequence[Job]:
+        """Take up to ``limit`` unfinished jobs whose lease has run out (their replica died
+        or stopped), oldest first; each is claimed by exactly one replica. Leases run on
+        real time (``time.time``), shared by every replica, never on the test clock."""
+        now = time.time()
         with self.db.session() as session:
-            return (
+            candidates = (
+                select(Job.id)
+                .where(Job.status.in_(UNFINISHED), _lapsed(Job, now))
+                .order_by(Job.created_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            ids = (
                 session.execute(
-                    select(Job).where(Job.status.in_(UNFINISHED)).order_by(Job.created_at)
+                    update(Job)
+                    .where(Job.id.in_(candidates.scalar_subquery()), _lapsed(Job, now))
+                    .values(claimed_by=replica, lease_until=now + lease_s)
+                    .returning(Job.id)
                 )
                 .scalars()
                 .all()
             )
+            if not ids:
+                return []
+            return (
+                session.execute(select(Job).where(Job.id.in_(ids)).order_by(Job.created_at))
+                .scalars()
+                .all()
+            )
+
+    def renew(self, replica: str, job_ids: Collection[str], lease_s: float) -> set[str]:
+        """Extend this replica's leases on ``job_ids``; returns those it still holds and
+        that are still unfinished. The others were cancelled (by any replica) or taken
+        over after the lease ran out: their local render must stop."""
+        if not job_ids:
+            return set()
+        with self.db.session() as session:
+            return set(
+                session.execute(
+                    update(Job)
+                    .where(
+                        Job.id.in_(list(job_ids)),
+                        Job.claimed_by == replica,
+                        Job.status.in_(UNFINISHED),
+                    )
+                    .values(lease_until=time.time() + lease_s)
+                    .returning(Job.id)
+                ).scalars()
+            )
+
+    def release_claims(self, replica: str) -> int:
+        """End this replica's leases (a clean stop): another replica takes the jobs over
+        at its next claim instead of after the lease."""
+        with self.db.session() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.claimed_by == replica, Job.status.in_(UNFINISHED))
+                .values(lease_until=None)
+            )
+            released = session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.claimed_by == replica)
+                .values(lease_until=None)
+            )
+        return int(result.rowcount or 0) + int(released.rowcount or 0)  # type: ignore[attr-defined]
+
+    def queue_view(self) -> QueueView:
+        with self.db.session() as session:
+            depth, oldest = session.execute(
+                select(func.count(), func.min(Job.created_at)).where(Job.status.in_(UNFINISHED))
+            ).one()
+        return QueueView(int(depth), max(0.0, time.time() - oldest) if oldest else 0.0)
 
     def finish(
         self,
@@ -195,31 +281,65 @@ class JobRepository:
                 settle_in(session, reference, JobStatus(status))
         return len(rows)
 
-    def due_deliveries(
-        self, limit: int, skip_ids: Collection[int] = (), skip_owners: Collection[str] = ()
+    def claim_deliveries(
+        self, replica: str, lease_s: float, limit: int, skip_owners: Collection[str] = ()
     ) -> list[tuple[WebhookDelivery, str]]:
-        """Due deliveries with their job's owner, but none of ``skip_ids`` (in flight) and
-        none of ``skip_owners`` (at their limit), so those cannot crowd out the others."""
-        query = (
-            select(WebhookDelivery, Job.owner)
+        """Claim due deliveries (with their job's owner) that no live replica holds, none
+        of ``skip_owners`` (at their limit here), so those cannot crowd out the others."""
+        now = time.time()
+        candidates = (
+            select(WebhookDelivery.id)
             .join(Job, Job.id == WebhookDelivery.job_id)
-            .where(WebhookDelivery.next_attempt_at <= time.time())
+            .where(WebhookDelivery.next_attempt_at <= now, _lapsed(WebhookDelivery, now))
             .order_by(WebhookDelivery.next_attempt_at)
             .limit(limit)
+            .with_for_update(skip_locked=True, of=WebhookDelivery)
         )
-        if skip_ids:
-            query = query.where(WebhookDelivery.id.not_in(skip_ids))
         if skip_owners:
-            query = query.where(Job.owner.not_in(skip_owners))
+            candidates = candidates.where(Job.owner.not_in(skip_owners))
         with self.db.session() as session:
+            ids = (
+                session.execute(
+                    update(WebhookDelivery)
+                    .where(
+                        WebhookDelivery.id.in_(candidates.scalar_subquery()),
+                        _lapsed(WebhookDelivery, now),
+                    )
+                    .values(claimed_by=replica, lease_until=now + lease_s)
+                    .returning(WebhookDelivery.id)
+                )
+                .scalars()
+                .all()
+            )
+            if not ids:
+                return []
+            query = (
+                select(WebhookDelivery, Job.owner)
+                .join(Job, Job.id == WebhookDelivery.job_id)
+                .where(WebhookDelivery.id.in_(ids))
+                .order_by(WebhookDelivery.next_attempt_at)
+            )
             return [(delivery, owner) for delivery, owner in session.execute(query)]
+
+    def unclaim_delivery(self, delivery_id: int, replica: str) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery_id, WebhookDelivery.claimed_by == replica)
+                .values(lease_until=None)
+            )
 
     def delivery_done(self, delivery_id: int, attempts: int) -> None:
         with self.db.session() as session:
             session.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.id == delivery_id)
-                .values(attempts=attempts, delivered_at=time.time(), next_attempt_at=None)
+                .values(
+                    attempts=attempts,
+                    delivered_at=time.time(),
+                    next_attempt_at=None,
+                    lease_until=None,
+                )
             )
 
     def delivery_failed(
@@ -229,5 +349,10 @@ class JobRepository:
             session.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.id == delivery_id)
-                .values(attempts=attempts, last_error=error[:500], next_attempt_at=retry_at)
+                .values(
+                    attempts=attempts,
+                    last_error=error[:500],
+                    next_attempt_at=retry_at,
+                    lease_until=None,
+                )
             )

@@ -1,17 +1,23 @@
 """Async jobs: submit (row + hold in one transaction), run on the engine, finish exactly
-once, notify. Each job is an asyncio task awaiting the engine; on restart the unfinished
-rows are simply run again, and their hold (taken once, at submit) is not taken twice."""
+once, notify. Each job is an asyncio task awaiting the engine, under a lease this process
+renews while it runs. Any number of API processes share one store: each claims the jobs
+whose lease ran out (a process that died or stopped), so they are run again by exactly one
+of them; their hold (taken once, at submit) is not taken twice, and the one terminal
+UPDATE decides which run is billed."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import math
+import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +31,7 @@ from zimage_server.core.errors import (
     Cancelled,
     Conflict,
     DeadlineExceeded,
+    Overloaded,
     StoreUnavailable,
     WorkerDied,
     ZImageError,
@@ -32,11 +39,11 @@ from zimage_server.core.errors import (
 from zimage_server.engine import EngineLike
 from zimage_server.images import Generated, GenerationService
 from zimage_server.images.service import pick_seed, tenant_of
-from zimage_server.jobs.repository import JobRepository, NewJob
+from zimage_server.jobs.repository import JobRepository, NewJob, QueueView
 from zimage_server.jobs.states import JobStatus
 from zimage_server.jobs.webhooks import WebhookPolicy
 from zimage_server.protocol import GenerationParams, JobMetrics, JobResult, wire
-from zimage_server.store import OutputStore
+from zimage_server.store import Outputs
 from zimage_server.store.models import Job
 from zimage_server.streams import ProgressHub
 
@@ -45,11 +52,18 @@ FINISH_RETRY_MAX_S = 30.0
 
 
 class InFlightSlots(Protocol):
-    """The per-key in-flight count (the rate limiter's) that a running job occupies."""
+    """The per-key in-flight count (the rate limiter's) that a running job occupies, under
+    its job id: a job taken over by another process occupies the same slot, not two."""
 
-    def occupy(self, key_id: int) -> None: ...
+    def occupy(self, key_id: int, token: str) -> None: ...
 
-    def vacate(self, key_id: int) -> None: ...
+    def vacate(self, key_id: int, token: str) -> None: ...
+
+
+def replica_name() -> str:
+    """This API process, as lease rows name it (host, pid and a random tail: a pid is
+    reused after a restart, the tail is not)."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 owner_of = tenant_of  # a job's owner is the tenant its renders run for
@@ -77,10 +91,11 @@ class JobRunner:
         repo: JobRepository,
         engine: EngineLike,
         generation: GenerationService,
-        outputs: OutputStore,
+        outputs: Outputs,
         slots: InFlightSlots,
         policy: WebhookPolicy,
         events: ProgressHub | None = None,
+        replica: str | None = None,
     ) -> None:
         self.settings, self.repo, self.engine = settings, repo, engine
         self.generation, self.outputs, self.slots, self.policy = (
@@ -90,29 +105,77 @@ class JobRunner:
             policy,
         )
         self.events = events if events is not None else ProgressHub(engine.position)
+        self.replica = replica or replica_name()
+        self.lease_s = settings.job_lease_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._occupied: dict[str, int] = {}  # job id -> key id whose in-flight slot it holds
         self._cancel_cost: dict[str, int] = {}  # micro-credits a cancelled render used
+        self._leases: asyncio.Task[None] | None = None
+        self.cluster = QueueView(0, 0.0)  # the whole cluster's jobs, as of the last heartbeat
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Settle what a crash left unsettled, and run again every job that a previous
-        process left QUEUED or PROCESSING (each holding its key's in-flight slot)."""
+        """Settle what a crash left unsettled, then keep leases: renew this process's,
+        and claim the jobs of processes that died (at start: a previous run's)."""
         settled = await asyncio.to_thread(self.repo.settle_orphaned_holds)
         if settled:
             log.warning("settled %d credit holds of jobs that had already ended", settled)
-        unfinished = await asyncio.to_thread(self.repo.unfinished)
-        for job in unfinished:
-            self._occupy(job)
-            self._spawn(job)
-        if unfinished:
-            log.info("recovered %d unfinished jobs", len(unfinished))
+        self._leases = asyncio.create_task(self._keep_leases(), name="job-leases")
 
     async def stop(self) -> None:
-        """Stop the tasks; their jobs stay unfinished in the store for the next start."""
+        """Stop the tasks and end their leases: their jobs stay unfinished in the store,
+        and another process (or the next start) claims them at once."""
+        if self._leases is not None:
+            self._leases.cancel()
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        try:
+            await asyncio.to_thread(self.repo.release_claims, self.replica)
+        except (StoreUnavailable, SQLAlchemyError) as exc:
+            log.warning("could not end this process's leases (%s); they run out instead", exc)
+
+    async def _keep_leases(self) -> None:
+        """Heartbeat: three times a lease, renew ours and claim lapsed ones."""
+        while True:
+            try:
+                await self._renew()
+                await self._claim()
+                self.cluster = await asyncio.to_thread(self.repo.queue_view)
+            except (StoreUnavailable, SQLAlchemyError) as exc:
+                log.warning("job leases: the store is unavailable (%s)", exc)
+            await asyncio.sleep(self.lease_s / 3)
+
+    async def _renew(self) -> None:
+        """Stop the renders of jobs this process no longer holds: cancelled through
+        another process, or taken over after our lease ran out (a long stall)."""
+        mine = list(self._tasks)
+        held = await asyncio.to_thread(self.repo.renew, self.replica, mine, self.lease_s)
+        for job_id in mine:
+            task = self._tasks.get(job_id)
+            if job_id in held or task is None:
+                continue
+            log.warning("job %s: no longer held by this process; stopping its render", job_id)
+            if not self.engine.cancel(job_id):
+                task.cancel()
+
+    async def _claim(self) -> None:
+        """Claim as many lapsed jobs as the local queue has room for."""
+        if self.engine.state.value != "READY":
+            return
+        room = self.engine.max_queue - self.engine.depth
+        if room <= 0:
+            return
+        claimed = await asyncio.to_thread(self.repo.claim, self.replica, self.lease_s, room)
+        for job in claimed:
+            if job.id in self._tasks:
+                continue
+            with contextlib.suppress(Overloaded):  # raced by a v1 request: it runs anyway
+                self.engine.admit(reserve=job.id)
+            self._occupy(job)
+            self._spawn(job)
+        if claimed:
+            log.info("claimed %d unfinished jobs whose lease had run out", len(claimed))
 
     # -- requests ----------------------------------------------------------------------------
     async def submit(self, sub: Submission, admission: Admission) -> tuple[Job, bool]:
@@ -148,6 +211,8 @@ class JobRunner:
             idempotency_key=sub.idempotency_key,
             body_hash=sub.body_hash(),
             deadline_at=time.time() + timeout,
+            claimed_by=self.replica,
+            lease_until=time.time() + self.lease_s,
         )
 
     def _occupy(self, job: Job) -> None:
@@ -155,12 +220,12 @@ class JobRunner:
         otherwise one key could fill the shared queue with jobs."""
         if job.key_id is not None and job.id not in self._occupied:
             self._occupied[job.id] = job.key_id
-            self.slots.occupy(job.key_id)
+            self.slots.occupy(job.key_id, job.id)
 
     def _vacate(self, job_id: str) -> None:
         key_id = self._occupied.pop(job_id, None)
         if key_id is not None:
-            self.slots.vacate(key_id)
+            self.slots.vacate(key_id, job_id)
 
     async def get(self, job_id: str, owner: str) -> Job:
         return await asyncio.to_thread(self.repo.get, job_id, owner)
@@ -211,6 +276,7 @@ class JobRunner:
             await self._attempts(job)
         finally:
             self.engine.unreserve(job.id)  # if it never reached the engine
+            self._vacate(job.id)  # also when stopped, or no longer held
 
     async def _attempts(self, job: Job) -> None:
         params = GenerationParams.model_validate_json(job.params)
@@ -310,15 +376,15 @@ class JobRunner:
         self.events.finish(job.id, status.value.lower(), {"request_id": job.id})
 
 
-def result_body(job: Job, outputs: OutputStore, status: JobStatus | None = None) -> JobResult:
+def result_body(job: Job, outputs: Outputs, status: JobStatus | None = None) -> JobResult:
     """``GET /v2/requests/{id}`` (with the live ``status``) and the webhook payload."""
     params = GenerationParams.model_validate_json(job.params)
     output: str | None = None
     if job.status == JobStatus.COMPLETED.value and job.output_id:
         if params.base_64:
-            output = base64.b64encode(outputs.path(job.output_id).read_bytes()).decode()
+            output = base64.b64encode(outputs.read(job.output_id)).decode()
         else:
-            output = f"{job.base_url}/v1/outputs/{job.output_id}"
+            output = outputs.url(job.output_id, job.base_url)
     return JobResult(
         request_id=job.id,
         status=(status or JobStatus(job.status)).value,

@@ -4,7 +4,12 @@ Signature: ``X-Zimage-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<
 Receivers recompute it over the raw body and reject old timestamps (replay protection).
 Deliveries live in the database and each attempt runs in a task of its own, retried with
 exponential back-off, so a slow receiver never holds up rendering or another delivery, and
-a restart loses nothing.
+a restart loses nothing. Each attempt runs under a lease on its row (longer than an attempt
+can take), so with many API processes each delivery is sent by one of them at a time, and
+one whose process died is retried by a live one once the lease runs out. Delivery is
+at least once: a process killed after the receiver answered but before the row was
+updated leaves it to be sent again, under the same ``X-Zimage-Delivery`` id, which
+receivers use to ignore repeats.
 """
 
 from __future__ import annotations
@@ -126,15 +131,19 @@ class WebhookDeliverer:
         resolver: Resolver,
         client: PinnedClient,
         limits: DeliveryLimits,
+        replica: str = "local",
     ) -> None:
         self.repo, self.secret, self.policy = repo, secret, policy
+        self.replica = replica
         self.resolver, self.client, self.limits = resolver, client, limits
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._per_key: Counter[str] = Counter()
         self._wake = asyncio.Event()
 
     @classmethod
-    def from_settings(cls, repo: JobRepository, settings: Settings) -> WebhookDeliverer:
+    def from_settings(
+        cls, repo: JobRepository, settings: Settings, replica: str
+    ) -> WebhookDeliverer:
         if settings.webhook_secret is None:
             raise ValueError("webhooks are off without ZIMAGE_WEBHOOK_SECRET")
         timeout = settings.webhook_timeout_s
@@ -151,6 +160,7 @@ class WebhookDeliverer:
                 settings.webhook_max_in_flight_per_key,
                 settings.webhook_max_in_flight,
             ),
+            replica,
         )
 
     async def run_forever(self) -> None:
@@ -165,18 +175,23 @@ class WebhookDeliverer:
             self._wake.clear()
 
     async def _dispatch(self) -> None:
-        """Start a task for each due delivery that is not in flight and whose key has room."""
+        """Claim due deliveries that no process holds, for keys with room here, and start a
+        task for each. A claimed one over its key's room goes back to the store."""
         room = self.limits.total - len(self._tasks)
         if room <= 0:
             return
         full = [key for key, n in self._per_key.items() if n >= self.limits.per_key]
-        due = await asyncio.to_thread(self.repo.due_deliveries, room, set(self._tasks), full)
+        due = await asyncio.to_thread(
+            self.repo.claim_deliveries, self.replica, self.limits.lease_s, room, full
+        )
         for delivery, key in due:
-            if self._per_key[key] < self.limits.per_key:
-                self._per_key[key] += 1
-                task = asyncio.create_task(self._deliver(delivery))
-                self._tasks[delivery.id] = task
-                task.add_done_callback(functools.partial(self._done, delivery.id, key))
+            if self._per_key[key] >= self.limits.per_key:
+                await asyncio.to_thread(self.repo.unclaim_delivery, delivery.id, self.replica)
+                continue
+            self._per_key[key] += 1
+            task = asyncio.create_task(self._deliver(delivery))
+            self._tasks[delivery.id] = task
+            task.add_done_callback(functools.partial(self._done, delivery.id, key))
 
     def _done(self, delivery_id: int, key: str, _task: asyncio.Task[None]) -> None:
         del self._tasks[delivery_id]
@@ -236,5 +251,11 @@ class DeliveryLimits:
     max_attempts: int
     backoff_s: float
     timeout_s: float  # one attempt, resolution included
-    per_key: int  # deliveries in flight for one API key
+    per_key: int  # deliveries in flight for one API key (in one process)
     total: int  # and for all keys
+
+    @property
+    def lease_s(self) -> float:
+        """A claimed delivery's lease: longer than an attempt (cut at ``timeout_s``) plus
+        its bookkeeping, so no live process's attempt is ever taken over."""
+        return self.timeout_s * 2 + 10

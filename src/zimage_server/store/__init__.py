@@ -1,5 +1,5 @@
 """Persistent state: the output image store (and, later, the database)."""
 
-from zimage_server.store.outputs import OutputStore
+from zimage_server.store.outputs import Outputs, OutputStore, Stored
 
-__all__ = ["OutputStore"]
+__all__ = ["OutputStore", "Outputs", "Stored"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections.abc import Iterator
@@ -11,13 +12,14 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from zimage_server.core.errors import StoreUnavailable
 
 log = logging.getLogger("zimage.store")
+_LOCK_KEY = 0x7A696D6167  # "zimag": the advisory lock that serialises migrations
 
 
 class Database:
@@ -67,12 +69,28 @@ class Database:
             yield connection
 
     def upgrade(self) -> None:
-        """Apply every Alembic migration not yet applied."""
-        with self.engine.begin() as connection:
+        """Apply every Alembic migration not yet applied. Several API processes starting at
+        once take turns (an advisory lock on PostgreSQL, a file lock beside a SQLite
+        file): otherwise two would both create the first tables, and one would fail."""
+        with self._migration_lock(), self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
             config = Config()
             config.set_main_option("script_location", "zimage_server.store:migrations")
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        if self._file is None:
+            yield
+            return
+        with open(f"{self._file.path}.migrate.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def dispose(self) -> None:
         self.engine.dispose()

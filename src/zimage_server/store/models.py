@@ -72,7 +72,10 @@ class PendingHold(Base):
 
 class Job(Base):
     """An async (v2) request. A row exists before the render is queued, so a restart can
-    run again whatever was QUEUED or PROCESSING. Times are epoch seconds (portable)."""
+    run again whatever was QUEUED or PROCESSING. Times are epoch seconds (portable).
+
+    ``claimed_by``/``lease_until``: the API process running it, and until when its lease
+    (renewed by heartbeats) holds; past that, any live process may claim it."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -98,10 +101,13 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     output_id: Mapped[str | None] = mapped_column(String(64))
     metrics: Mapped[str | None] = mapped_column(Text)  # JSON
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[float | None] = mapped_column(Float, index=True)
 
 
 class WebhookDelivery(Base):
-    """One webhook to send; retried with back-off until delivered or out of attempts."""
+    """One webhook to send; retried with back-off until delivered or out of attempts.
+    An attempt runs under a lease (``claimed_by``, ``lease_until``), like a job's."""
 
     __tablename__ = "webhook_deliveries"
 
@@ -113,3 +119,5 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[float | None] = mapped_column(Float, index=True)
     delivered_at: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(String(500))
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[float | None] = mapped_column(Float, index=True)

@@ -1,4 +1,5 @@
-"""Generated images on disk, served by unguessable id until their TTL runs out.
+"""Generated images, served by unguessable id until their TTL runs out: in a local (or
+shared) folder by default, or in an S3-compatible bucket (``store/buckets.py``).
 
 Ids are 192 random bits (``secrets.token_urlsafe``) plus the format extension; anything
 else is refused before touching the filesystem, so path tricks cannot escape the folder.
@@ -13,13 +14,58 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from zimage_server.core.errors import InsufficientStorage, OutputNotFound
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{32}\.(webp|png|jpeg)$")
 SPACE_RECHECK_S = 1.0  # a free-space reading that found room is trusted this long
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An output to send: a local file, or chunks streamed from a bucket."""
+
+    media_type: str
+    path: Path | None = None
+    chunks: Iterator[bytes] | None = None
+    size: int | None = None
+
+
+def media_type_of(output_id: str) -> str:
+    return {"webp": "image/webp", "png": "image/png", "jpeg": "image/jpeg"}[
+        output_id.rsplit(".", 1)[1]
+    ]
+
+
+def check_id(output_id: str) -> None:
+    if not _ID.match(output_id):
+        raise OutputNotFound(f"No output named '{output_id[:80]}'.")
+
+
+class Outputs(Protocol):
+    """Where images go: ``OutputStore`` (a folder) or ``BucketStore`` (S3)."""
+
+    ttl_s: int
+
+    def room_recently_seen(self) -> bool: ...
+
+    def check_space(self) -> None: ...
+
+    def save(self, data: bytes, image_format: str) -> str: ...
+
+    def read(self, output_id: str) -> bytes: ...
+
+    def open(self, output_id: str) -> Stored: ...
+
+    def url(self, output_id: str, base_url: str) -> str:
+        """The image URL a client is given (``base_url``: this API's public base)."""
+        ...
+
+    def sweep(self) -> int: ...
 
 
 class OutputStore:
@@ -72,8 +118,7 @@ class OutputStore:
 
     def path(self, output_id: str) -> Path:
         """The file for ``output_id``; raises ``OutputNotFound`` if unknown or expired."""
-        if not _ID.match(output_id):
-            raise OutputNotFound(f"No output named '{output_id[:80]}'.")
+        check_id(output_id)
         path = self.folder / output_id
         try:
             age = self.clock() - path.stat().st_mtime
@@ -88,6 +133,16 @@ class OutputStore:
                 f"Output '{output_id}' has expired (outputs are kept for {self.ttl_s} s)."
             )
         return path
+
+    def read(self, output_id: str) -> bytes:
+        return self.path(output_id).read_bytes()
+
+    def open(self, output_id: str) -> Stored:
+        path = self.path(output_id)  # checks the id first
+        return Stored(media_type_of(output_id), path=path)
+
+    def url(self, output_id: str, base_url: str) -> str:
+        return f"{base_url}/v1/outputs/{output_id}"
 
     def sweep(self) -> int:
         """Delete expired outputs; returns how many were removed."""

@@ -68,6 +68,16 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("zimage_ready", "1 when the model is loaded and serving", registry=r)
+        self.cluster_depth = Gauge(
+            "zimage_cluster_queue_depth",
+            "Jobs not yet finished in the whole cluster (from the store)",
+            registry=r,
+        )
+        self.cluster_oldest = Gauge(
+            "zimage_cluster_oldest_wait_seconds",
+            "Age of the oldest unfinished job in the whole cluster (from the store)",
+            registry=r,
+        )
         self._keys: set[str] = set()
 
     def watch(

@@ -28,10 +28,14 @@ async def readyz(request: Request) -> JSONResponse:
         state, reason = "UNAVAILABLE", store_problem
     if request.app.state.drain.draining:
         state, reason = "DRAINING", "The server is shutting down."
+    cluster = request.app.state.jobs.cluster  # from the store, as of the last heartbeat
     body: dict[str, object] = {
         "status": state,
         "model": request.app.state.model_label,
         "queue_depth": engine.depth,
+        "replica": request.app.state.jobs.replica,
+        "cluster_queue_depth": cluster.depth,
+        "cluster_oldest_wait_s": round(cluster.oldest_wait_s, 1),
     }
     if state == EngineState.READY.value:
         return JSONResponse(body)

@@ -62,7 +62,7 @@ async def generations(
     images = await unless_disconnected(
         request, service.generate_many(batch, admission, store=as_url)
     )
-    base = public_base(request)
+    base, outputs = public_base(request), request.app.state.outputs
     width, height = batch[0].width, batch[0].height
     headers = dict(admission.headers)
     if images[0].credits_remaining is not None:
@@ -73,11 +73,7 @@ async def generations(
     def content() -> ImagesResponse:
         data = [
             ImageObject(
-                **(
-                    {"url": f"{base}/v1/outputs/{g.output_id}"}
-                    if as_url
-                    else {"b64_json": g.base64()}
-                ),
+                **({"url": outputs.url(g.output_id, base)} if as_url else {"b64_json": g.base64()}),
                 revised_prompt=openai_request.prompt,
                 seed=g.seed,
             )

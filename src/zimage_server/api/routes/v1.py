@@ -112,7 +112,7 @@ async def generate(
     if raw:
         return Response(generated.data, media_type=generated.media_type, headers=headers)
     if generated.output_id:
-        image = f"{public_base(request)}/v1/outputs/{generated.output_id}"
+        image = request.app.state.outputs.url(generated.output_id, public_base(request))
         return model_response(generated.response(image), headers=headers)
     return await image_json(
         lambda: generated.response(generated.base64()),
