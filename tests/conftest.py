@@ -383,6 +383,36 @@ def fresh_database_url(kind: str, folder: Path) -> str:
     return admin.rsplit("/", 1)[0] + "/" + name
 
 
+class PostgresOutage:
+    """Turns a test database's connections off (backends ended) and on again: the
+    server's store becomes unreachable as in an outage, while the server runs on."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        self._sa = sa
+        self.name = url.rsplit("/", 1)[1]
+        admin = _postgres_admin_url()
+        assert admin is not None, "a PostgreSQL test database needs ZIMAGE_TEST_POSTGRES_URL"
+        self._admin = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+
+    def begin(self) -> None:
+        text = self._sa.text
+        with self._admin.connect() as c:
+            c.execute(text(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS false'))
+            c.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": self.name},
+            )
+
+    def end(self) -> None:
+        with self._admin.connect() as c:
+            c.execute(self._sa.text(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true'))
+
+    def close(self) -> None:
+        self._admin.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return fresh_database_url(request.param, tmp_path)

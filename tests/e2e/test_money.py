@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import socket
 import threading
@@ -24,12 +23,12 @@ from typing import Any, ClassVar
 
 import pytest
 import requests
-import sqlalchemy as sa
 
 from tests.conftest import (
     ROOT,
     AnyServer,
     InProcessServer,
+    PostgresOutage,
     Server,
     create_key,
     fresh_database_url,
@@ -284,8 +283,7 @@ def test_a_database_lost_mid_render_keeps_the_hold_honestly_then_returns_it(
     tmp_path: Path,
 ) -> None:
     url = fresh_database_url("postgresql", tmp_path)
-    name = url.rsplit("/", 1)[1]
-    admin = sa.create_engine(os.environ["ZIMAGE_TEST_POSTGRES_URL"], isolation_level="AUTOCOMMIT")
+    outage = PostgresOutage(url)
     env = {
         **ENV,
         "ZIMAGE_DATABASE_URL": url,
@@ -298,25 +296,17 @@ def test_a_database_lost_mid_render_keeps_the_hold_honestly_then_returns_it(
         with ThreadPoolExecutor(max_workers=1) as pool:
             reply = pool.submit(server.post, SLOW, headers={"x-api-key": key})
             wait_for(lambda: depth(server) == 1, 10, "the render")
-            with admin.connect() as c:
-                c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-                c.execute(
-                    sa.text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-                    ),
-                    {"n": name},
-                )
+            outage.begin()
             r = reply.result()
         assert r.status_code == 503, r.text
         error = r.json()["error"]
         assert "nothing was charged" not in error and "returned automatically" in error
-        with admin.connect() as c:
-            c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        outage.end()
         back_s = wait_for(lambda: settled(server, key, "10"), 20, "the hold to come back")
         record("database lost", status=r.status_code, hold_back_after_restore_s=round(back_s, 1))
     finally:
         server.stop()
-        admin.dispose()
+        outage.close()
 
 
 def prompt_sources(server: AnyServer) -> dict[str, float]:

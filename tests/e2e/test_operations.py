@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import threading
 import time
@@ -19,9 +18,16 @@ from pathlib import Path
 
 import pytest
 import requests
-import sqlalchemy as sa
 
-from tests.conftest import ROOT, AnyServer, InProcessServer, Server, create_key, fresh_database_url
+from tests.conftest import (
+    ROOT,
+    AnyServer,
+    InProcessServer,
+    PostgresOutage,
+    Server,
+    create_key,
+    fresh_database_url,
+)
 
 ADMIN = "ops-admin"
 SMALL = {"prompt": "an operator's cat", "width": 256, "height": 256, "steps": 1}
@@ -221,8 +227,7 @@ def test_workers_killed_while_loading_back_off_then_fail_with_the_reason(tmp_pat
 
 def test_database_down_is_503_and_loses_nothing(tmp_path: Path) -> None:
     url = fresh_database_url("postgresql", tmp_path)
-    name = url.rsplit("/", 1)[1]
-    admin = sa.create_engine(os.environ["ZIMAGE_TEST_POSTGRES_URL"], isolation_level="AUTOCOMMIT")
+    outage = PostgresOutage(url)
     server = InProcessServer(  # the null model: what matters is the store, not the image
         tmp_path / "db",
         env={
@@ -234,24 +239,16 @@ def test_database_down_is_503_and_loses_nothing(tmp_path: Path) -> None:
     )
     try:
         key = new_key(server)
-        with admin.connect() as c:
-            c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-            c.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-                ),
-                {"n": name},
-            )
+        outage.begin()
         r = server.post(SMALL, headers={"x-api-key": key})
         assert r.status_code == 503 and "database is unavailable" in r.json()["error"]
         assert r.headers["retry-after"]
-        with admin.connect() as c:
-            c.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        outage.end()
         assert balance(server, key) == "10"
         assert server.post(SMALL, headers={"x-api-key": key}).status_code == 200
     finally:
         server.stop()
-        admin.dispose()
+        outage.close()
 
 
 def test_sqlite_file_deleted_under_the_server_fails_closed(tmp_path: Path) -> None:
