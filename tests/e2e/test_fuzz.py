@@ -45,6 +45,10 @@ def test_every_route_conforms(fuzz_server: InProcessServer) -> None:
             database=None,
         )
         def check(case: schemathesis.Case) -> None:
+            if isinstance(case.body, dict):
+                # Whether a named adapter is installed cannot be in a schema: any name
+                # would be "valid" and answered 400 (tests/e2e/test_loras.py covers them).
+                case.body.pop("loras", None)
             case.call_and_validate(headers={"x-admin-token": ADMIN}, timeout=60)
 
         check()

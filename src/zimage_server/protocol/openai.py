@@ -24,7 +24,15 @@ def _lower(value: object) -> object:
 class ImageGenerationRequest(BaseModel):
     """Body of ``POST /v1/images/generations``. Unknown fields are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    # A stream carries one image: the schema says so too, so generated clients and
+    # fuzzers know `stream: true` with `n` > 1 is refused (400 naming `n`).
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+            "then": {"properties": {"n": {"const": 1}}},
+        },
+    )
 
     prompt: str = Field(min_length=1)
     model: str | None = None

@@ -45,7 +45,15 @@ OpenAIBody = Annotated[
     "/v1/images/generations",
     summary="Generate images (OpenAI-compatible)",
     response_model=ImagesResponse,
-    responses=error_docs(Flavour.OPENAI, Example.bad_size, *RENDER_FAILURES),
+    responses={
+        200: {
+            "description": "The images; with `stream` (n = 1), server-sent events: "
+            "`image_generation.partial_image` per step when `partial_images` > 0, then "
+            "`image_generation.completed`.",
+            "content": {"text/event-stream": {}},
+        },
+        **error_docs(Flavour.OPENAI, Example.bad_size, *RENDER_FAILURES),
+    },
 )
 async def generations(
     body: OpenAIBody,

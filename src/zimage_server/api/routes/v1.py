@@ -31,8 +31,14 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "raw image when `Accept` prefers an image type. Without `image_format` in the body, "
         "`Accept` picks the format (image/png, image/jpeg, image/webp; q-values honoured); "
         "the body's `image_format` wins over `Accept` (never 406, which means insufficient "
-        "credits).",
-        "content": {"image/webp": {}, "image/jpeg": {}, "image/png": {}},
+        "credits). With `Accept: text/event-stream`, the render's server-sent events, "
+        "ending with `completed` (this JSON) or `failed`.",
+        "content": {
+            "image/webp": {},
+            "image/jpeg": {},
+            "image/png": {},
+            "text/event-stream": {},
+        },
     },
     **error_docs(Flavour.SEGMIND, Example.bad_steps, Example.unknown_model, *RENDER_FAILURES),
 }
