@@ -192,7 +192,7 @@ class AsyncZImageClient:
                             yield await self._finished_job(event)
                             return
                         yield event
-                gap = APIConnectionError(url, "the stream ended before the job did")
+                gap = APIConnectionError(str(self._http.base_url) + url, "the stream ended early")
             except APIConnectionError as exc:
                 gap = exc
             if failures >= self.max_retries:

@@ -203,7 +203,7 @@ class ZImageClient:
                             yield self._finished_job(event)
                             return
                         yield event
-                gap = APIConnectionError(url, "the stream ended before the job did")
+                gap = APIConnectionError(str(self._http.base_url) + url, "the stream ended early")
             except APIConnectionError as exc:
                 gap = exc
             if failures >= self.max_retries:
