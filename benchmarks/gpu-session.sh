@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU benchmark in one command, each step under 10 minutes (a lent GPU machine's
 # per-command limit): stock vs ours at three sizes, the lossy opt-ins, the ablation in two
-# halves, the server's overhead. About 25 minutes in all on an H100; main and lossy first.
+# halves, the server's overhead, what step previews cost. About 27 minutes in all on an H100; main and lossy first.
 # Run from the repository root:
 #
 #   bash benchmarks/gpu-session.sh            # every step
-#   bash benchmarks/gpu-session.sh main lossy # or some of: main lossy ablation1 ablation2 overhead
+#   bash benchmarks/gpu-session.sh main lossy # or some of: main lossy ablation1 ablation2 overhead preview
 #
 # On a box without diffusers, FastAPI, ... it first installs the wheels that
 # scripts/gpu-wheels downloaded into .whl/ (see benchmarks/README.md). Results land in benchmarks/results/ and, when
@@ -44,7 +44,7 @@ run() {  # run NAME ARGS...: one bench step under the time limit
 }
 
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(main lossy ablation1 ablation2 overhead)
+[[ ${#steps[@]} -eq 0 ]] && steps=(main lossy ablation1 ablation2 overhead preview)
 for step in "${steps[@]}"; do
     case $step in
         main) run main --model "$MODEL" --sizes "$SIZES" --iterations 5 --no-lossy ;;
@@ -61,7 +61,9 @@ for step in "${steps[@]}"; do
                 --output "benchmarks/results/$DAY-$GPU-$step.json" ;;
         overhead) DEVICE=cpu run overhead --overhead --overhead-requests 500 --warmup 20 \
             --output "benchmarks/results/$DAY-$GPU-host-overhead.json" ;;
-        *) echo "unknown step $step (main | lossy | ablation1 | ablation2 | overhead)"; exit 2 ;;
+        preview) run preview --model "$MODEL" --sizes "$SIZE" --iterations 10 --preview-overhead \
+            --output "benchmarks/results/$DAY-$GPU-preview.json" ;;
+        *) echo "unknown step $step (main | lossy | ablation1 | ablation2 | overhead | preview)"; exit 2 ;;
     esac
 done
 if [[ -n "${OUT:-}" ]]; then

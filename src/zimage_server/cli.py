@@ -10,7 +10,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from zimage_server.core.config import Settings
 from zimage_server.core.errors import StartupError
@@ -342,6 +349,9 @@ def generate(
         list[str] | None,
         typer.Option(help="An adapter as NAME[:SCALE] (repeat for several; see GET /v1/loras)."),
     ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Show the queue position, then a bar of the steps.")
+    ] = False,
 ) -> None:
     """Generate an image on a running server and save it."""
     from zimage_server.client import APIConnectionError, ZImageAPIError, ZImageClient
@@ -359,8 +369,12 @@ def generate(
         "loras": [lora_entry(text) for text in lora] if lora else None,
     }
     try:
-        with ZImageClient(url, api_key) as client, console.status(f"Generating on {url} ..."):
-            image = client.generate(prompt, **options)
+        with ZImageClient(url, api_key) as client:
+            if watch:
+                image = _watch(client, prompt, options)
+            else:
+                with console.status(f"Generating on {url} ..."):
+                    image = client.generate(prompt, **options)
     except ZImageAPIError as exc:
         _error(exc.message, f"error {exc.status}")
         raise typer.Exit(1) from None
@@ -370,3 +384,21 @@ def generate(
     image.save(str(output))
     took = f" in {image.generation_time:.2f}s" if image.generation_time is not None else ""
     console.print(f"Saved {output} (seed {image.seed}{took}).")
+
+
+def _watch(client: Any, prompt: str, options: dict[str, Any]) -> Any:
+    """``--watch``: the render's event stream as a bar (its queue position while it waits,
+    then its steps). No image preview: rich draws no images, and no terminal-graphics
+    library is a dependency here."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("sent", total=None)
+        for event in client.stream(prompt, **options):
+            if event.kind == "queued":
+                progress.update(task, description=f"queued: position {event.queue_position}")
+            elif event.step is not None:
+                progress.update(task, description="rendering", completed=event.step)
+                progress.update(task, total=event.total)
+            if event.image is not None:
+                return event.image
+    raise RuntimeError("the stream ended without an image")  # stream() raises first

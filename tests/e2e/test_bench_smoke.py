@@ -77,3 +77,15 @@ def test_overhead_benchmark_with_the_null_generator(tmp_path: Path) -> None:
     assert overhead["requests"] == 20 and overhead["size"] == "256x256"
     assert 0 < overhead["p50_ms"] <= overhead["p99_ms"] < 5000
     assert overhead["stages_p50_ms"]["denoise"] == 0
+
+
+def test_preview_overhead_on_the_tiny_model(tmp_path: Path) -> None:
+    args = ["--model", "tiny", "--sizes", "256", "--steps", "3", "--iterations", "2"]
+    report = run_bench(tmp_path, *args, "--warmup", "0", "--preview-overhead")
+    figures = report["preview_overhead"]
+    assert report["benchmark"] == "preview" and figures["requests_each"] == 2
+    assert figures["previews_per_render"] == 3  # one per step, only for the "on" requests
+    assert 0 < figures["off_p50_s"] < 60 and 0 < figures["on_p50_s"] < 60
+    assert abs(figures["ratio_p50"] - figures["on_p50_s"] / figures["off_p50_s"]) < 1e-9
+    assert figures["preview_on_device_p50_s"] > 0 and figures["denoise_off_p50_s"] > 0
+    assert figures["encode_ms_per_step_p50"] > 0 and figures["compute_ms_per_step_p50"] > 0

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from zimage_server.bench.environment import resolve_device
+from zimage_server.bench.previews import run_preview_overhead
 from zimage_server.bench.report import result_path, show, write_report
 from zimage_server.bench.runner import (
     ABLATION_VARIANTS,
@@ -130,6 +131,13 @@ def bench(
         bool, typer.Option("--overhead", help="Measure the server's own overhead instead.")
     ] = False,
     overhead_requests: Annotated[int, typer.Option(min=10)] = 500,
+    preview_overhead: Annotated[
+        bool,
+        typer.Option(
+            "--preview-overhead",
+            help="Measure what step previews cost a render instead (off vs on, same server).",
+        ),
+    ] = False,
     device: Annotated[BenchDevice, typer.Option(help="Where stock and server run.")] = (
         BenchDevice.auto
     ),
@@ -169,7 +177,12 @@ def bench(
         write_report(partial, output or result_path(partial, results_dir))
 
     try:
-        report = run_overhead(config) if overhead else run_benchmark(config, checkpoint)
+        if overhead:
+            report = run_overhead(config)
+        elif preview_overhead:
+            report = run_preview_overhead(config)
+        else:
+            report = run_benchmark(config, checkpoint)
     except BenchError as exc:
         console.print(f"[bold red]bench failed:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None

@@ -16,8 +16,8 @@ STAGES = ("queue_wait", "text_encode", "denoise", "vae_decode", "image_encode", 
 
 
 def result_path(report: Mapping[str, Any], results_dir: Path) -> Path:
-    """``<date>-<device>.json``, or ``<date>-<device>-overhead.json``."""
-    suffix = "-overhead" if report.get("benchmark") == "overhead" else ""
+    """``<date>-<device>.json``, or ``-overhead.json`` / ``-preview.json``."""
+    suffix = {"overhead": "-overhead", "preview": "-preview"}.get(str(report.get("benchmark")), "")
     return results_dir / f"{report['date']}-{slug(str(report['device']))}{suffix}.json"
 
 
@@ -93,9 +93,41 @@ def overhead_table(report: Mapping[str, Any]) -> Table:
     return table
 
 
+def preview_table(report: Mapping[str, Any]) -> Table:
+    figures = report["preview_overhead"]
+    title = (
+        f"step previews ({figures['preview_size']} px), {report['model']} at {figures['size']}, "
+        f"{figures['steps']} steps ({report['device']})"
+    )
+    table = Table(title=title)
+    for column in (
+        "pairs",
+        "off p50 s",
+        "on p50 s",
+        "on / off",
+        "paired median",
+        "compute ms",
+        "encode ms",
+    ):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(figures["requests_each"]),
+        f"{figures['off_p50_s']:.3f}",
+        f"{figures['on_p50_s']:.3f}",
+        f"{figures['ratio_p50']:.3f}",
+        f"{figures['ratio_paired_median']:.3f}",
+        f"{figures['compute_ms_per_step_p50']:.2f}",
+        f"{figures['encode_ms_per_step_p50']:.2f}",
+    )
+    return table
+
+
 def show(report: Mapping[str, Any], console: Console) -> None:
     if report.get("benchmark") == "overhead":
         console.print(overhead_table(report))
+        return
+    if report.get("benchmark") == "preview":
+        console.print(preview_table(report))
         return
     console.print(variants_table(report))
     for line in summary_lines(report):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from httpx_sse import EventSource
 from PIL import Image
 
 from zimage_server.bench.stats import Sample
@@ -76,6 +78,28 @@ class Client:
             int(data.get("prompt_tokens", 0)),
         )
         return sample, data
+
+    def streamed(self, body: Mapping[str, Any]) -> tuple[Sample, list[dict[str, Any]]]:
+        """POST one request as an event stream (``Accept: text/event-stream``); the sample
+        ends at the ``completed`` event. Also returns the step events' previews."""
+        headers = {"Accept": "text/event-stream"}
+        previews: list[dict[str, Any]] = []
+        start = time.perf_counter()
+        with self.http.stream(
+            "POST", ENDPOINT, json={**body, "base_64": True}, headers=headers
+        ) as r:
+            if r.status_code != 200:
+                raise BenchError(f"request failed with {r.status_code}: {r.read()[:500]!r}")
+            for sse in EventSource(r).iter_sse():
+                data = json.loads(sse.data) if sse.data else {}
+                if sse.event == "step" and "preview" in data:
+                    previews.append(data["preview"])
+                elif sse.event == "completed":
+                    stages = {k: float(v) for k, v in data.get("timings", {}).items()}
+                    return Sample(time.perf_counter() - start, stages), previews
+                elif sse.event in ("failed", "cancelled"):
+                    raise BenchError(f"streamed request {sse.event}: {sse.data[:500]}")
+        raise BenchError("the event stream ended before the image")
 
     def timed(self, body: Mapping[str, Any], warmup: int, iterations: int) -> list[Sample]:
         for _ in range(warmup):

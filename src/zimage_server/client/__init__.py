@@ -6,6 +6,7 @@ with ZImageClient("http://127.0.0.1:8000", api_key="zk_...") as client:
     image.save("out.webp")
 """
 
+from zimage_server.client._events import RenderEvent
 from zimage_server.client._shared import GeneratedImage, Job
 from zimage_server.client.asynchronous import AsyncZImageClient
 from zimage_server.client.errors import (
@@ -40,6 +41,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RenderEvent",
     "ServerError",
     "UnavailableError",
     "WorkerDiedError",

@@ -115,7 +115,11 @@ def parse_image(response: httpx.Response) -> GeneratedImage:
             height=height,
             credits_consumed=consumed,
         )
-    body = ImageResponse.model_validate_json(response.content)
+    return image_of(ImageResponse.model_validate_json(response.content), consumed)
+
+
+def image_of(body: ImageResponse, consumed: str | None = None) -> GeneratedImage:
+    """A v1 JSON body with a base64 image (a reply, or a stream's ``completed``)."""
     return GeneratedImage(
         data=base64.b64decode(body.image),
         seed=body.seed,

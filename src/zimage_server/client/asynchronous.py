@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource
 
+from zimage_server.client._events import (
+    STREAM_HEADERS,
+    RenderEvent,
+    decode,
+    finish_v1,
+    finish_v2,
+    image_format_of,
+    v2_result,
+)
 from zimage_server.client._shared import (
     MODEL,
     RETRY_STATUSES,
@@ -21,10 +34,11 @@ from zimage_server.client._shared import (
     parse_job,
     parse_result,
     parse_status,
+    raise_for,
     retry_delay,
     unreachable,
 )
-from zimage_server.client.errors import JobFailedError
+from zimage_server.client.errors import APIConnectionError, JobFailedError
 from zimage_server.client.sync import TERMINAL
 from zimage_server.protocol import wire
 
@@ -118,3 +132,77 @@ class AsyncZImageClient:
         output = result.output
         fetched = (await self._http.get(output)).content if output.startswith("http") else None
         return job_output(result, image_format, fetched)
+
+    # ---------- event streams (as ZImageClient's, awaited) ----------
+
+    @contextlib.asynccontextmanager
+    async def _open_stream(
+        self, method: str, url: str, **kwargs: Any
+    ) -> AsyncIterator[httpx.Response]:
+        headers = {**STREAM_HEADERS, **kwargs.pop("headers", {})}
+        for attempt in range(self.max_retries + 1):
+            try:
+                async with self._http.stream(method, url, headers=headers, **kwargs) as response:
+                    if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                        await response.aread()
+                    else:
+                        if not response.is_success:
+                            await response.aread()
+                            raise_for(response)
+                        yield response
+                        return
+            except httpx.TransportError as exc:
+                raise unreachable(self._http.base_url, exc) from exc
+            self.retries_done += 1
+            await asyncio.sleep(retry_delay(response, attempt, self.backoff_s))
+
+    async def stream(
+        self, prompt: str, *, model: str = MODEL, **options: Any
+    ) -> AsyncIterator[RenderEvent]:
+        """``async for event in client.stream(...)``: see ``ZImageClient.stream``."""
+        body, request_id = generate_body(prompt, options), None
+        async with self._open_stream("POST", f"/v1/{model}", json=body) as response:
+            async for sse in EventSource(response).aiter_sse():
+                event = decode(sse)
+                if event is None:
+                    continue
+                if event.terminal:
+                    yield finish_v1(event, request_id)
+                    return
+                request_id = event.request_id or request_id
+                yield event
+        raise APIConnectionError(str(self._http.base_url), "the stream ended before the image")
+
+    async def events(
+        self, request_id: str, *, last_event_id: int | None = None
+    ) -> AsyncIterator[RenderEvent]:
+        """A v2 job's events, resumed with ``Last-Event-ID``: see ``ZImageClient.events``."""
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": str(last_event_id)} if last_event_id else {}
+            url = f"/v2/requests/{request_id}/events"
+            try:
+                async with self._open_stream("GET", url, headers=headers) as response:
+                    async for sse in EventSource(response).aiter_sse():
+                        event = decode(sse)
+                        if event is None:
+                            continue
+                        failures, last_event_id = 0, event.event_id or last_event_id
+                        if event.terminal:
+                            yield await self._finished_job(event)
+                            return
+                        yield event
+                gap = APIConnectionError(str(self._http.base_url) + url, "the stream ended early")
+            except APIConnectionError as exc:
+                gap = exc
+            if failures >= self.max_retries:
+                raise gap
+            failures += 1
+            await asyncio.sleep(retry_delay(None, failures - 1, self.backoff_s))
+
+    async def _finished_job(self, event: RenderEvent) -> RenderEvent:
+        result = v2_result(event)
+        output = result.output or ""
+        fetched = (await self._http.get(output)).content if output.startswith("http") else None
+        data = fetched if fetched is not None else base64.b64decode(output)
+        return finish_v2(event, result, job_output(result, image_format_of(data), data))

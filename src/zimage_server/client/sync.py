@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource
 
+from zimage_server.client._events import (
+    STREAM_HEADERS,
+    RenderEvent,
+    decode,
+    finish_v1,
+    finish_v2,
+    image_format_of,
+    v2_result,
+)
 from zimage_server.client._shared import (
     MODEL,
     RETRY_STATUSES,
@@ -20,10 +33,11 @@ from zimage_server.client._shared import (
     parse_job,
     parse_result,
     parse_status,
+    raise_for,
     retry_delay,
     unreachable,
 )
-from zimage_server.client.errors import JobFailedError
+from zimage_server.client.errors import APIConnectionError, JobFailedError
 from zimage_server.protocol import wire
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
@@ -127,3 +141,79 @@ class ZImageClient:
         output = result.output
         fetched = self._http.get(output).content if output.startswith("http") else None
         return job_output(result, image_format, fetched)
+
+    # ---------- event streams ----------
+
+    @contextlib.contextmanager
+    def _open_stream(self, method: str, url: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """An event stream's response, once it is one: 429/502/503 before it starts are
+        retried like any request, other refusals raise their typed error, and a transport
+        failure (at once or mid-stream) is an ``APIConnectionError``."""
+        headers = {**STREAM_HEADERS, **kwargs.pop("headers", {})}
+        for attempt in range(self.max_retries + 1):
+            try:
+                with self._http.stream(method, url, headers=headers, **kwargs) as response:
+                    if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                        response.read()
+                    else:
+                        if not response.is_success:
+                            response.read()
+                            raise_for(response)
+                        yield response
+                        return
+            except httpx.TransportError as exc:
+                raise unreachable(self._http.base_url, exc) from exc
+            self.retries_done += 1
+            time.sleep(retry_delay(response, attempt, self.backoff_s))
+
+    def stream(self, prompt: str, *, model: str = MODEL, **options: Any) -> Iterator[RenderEvent]:
+        """Render one image (v1) and yield its events as it renders, ending with
+        ``completed`` (``event.image``). ``preview=True`` or ``preview_size=N`` adds a WebP
+        preview to each step. A failure raises its typed error; leaving the loop early
+        stops the render (and it is not billed)."""
+        body, request_id = generate_body(prompt, options), None
+        with self._open_stream("POST", f"/v1/{model}", json=body) as response:
+            for sse in EventSource(response).iter_sse():
+                event = decode(sse)
+                if event is None:
+                    continue
+                if event.terminal:
+                    yield finish_v1(event, request_id)
+                    return
+                request_id = event.request_id or request_id
+                yield event
+        raise APIConnectionError(str(self._http.base_url), "the stream ended before the image")
+
+    def events(self, request_id: str, *, last_event_id: int | None = None) -> Iterator[RenderEvent]:
+        """A v2 job's events until it ends (``completed`` carries ``image`` and
+        ``result``). A dropped connection is resumed with ``Last-Event-ID`` (up to
+        ``max_retries`` times in a row); FAILED or CANCELLED raise ``JobFailedError``."""
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": str(last_event_id)} if last_event_id else {}
+            url = f"/v2/requests/{request_id}/events"
+            try:
+                with self._open_stream("GET", url, headers=headers) as response:
+                    for sse in EventSource(response).iter_sse():
+                        event = decode(sse)
+                        if event is None:
+                            continue
+                        failures, last_event_id = 0, event.event_id or last_event_id
+                        if event.terminal:
+                            yield self._finished_job(event)
+                            return
+                        yield event
+                gap = APIConnectionError(str(self._http.base_url) + url, "the stream ended early")
+            except APIConnectionError as exc:
+                gap = exc
+            if failures >= self.max_retries:
+                raise gap
+            failures += 1
+            time.sleep(retry_delay(None, failures - 1, self.backoff_s))
+
+    def _finished_job(self, event: RenderEvent) -> RenderEvent:
+        result = v2_result(event)
+        output = result.output or ""
+        fetched = self._http.get(output).content if output.startswith("http") else None
+        data = fetched if fetched is not None else base64.b64decode(output)
+        return finish_v2(event, result, job_output(result, image_format_of(data), data))

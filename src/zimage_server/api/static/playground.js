@@ -16,6 +16,7 @@
   const THUMB_EDGE = 160;
   const MIME = { webp: "image/webp", png: "image/png", jpeg: "image/jpeg" };
   const MAX_SEED = (1n << 63n) - 1n;
+  const PREVIEW_SIZE = 256; // longer side of the step previews a render streams
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -40,6 +41,8 @@
     result: $("result"),
     previewBadge: $("preview-badge"),
     progress: $("progress"),
+    progressText: $("progress-text"),
+    progressFill: $("progress-fill"),
     elapsed: $("elapsed"),
     error: $("error"),
     errorTitle: $("error-title"),
@@ -457,6 +460,7 @@
       steps: params.steps,
       image_format: params.format,
       base_64: true,
+      preview_size: PREVIEW_SIZE,
     });
     return json.replace('{"seed":0,', `{"seed":${params.seed},`);
   }
@@ -481,10 +485,12 @@
     saveSettings();
     const started = performance.now();
     setBusy(true, started);
+    resetProgress();
     try {
       const response = await api("v1/z-image-turbo", {
         method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        // An event stream: the queue position, each step and its preview, then the body.
+        headers: { "Content-Type": "application/json", Accept: "text/event-stream, application/json;q=0.5" },
         body: requestBody(params),
       }).catch((err) => {
         // fetch() rejects only when no answer came back at all: the server is down.
@@ -501,7 +507,9 @@
         await handleFailure(response);
         return;
       }
-      const text = await response.text();
+      const streamed = (response.headers.get("Content-Type") || "").startsWith("text/event-stream");
+      const text = streamed ? await readStream(response) : await response.text();
+      if (text === null) return; // the stream ended with an error, shown already
       const data = JSON.parse(text);
       // Read the seed from the text too, so seeds above 2^53 survive exactly.
       const seedMatch = /"seed"\s*:\s*(\d+)/.exec(text);
@@ -538,7 +546,10 @@
 
   async function handleFailure(response) {
     const message = await errorMessage(response);
-    const retry = response.headers.get("Retry-After");
+    reportFailure(response.status, message, response.headers.get("Retry-After"));
+  }
+
+  function reportFailure(status, message, retry) {
     const suffix = retry ? ` Try again in ${retry} s.` : "";
     const titles = {
       400: "Invalid request",
@@ -550,12 +561,91 @@
       503: "Model still loading",
       504: "Timed out",
     };
-    const title = `${titles[response.status] || "Generation failed"} (${response.status})`;
+    const title = `${titles[status] || "Generation failed"} (${status})`;
     showError(title, message + suffix);
-    if (response.status === 401 || response.status === 403) {
+    if (status === 401 || status === 403) {
       state.retryAfterKey = true;
       openKeyDialog(`The server said: ${message}`, "error");
     }
+  }
+
+  // ---------- live progress: server-sent events read from fetch (EventSource cannot POST) ----------
+
+  function resetProgress() {
+    el.progress.dataset.mode = "waiting";
+    el.progressText.textContent = "Sending…";
+    el.progressFill.style.width = "";
+    el.progressFill.parentElement.removeAttribute("aria-valuenow");
+  }
+
+  // The data of the stream's `completed` event (the v1 JSON body), or null once a `failed`
+  // or `cancelled` event has been shown as an error.
+  async function readStream(response) {
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error("the server ended the stream before the image");
+      buffer = (buffer + value).replace(/\r\n?/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const frame = parseFrame(buffer.slice(0, cut));
+        buffer = buffer.slice(cut + 2);
+        if (!frame) continue;
+        if (frame.event === "completed") return frame.data;
+        if (frame.event === "failed" || frame.event === "cancelled") {
+          const body = JSON.parse(frame.data);
+          const message = typeof body.error === "string" ? body.error : "the render was cancelled";
+          reportFailure(body.status_code || 500, message, null);
+          return null;
+        }
+        showProgress(frame.event, JSON.parse(frame.data));
+      }
+    }
+  }
+
+  // One SSE frame as {event, data}; comments (keep-alives) and `retry` alone give null.
+  function parseFrame(block) {
+    let event = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (!line || line.startsWith(":")) continue;
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+      if (field === "event") event = value;
+      else if (field === "data") data.push(value);
+    }
+    return data.length ? { event, data: data.join("\n") } : null;
+  }
+
+  function showProgress(kind, data) {
+    if (kind === "queued") {
+      el.progress.dataset.mode = "waiting";
+      el.progressText.textContent = data.queue_position ? `Queued · position ${data.queue_position}` : "Queued";
+      return;
+    }
+    if (kind !== "started" && kind !== "step") return;
+    const total = Number(data.total) || 0;
+    const step = Number(data.step) || 0;
+    el.progress.dataset.mode = "steps";
+    el.progressText.textContent = `Step ${step} / ${total}`;
+    el.progressFill.style.width = `${total ? (100 * step) / total : 0}%`;
+    el.progressFill.parentElement.setAttribute("aria-valuenow", String(total ? Math.round((100 * step) / total) : 0));
+    if (data.preview && typeof data.preview.image === "string") showPreview(data.preview.image, step);
+  }
+
+  // Each step's preview replaces the last one: the image sharpens as it renders.
+  function showPreview(base64, step) {
+    el.result.onload = null;
+    el.result.onerror = null;
+    el.result.src = `data:image/webp;base64,${base64}`;
+    el.result.dataset.step = String(step);
+    el.result.hidden = false;
+    el.placeholder.hidden = true;
+    el.previewBadge.hidden = true;
+    el.download.hidden = true;
+    el.stage.dataset.state = "streaming";
   }
 
   function showImage(url) {
