@@ -68,7 +68,6 @@ class LoraDownloader:
         self.tls = ssl.create_default_context(cafile=certifi.where())
         if settings.lora_ca_file is not None:
             self.tls.load_verify_locations(settings.lora_ca_file)
-        self.downloads = 0  # bodies fetched in full
         self._inflight: dict[str, asyncio.Future[Path]] = {}
 
     def cached(self, url: str) -> Path | None:
@@ -142,7 +141,6 @@ class LoraDownloader:
                     async for chunk in response.aiter_raw(CHUNK):
                         self._take(body, chunk)
                     file.close()
-                    self.downloads += 1
                     return await asyncio.to_thread(self._keep, url, body)
                 finally:
                     Path(file.name).unlink(missing_ok=True)
