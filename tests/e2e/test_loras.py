@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import pickle
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -182,3 +183,36 @@ def test_the_cli_takes_lora_name_and_scale(
         return np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
 
     assert np.abs(run("--lora", "style-a:1.5") - run()).max() > 8
+
+
+def run_job(server: InProcessServer, key: str, loras: list[dict[str, Any]]) -> dict[str, Any]:
+    """A v2 job to its end: the final body, polled as a client would."""
+    body = {"prompt": "a cat", "seed": 5, "width": 256, "height": 256, "steps": STEPS}
+    body |= {"image_format": "png", "base_64": True, "loras": loras}
+    submitted = server.post(body, "/v2/z-image-turbo", headers={"x-api-key": key})
+    assert submitted.status_code == 202, submitted.text
+    url, deadline = submitted.json()["response_url"], time.monotonic() + 60
+    while True:
+        r = requests.get(url, headers={"x-api-key": key}, timeout=10)
+        if r.json()["status"] in ("COMPLETED", "FAILED", "CANCELLED"):
+            return dict(r.json())
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.05)
+
+
+def test_a_v2_job_renders_with_loras_and_a_refused_adapter_is_refunded(
+    lora_server: InProcessServer, key: str
+) -> None:
+    plain = image(post(lora_server, key))
+    done = run_job(lora_server, key, [{"path": "style-a"}])
+    assert done["status"] == "COMPLETED", done
+    with_a = image(post(lora_server, key, loras=[{"path": "style-a"}]))
+    job_image = np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(done["output"]))).convert("RGB")
+    ).astype(np.int16)
+    assert np.abs(job_image - with_a).max() <= 1 and np.abs(job_image - plain).max() > 8
+
+    before = balance(lora_server, key)
+    failed = run_job(lora_server, key, [{"path": "wide"}])  # passes the API, not the worker
+    assert failed["status"] == "FAILED" and "'wide' does not match this model" in str(failed)
+    assert balance(lora_server, key) == before  # held at submission, refunded at the refusal

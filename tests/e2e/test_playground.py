@@ -429,3 +429,93 @@ def test_shortcut_hint_only_with_a_keyboard_and_mouse(
     assert driver.execute_script("return matchMedia('(pointer: coarse)').matches")
     assert not hint.is_displayed()
     assert by_id(driver, "generate").is_displayed()
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    from tests.conftest import shared_tiny_model
+    from tests.loras import ATTENTION, adapter_weights, save_diffusers
+
+    folder = tmp_path_factory.mktemp("playground-loras")
+    weights = adapter_weights(shared_tiny_model(), ATTENTION, rank=4, seed=1)
+    save_diffusers(weights, folder / "loras" / "style-a")
+    srv = InProcessServer(folder / "data", env={"ZIMAGE_LORA_DIR": str(folder / "loras")})
+    yield srv
+    srv.stop()
+
+
+def shown_png(driver: WebDriver) -> bytes:
+    """The result image as the page shows it, drawn on a canvas (the page's CSP keeps
+    ``fetch`` off its blob URLs)."""
+    import base64
+
+    data = driver.execute_script(
+        "const img = document.getElementById('result');"
+        "const c = document.createElement('canvas');"
+        "c.width = img.naturalWidth; c.height = img.naturalHeight;"
+        "c.getContext('2d').drawImage(img, 0, 0);"
+        "return c.toDataURL('image/png').split(',')[1];"
+    )
+    return base64.b64decode(data)
+
+
+def render_once(driver: WebDriver) -> bytes:
+    before = driver.execute_script("return document.getElementById('result').src")
+    by_id(driver, "generate").click()
+    wait_for(
+        driver,
+        lambda d: (
+            d.execute_script("return document.getElementById('result').src") != before
+            and d.execute_script("return !document.getElementById('generate').disabled")
+            and result_size(d) == (256, 256)
+        ),
+        "a new 256x256 result",
+    )
+    return shown_png(driver)
+
+
+def test_a_lora_picked_in_the_page_is_sent_and_changes_the_image(
+    browser: WebDriver, lora_server: InProcessServer
+) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    driver = browser
+    open_page(driver, lora_server.url)
+    wait_for(driver, lambda d: by_id(d, "loras-field").is_displayed(), "the LoRA list")
+    assert [row.text for row in driver.find_elements("css selector", "#loras li")] == [
+        "style-a\n1.00"
+    ]
+    by_id(driver, "prompt").send_keys("a cat")
+    set_value(by_id(driver, "width"), "256")
+    set_value(by_id(driver, "height"), "256")
+    by_id(driver, "seed-random").find_element("xpath", "..").click()  # its switch
+    set_value(by_id(driver, "seed"), "5")
+    driver.execute_script(
+        "const s = document.getElementById('steps'); s.value = 2;"
+        "s.dispatchEvent(new Event('input', {bubbles: true}));"
+    )
+    driver.find_element("css selector", 'input[name="format"][value="png"]').click()
+    plain = render_once(driver)
+
+    driver.find_element("css selector", "#loras .lora-on").click()
+    driver.execute_script(
+        "const s = document.querySelector('#loras .lora-scale'); s.value = 1.5;"
+        "s.dispatchEvent(new Event('input', {bubbles: true}));"
+    )
+    styled = render_once(driver)
+    screenshot(driver, "playground-loras.png")
+
+    posts = [
+        json.loads(r["postData"])
+        for r in requests_sent(driver, lora_server.url)
+        if r["method"] == "POST" and r["url"].endswith("/v1/z-image-turbo")
+    ]
+    assert [body.get("loras") for body in posts] == [None, [{"path": "style-a", "scale": 1.5}]]
+    pixels = [
+        np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), np.int16) for png in (plain, styled)
+    ]
+    assert np.abs(pixels[0] - pixels[1]).max() > 8
+    assert_no_console_errors(driver)

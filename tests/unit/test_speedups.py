@@ -27,7 +27,12 @@ from zimage_server.engine.protocol import (
     WorkerSpec,
 )
 from zimage_server.engine.rope import rotate, use_real_rope
-from zimage_server.engine.speedups import SpeedupError, attention_backend, quantize_fp8
+from zimage_server.engine.speedups import (
+    SpeedupError,
+    attention_backend,
+    fp8_wanted,
+    quantize_fp8,
+)
 from zimage_server.engine.text import PromptEncoder
 from zimage_server.engine.worker import prefetch_forever
 
@@ -198,6 +203,23 @@ def test_fp8_refuses_a_cpu_with_a_reason(tiny_model_dir: Path) -> None:
         quantize_fp8(torch.nn.Linear(16, 16), "cpu")
     with pytest.raises(ValidationError, match="fp8 needs an NVIDIA GPU"):
         Settings(fp8=True, device="cpu")
+
+
+def test_fp8_takes_the_block_linears_but_not_lora_slots() -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    block = torch.nn.Module()
+    block.attention = torch.nn.Module()
+    block.attention.to_q = torch.nn.Linear(64, 64)
+    block.norm = torch.nn.LayerNorm(64)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([block])
+    model.head = torch.nn.Linear(64, 64)
+    inject_adapter_in_model(LoraConfig(r=16, target_modules=["to_q"]), model)
+    taken = {name for name, module in model.named_modules() if fp8_wanted(module, name)}
+    assert taken == {"layers.0.attention.to_q.base_layer"}
+    assert fp8_wanted(torch.nn.Linear(64, 64), "layers.0.attention.to_q")
+    assert not fp8_wanted(torch.nn.Linear(60, 64), "layers.0.attention.to_q")
 
 
 def test_speedup_settings_name_the_allowed_values() -> None:

@@ -201,6 +201,12 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
         None, description="Installed LoRA adapters; default: the data folder's loras/."
     )
     lora_allow_urls: bool = Field(False, description="Let requests name adapters by HTTPS URL.")
+    lora_download_timeout_s: float = Field(
+        120.0, gt=0, description="One adapter download, DNS included."
+    )
+    lora_ca_file: Path | None = Field(
+        None, description="Extra CA certificates (PEM) trusted for adapter downloads."
+    )
     default_rate_limit: str = Field("120/minute", description="Per key, `limits` notation.")
     default_max_in_flight: int = Field(4, ge=1, description="Per key, concurrent requests.")
     rate_limit_storage: str = Field("memory://", description="`limits` storage URL (redis://...).")

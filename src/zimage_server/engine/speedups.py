@@ -135,20 +135,25 @@ def quantize_fp8(transformer: Any, device: str) -> None:
     reason = fp8_capable(device)
     if reason:
         raise SpeedupError(reason)
-    import torch
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         PerRow,
         quantize_,
     )
 
-    def wanted(module: Any, name: str) -> bool:
-        return (
-            isinstance(module, torch.nn.Linear)
-            and name.startswith(FP8_MODULES)
-            and module.in_features % 16 == 0
-            and module.out_features % 16 == 0
-        )
-
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    quantize_(transformer, config, filter_fn=wanted)
+    quantize_(transformer, config, filter_fn=fp8_wanted)
+
+
+def fp8_wanted(module: Any, name: str) -> bool:
+    """The block linears fp8 takes; never a LoRA slot's ``lora_A``/``lora_B`` (hot swaps
+    copy bf16 weights into them in place, and a rank-64 matmul gains nothing)."""
+    import torch
+
+    return (
+        isinstance(module, torch.nn.Linear)
+        and name.startswith(FP8_MODULES)
+        and ".lora_" not in name
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )

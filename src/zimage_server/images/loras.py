@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from zimage_server.core.config import Settings
 from zimage_server.core.errors import InvalidRequest
 from zimage_server.engine.protocol import LoraRef
+from zimage_server.images.lora_download import LoraDownloader, Refusal
 from zimage_server.outbound import Destination
 from zimage_server.protocol.segmind import LoraEntry
 
@@ -40,8 +41,12 @@ class InstalledLora:
 
 def refuse(index: int, name: str, reason: str) -> InvalidRequest:
     return InvalidRequest(
-        f"Invalid 'loras[{index}]': adapter '{name[:120]}' {reason}.", field="loras"
+        f"Invalid 'loras[{index}].path': adapter '{name[:120]}' {reason}.", field="loras"
     )
+
+
+def is_url(path: str) -> bool:
+    return path.lower().startswith(("http://", "https://"))
 
 
 class LoraCatalog:
@@ -50,6 +55,7 @@ class LoraCatalog:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.root = settings.loras_dir
+        self.downloads = LoraDownloader(settings) if settings.lora_allow_urls else None
 
     def installed(self) -> list[InstalledLora]:
         """Every ``.safetensors`` under the folder (a folder with one counts once, by name)."""
@@ -75,10 +81,10 @@ class LoraCatalog:
             )
 
     def resolve_local(self, index: int, entry: LoraEntry) -> LoraRef:
-        """An installed adapter or a cached repo; URLs are the downloader's."""
+        """An installed adapter, a cached repo, or a URL's download (``fetch`` first)."""
         name = entry.path
-        if name.lower().startswith(("http://", "https://")):
-            raise self.url_refusal(index, name)
+        if is_url(name):
+            return self.checked(index, name, self._downloaded(index, name), entry.scale)
         if entry.weight_name is not None and not _WEIGHT.fullmatch(entry.weight_name):
             raise refuse(index, name, "has an invalid weight_name (a plain file name)")
         if not _NAME.fullmatch(name) or ".." in name.split("/"):
@@ -101,23 +107,38 @@ class LoraCatalog:
             )
         return self.checked(index, name, file, entry.scale)
 
-    def url_refusal(self, index: int, url: str) -> InvalidRequest:
-        """Why this URL is not fetched: URLs off, not https, or a refused address."""
-        if not self.settings.lora_allow_urls:
-            return refuse(
+    def check_url(self, index: int, url: str) -> LoraDownloader:
+        """What needs no DNS: URLs on, https, and not a refused literal address."""
+        if self.downloads is None:
+            raise refuse(
                 index, url, "is a URL, and URLs are off on this server (ZIMAGE_LORA_ALLOW_URLS)"
             )
-        from zimage_server.jobs.webhooks import WebhookPolicy
-
         destination = Destination.parse(url, f"loras[{index}].path")
         if destination.url.scheme != "https":
-            return refuse(index, url, "must be an https:// URL")
-        policy = WebhookPolicy.from_settings(self.settings)
+            raise refuse(index, url, "must be an https:// URL")
         try:
-            replace(policy, enabled=True).check(url)
+            self.downloads.policy.check(url)
         except InvalidRequest as exc:
-            return refuse(index, url, "is refused: " + exc.message.split(": ", 1)[-1])
-        return refuse(index, url, "cannot be fetched: downloading adapters is not built yet")
+            raise refuse(
+                index, url, "is refused: " + exc.message.split(": ", 1)[-1].rstrip(".")
+            ) from None
+        return self.downloads
+
+    async def fetch(self, index: int, entry: LoraEntry) -> None:
+        """Download a URL's adapter unless it is on disk; other paths are local."""
+        if not is_url(entry.path):
+            return
+        downloads = self.check_url(index, entry.path)
+        try:
+            await downloads.fetch(entry.path)
+        except Refusal as exc:
+            raise refuse(index, entry.path, exc.reason) from None
+
+    def _downloaded(self, index: int, url: str) -> Path:
+        file = self.check_url(index, url).cached(url)
+        if file is None:
+            raise refuse(index, url, "has not been downloaded")
+        return file
 
     def _installed_file(self, index: int, name: str, weight_name: str | None) -> Path | None:
         root = self.root

@@ -125,17 +125,17 @@ class GenerationService:
         if slug != MODEL_SLUG:
             raise UnknownModel(f"Unknown model '{slug[:80]}'. This server serves '{MODEL_SLUG}'.")
 
-    def validate(self, body: object) -> GenerationParams:
+    async def validate(self, body: object) -> GenerationParams:
         """A v1 body as the route received it (parsed JSON, or raw bytes)."""
         params = validate_params(json_value(body))
         self.check_prompt(params.prompt)
-        self.resolve_loras(params)
+        await self.check_loras(params)
         return params
 
-    def validate_submit(self, body: object) -> SubmitRequest:
+    async def validate_submit(self, body: object) -> SubmitRequest:
         """A v2 body as the route received it (parsed JSON, or raw bytes)."""
         data = json_value(body)
-        return with_webhook(self.validate(data), data)
+        return with_webhook(await self.validate(data), data)
 
     def check_prompt(self, prompt: str) -> None:
         """The server's own limit, on top of the contract's (operators set it)."""
@@ -145,6 +145,13 @@ class GenerationService:
                 f"(got {len(prompt)}).",
                 field="prompt",
             )
+
+    async def check_loras(self, params: GenerationParams) -> tuple[LoraRef, ...]:
+        """``resolve_loras`` after fetching any adapter named by URL that is not on disk."""
+        self.loras.check_count(params.loras)
+        for index, entry in enumerate(params.loras):
+            await self.loras.fetch(index, entry)
+        return await asyncio.to_thread(self.resolve_loras, params)
 
     def resolve_loras(self, params: GenerationParams) -> tuple[LoraRef, ...]:
         """The request's adapters as local files, each checked (a 400 names the first
@@ -302,7 +309,7 @@ class GenerationService:
             guidance_scale=params.guidance_scale,
             tenant=tenant,
             preview_size=params.preview_pixels,
-            loras=await asyncio.to_thread(self.resolve_loras, params) if params.loras else (),
+            loras=await self.check_loras(params) if params.loras else (),
         )
         render_id = job_id or stream_id
         result = await self.engine.render(spec, timeout, render_id, admitted=job_id is not None)

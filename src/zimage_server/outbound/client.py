@@ -5,8 +5,9 @@ request never rides a connection opened for another hostname."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
@@ -14,8 +15,9 @@ from zimage_server.outbound.policy import Destination, IPAddress
 
 
 class PinnedClient:
-    """POSTs that read only the status line and headers (a body never comes back in), with
-    no redirects and no proxies from the environment (they would resolve the name again)."""
+    """POSTs that read only the status line and headers (a body never comes back in), and
+    streamed GETs, with no redirects and no proxies from the environment (they would
+    resolve the name again)."""
 
     def __init__(self, timeout_s: float, verify: ssl.SSLContext | bool = True) -> None:
         self._client = httpx.AsyncClient(
@@ -34,16 +36,38 @@ class PinnedClient:
         headers: Mapping[str, str],
     ) -> int:
         """The response's status code."""
-        request = self._client.build_request(
-            "POST",
+        request = self._request("POST", destination, address, headers, content)
+        response = await self._client.send(request, stream=True)
+        await response.aclose()
+        return response.status_code
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, destination: Destination, address: IPAddress, headers: Mapping[str, str]
+    ) -> AsyncIterator[httpx.Response]:
+        """A GET whose body the caller reads (``aiter_raw``) as far as it wants to."""
+        request = self._request("GET", destination, address, headers)
+        response = await self._client.send(request, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    def _request(
+        self,
+        method: str,
+        destination: Destination,
+        address: IPAddress,
+        headers: Mapping[str, str],
+        content: bytes | None = None,
+    ) -> httpx.Request:
+        return self._client.build_request(
+            method,
             destination.url.copy_with(host=str(address)),
             content=content,
             headers={**headers, "Host": destination.url.netloc.decode("ascii")},
             extensions={"sni_hostname": destination.host.rstrip(".")},
         )
-        response = await self._client.send(request, stream=True)
-        await response.aclose()
-        return response.status_code
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -63,7 +63,7 @@ async def generations(
     service: GenerationService = request.app.state.generation
     openai_request, batch = to_params(json_value(body))
     service.check_prompt(openai_request.prompt)
-    service.resolve_loras(batch[0])
+    await service.check_loras(batch[0])
     as_url = openai_request.response_format == "url"
     if openai_request.stream or wants_stream(request):
         return await _stream(request, service, openai_request, batch[0], admission)

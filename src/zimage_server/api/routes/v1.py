@@ -101,7 +101,7 @@ async def generate(
 ) -> Response:
     service: GenerationService = request.app.state.generation
     service.check_model(model)
-    params = service.validate(body)
+    params = await service.validate(body)
     if service.settings.log_prompts:
         request.state.log_prompt = params.prompt
     if wants_stream(request):

@@ -117,6 +117,7 @@
       /* storage unavailable: the key lives for this page only */
     }
     renderKeyButton();
+    if (value) loadLoras();
   }
 
   // ---------- talking to this server (same origin only) ----------
@@ -180,6 +181,7 @@
     document.body.dataset.ready = "true";
     if (state.authRequired && !getKey()) openKeyDialog("This server needs an API key to generate images.");
     pollReadiness();
+    loadLoras();
   }
 
   // Readiness is polled for as long as the page is open: every 5 s while ready, backing off
@@ -461,6 +463,7 @@
       image_format: params.format,
       base_64: true,
       preview_size: PREVIEW_SIZE,
+      ...loraFields(),
     });
     return json.replace('{"seed":0,', `{"seed":${params.seed},`);
   }
@@ -816,6 +819,63 @@
     saveHistory();
     renderHistory();
   });
+
+  // ---------- LoRA adapters ----------
+  // The installed adapters (GET /v1/loras), each with a checkbox and a scale; the checked
+  // ones go into the request's "loras". Hidden when the server has none, or LoRAs are off.
+
+  const lorasField = $("loras-field");
+  const lorasList = $("loras");
+
+  async function loadLoras() {
+    let listing;
+    try {
+      const response = await api("v1/loras");
+      if (!response.ok) return;
+      listing = await response.json();
+    } catch (err) {
+      return;
+    }
+    const loras = (listing.loras || []).slice(0, 50);
+    lorasList.replaceChildren(...loras.map((lora) => loraRow(lora, listing.max_scale || 4)));
+    $("loras-note").textContent = `At most ${listing.max_loras} per image.`;
+    lorasField.hidden = !loras.length || !listing.max_loras;
+  }
+
+  function loraRow(lora, maxScale) {
+    const row = document.createElement("li");
+    row.className = "lora";
+    const pick = document.createElement("label");
+    pick.className = "lora-pick";
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.value = lora.name;
+    box.className = "lora-on";
+    const name = document.createElement("span");
+    name.textContent = lora.name;
+    pick.append(box, name);
+    const scale = document.createElement("input");
+    scale.type = "range";
+    scale.className = "lora-scale";
+    scale.min = "0";
+    scale.max = String(maxScale);
+    scale.step = "0.05";
+    scale.value = "1";
+    scale.setAttribute("aria-label", `Scale of ${lora.name}`);
+    const shown = document.createElement("output");
+    shown.className = "value";
+    shown.textContent = "1.00";
+    scale.addEventListener("input", () => { shown.textContent = Number(scale.value).toFixed(2); });
+    row.append(pick, scale, shown);
+    return row;
+  }
+
+  function loraFields() {
+    const picked = [...lorasList.querySelectorAll("li.lora")]
+      .filter((row) => row.querySelector(".lora-on").checked)
+      .map((row) => ({ path: row.querySelector(".lora-on").value, scale: Number(row.querySelector(".lora-scale").value) }));
+    return picked.length ? { loras: picked } : {};
+  }
 
   // ---------- start ----------
 
