@@ -41,6 +41,8 @@ class ServerProcess:
 
     The process starts at construction; ``start`` (or ``with``) waits until it is bound
     and, by default, ready. ``stop`` sends SIGINT, then kills after ``stop_timeout_s``.
+    ``module`` runs another server with the same contract (prints ``listening on URL``,
+    answers ``/readyz``): the benchmark's bare-FastAPI floor.
     """
 
     def __init__(
@@ -52,12 +54,14 @@ class ServerProcess:
         cwd: Path | None = None,
         ready_timeout_s: float = 900.0,
         stop_timeout_s: float = 60.0,
+        module: str = "zimage_server",
     ) -> None:
         self.log_path = log_path
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.url = ""
-        command = [sys.executable, "-m", "zimage_server", "serve", *args, "--port", "0"]
+        serve = ["serve", *args, "--port", "0"] if module == "zimage_server" else list(args)
+        command = [sys.executable, "-m", module, *serve]
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
             command,

@@ -77,6 +77,16 @@ def test_overhead_benchmark_with_the_null_generator(tmp_path: Path) -> None:
     assert overhead["requests"] == 20 and overhead["size"] == "256x256"
     assert 0 < overhead["p50_ms"] <= overhead["p99_ms"] < 5000
     assert overhead["stages_p50_ms"]["denoise"] == 0
+    # The floor (bare FastAPI, same parse/encode/response) and the keyed server, same run.
+    arms = overhead["arms"]
+    assert set(arms) == {"floor", "ours", "ours_keyed"}
+    assert arms["ours"]["p50_ms"] == overhead["p50_ms"]
+    assert overhead["ratio_p50"] == overhead["p50_ms"] / arms["floor"]["p50_ms"]
+    assert overhead["ratio_p50_keyed"] == arms["ours_keyed"]["p50_ms"] / arms["floor"]["p50_ms"]
+    assert "denoise" not in arms["floor"]["stages_p50_ms"]  # it has no engine at all
+    for entry in arms.values():
+        assert entry["requests"] == 20 and entry["load"]["concurrency"] == 32
+        assert entry["load"]["requests_s"] > 0 and entry["load"]["requests"] >= 128
 
 
 def test_preview_overhead_on_the_tiny_model(tmp_path: Path) -> None:
@@ -89,3 +99,52 @@ def test_preview_overhead_on_the_tiny_model(tmp_path: Path) -> None:
     assert abs(figures["ratio_p50"] - figures["on_p50_s"] / figures["off_p50_s"]) < 1e-9
     assert figures["preview_on_device_p50_s"] > 0 and figures["denoise_off_p50_s"] > 0
     assert figures["encode_ms_per_step_p50"] > 0 and figures["compute_ms_per_step_p50"] > 0
+
+
+def test_gpu_session_dry_run_on_cpu(tmp_path: Path) -> None:
+    """``gpu-session.sh`` end to end on the tiny model: what a lent GPU machine returns
+    (at most 8 files from $OUT) and prints (every step's key figures) holds the results."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "BENCH_MODEL": "tiny",
+        "BENCH_DEVICE": "cpu",
+        "BENCH_SIZES": "256",
+        "BENCH_ITERATIONS": "1",
+        "BENCH_DENOISE_STEPS": "1",
+        "BENCH_CONCURRENCY": "1",
+        "BENCH_OVERHEAD_REQUESTS": "10",
+        "BENCH_SKIP": "lossy preview ablation1 ablation2",
+        "BENCH_DATA_DIR": str(tmp_path / "data"),
+        "BENCH_RESULTS_DIR": str(results),
+    }
+    script = ROOT / "benchmarks" / "gpu-session.sh"
+    run = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=240, env=env, check=False
+    )
+    printed = run.stdout + run.stderr
+    assert run.returncode == 0, printed
+    files = sorted(path.name for path in out.rglob("*") if path.is_file())
+    assert len(files) <= 8, files
+    assert {"server-logs.tar.gz", "session.log"} <= set(files)
+    assert sum(name.endswith(".json") for name in files) == 2  # main and overhead
+    assert sorted(path.name for path in results.iterdir()) == [f for f in files if "json" in f]
+    for step in ("lossy", "preview", "ablation1", "ablation2"):
+        assert f"== {step} skipped (BENCH_SKIP)" in printed
+    recap = printed.split("== key figures, most valuable first")[1]
+    main_line = recap.index("ours_bf16 256x256: p50")
+    assert main_line < recap.index("overhead vs floor (p50):")  # the model's figures first
+    assert "speedup_vs_stock:" in recap and "TFLOP/s" in recap
+    assert "ours_keyed at concurrency 32:" in recap and "no figures" not in recap
+    assert (
+        "server-plain.log"
+        in subprocess.run(
+            ["tar", "-tzf", str(out / "server-logs.tar.gz")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from zimage_server.bench.environment import resolve_device
+from zimage_server.bench.overhead import run_overhead
 from zimage_server.bench.previews import run_preview_overhead
 from zimage_server.bench.report import result_path, show, write_report
 from zimage_server.bench.runner import (
@@ -22,7 +23,6 @@ from zimage_server.bench.runner import (
     BenchConfig,
     Variant,
     run_benchmark,
-    run_overhead,
 )
 from zimage_server.bench.server import BenchError
 

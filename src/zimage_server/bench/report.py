@@ -81,15 +81,23 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
 def overhead_table(report: Mapping[str, Any]) -> Table:
     figures = report["overhead"]
     table = Table(title=f"server overhead, null generator, {figures['size']} ({report['device']})")
-    for column in ("requests", "p50 ms", "p90 ms", "p99 ms", "image_encode p50 ms"):
-        table.add_column(column, justify="right")
-    table.add_row(
-        str(figures["requests"]),
-        f"{figures['p50_ms']:.2f}",
-        f"{figures['p90_ms']:.2f}",
-        f"{figures['p99_ms']:.2f}",
-        f"{figures['stages_p50_ms'].get('image_encode', 0.0):.2f}",
-    )
+    columns = ("arm", "requests", "p50 ms", "p90 ms", "p99 ms", "vs floor (p50)")
+    for column in (*columns, "encode p50 ms", "c32 req/s", "c32 p99 ms"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    floor_p50 = figures.get("arms", {}).get("floor", figures)["p50_ms"]
+    for arm, entry in figures.get("arms", {"ours": figures}).items():
+        load = entry.get("load", {})
+        table.add_row(
+            arm,
+            str(entry["requests"]),
+            f"{entry['p50_ms']:.2f}",
+            f"{entry['p90_ms']:.2f}",
+            f"{entry['p99_ms']:.2f}",
+            f"{entry['p50_ms'] / floor_p50:.2f}x",
+            f"{entry['stages_p50_ms'].get('image_encode', 0.0):.2f}",
+            f"{load['requests_s']:.0f}" if load else "",
+            f"{load['p99_ms']:.1f}" if load else "",
+        )
     return table
 
 

@@ -33,7 +33,6 @@ DEFAULT_PROMPT = (
     "35mm photograph, high detail"
 )
 OURS = "ours_bf16"
-OVERHEAD_SIZE = 256  # the API's smallest size
 
 
 @dataclass(frozen=True)
@@ -353,28 +352,3 @@ def _resolved_folder(model: ModelChoice) -> str:
     from zimage_server.engine.model_source import resolve_model
 
     return resolve_model(Settings(model=model.name, data_dir=model.data_dir)).path
-
-
-def run_overhead(config: BenchConfig) -> dict[str, Any]:
-    """The server's own cost per request, with the zero-cost ``null`` generator."""
-    report = base_report(config, resolve_device(config.device), "overhead")
-    body = {**config.body(OVERHEAD_SIZE), "steps": 1}
-    with _data_dir(config) as data:
-        model = ModelChoice("null", data)
-        with _server(config, model, "cpu", Variant("null")) as server:
-            client = Client(server.url, config.api_key)
-            try:
-                samples = client.timed(body, config.warmup, config.overhead_requests)
-            finally:
-                client.close()
-    summary = summarize(samples)
-    report["overhead"] = {
-        "size": size_key(OVERHEAD_SIZE),
-        "image_format": body["image_format"],
-        "requests": len(samples),
-        "p50_ms": summary["e2e_p50_s"] * 1e3,
-        "p90_ms": summary["e2e_p90_s"] * 1e3,
-        "p99_ms": summary["e2e_p99_s"] * 1e3,
-        "stages_p50_ms": {k: v * 1e3 for k, v in summary["stages_p50_s"].items()},
-    }
-    return report

@@ -1,0 +1,118 @@
+"""What moving a rendered image from the worker process to the API process costs.
+
+Today the worker sends ``BatchDone`` (RGB bytes inside) through a ``multiprocessing`` pipe:
+pickled, written to the pipe, read and unpickled, and the next batch is dispatched only
+once it has arrived, so the GPU idles for that long. The alternative measured beside it:
+the worker writes the RGB into a ``multiprocessing.shared_memory`` block made once (sized
+for the largest image) and sends a small descriptor; the API reads the block in place.
+
+Both are timed as a round trip from a child process (``go`` -> image ready in the parent),
+minus the round trip of an empty message, so what is left is the transfer itself.
+``PYTHONPATH=src python benchmarks/transfer.py [--sizes 1024,2048] [--repeats 30]``
+writes ``results/<date>-cpu-transfer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+from zimage_server.bench.environment import host_info, today
+from zimage_server.engine.protocol import BatchDone, RawImage
+
+
+def shared_buffer(block: SharedMemory) -> memoryview:
+    if block.buf is None:
+        raise RuntimeError("the shared memory block is closed")
+    return block.buf
+
+
+def child(conn: Connection, shm_name: str) -> None:
+    """Answers each request with an empty reply, a pickled image, or a shared-memory one."""
+    block = SharedMemory(shm_name)
+    images: dict[int, bytes] = {}
+    while (request := conn.recv()) is not None:
+        mode, size = request
+        rgb = images.setdefault(size, bytes(range(256)) * (size * size * 3 // 256))
+        if mode == "empty":
+            conn.send(None)
+        elif mode == "pipe":
+            conn.send(BatchDone("b", (RawImage("j", size, size, rgb),), {}, 0, (0,)))
+        else:
+            shared_buffer(block)[: len(rgb)] = rgb  # the worker's one write, into memory both share
+            conn.send(("b", "j", size, size, len(rgb)))
+    block.close()
+
+
+def round_trip(conn: Connection, block: SharedMemory, mode: str, size: int) -> float:
+    start = time.perf_counter()
+    conn.send((mode, size))
+    reply = conn.recv()
+    if mode == "shm":
+        view = shared_buffer(block)[: reply[4]]  # no copy: Image.frombytes reads a buffer
+        if view[1] != 1:  # the bytes the child wrote, read in place
+            raise RuntimeError("shared memory did not hold the image")
+        view.release()
+    return time.perf_counter() - start
+
+
+def measure(sizes: list[int], repeats: int) -> dict[str, Any]:
+    block = SharedMemory(create=True, size=max(sizes) ** 2 * 3)
+    parent, other = mp.get_context("spawn").Pipe()
+    process = mp.get_context("spawn").Process(target=child, args=(other, block.name))
+    process.start()
+    results: dict[str, Any] = {}
+    try:
+        for size in sizes:
+            times: dict[str, list[float]] = {"empty": [], "pipe": [], "shm": []}
+            for _ in range(repeats + 2):  # interleaved; the first two warm up
+                for mode in times:
+                    times[mode].append(round_trip(parent, block, mode, size))
+            p50 = {mode: statistics.median(t[2:]) * 1e3 for mode, t in times.items()}
+            results[f"{size}x{size}"] = {
+                "megabytes": size * size * 3 / 1e6,
+                "empty_round_trip_ms": p50["empty"],
+                "pipe_pickled_ms": p50["pipe"] - p50["empty"],
+                "shared_memory_ms": p50["shm"] - p50["empty"],
+            }
+    finally:
+        parent.send(None)
+        process.join()
+        block.close()
+        block.unlink()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1024,2048")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
+    report: dict[str, Any] = {
+        "benchmark": "transfer",
+        "device": "cpu",
+        "date": today(),
+        "command": f"python benchmarks/transfer.py --sizes {args.sizes} --repeats {args.repeats}",
+        "host": host_info(),
+        "sizes": measure(sizes, args.repeats),
+    }
+    for size, figures in report["sizes"].items():
+        pipe, shared = figures["pipe_pickled_ms"], figures["shared_memory_ms"]
+        print(f"{size} ({figures['megabytes']:.1f} MB): pipe, pickled {pipe:.2f} ms; ", end="")
+        print(f"shared memory {shared:.2f} ms")
+    output = args.output or Path(__file__).parent / "results" / f"{today()}-cpu-transfer.json"
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

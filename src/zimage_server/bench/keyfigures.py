@@ -1,0 +1,81 @@
+"""The few figures of a result file that matter, as plain lines on standard output.
+
+A lent GPU machine returns only 8 files and the tail of what a command printed, so
+``benchmarks/gpu-session.sh`` prints these after each step and again, all together, at the
+end: the printed output alone holds every result. ``python -m zimage_server.bench.keyfigures
+FILE...`` prints them for each file (a missing or half-written file says so; never fails).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from zimage_server.bench.report import summary_lines
+
+
+def key_lines(report: Mapping[str, Any]) -> list[str]:
+    kind = report.get("benchmark")
+    if kind == "overhead":
+        return _overhead(report["overhead"])
+    if kind == "preview":
+        return _preview(report["preview_overhead"])
+    return _model(report)
+
+
+def _model(report: Mapping[str, Any]) -> list[str]:
+    lines = [] if report.get("complete", True) else ["INCOMPLETE (cut short): figures so far"]
+    for name, entry in report.get("variants", {}).items():
+        for size, figures in entry.get("sizes", {}).items():
+            lines.append(f"{name} {size}: p50 {figures['e2e_p50_s'] * 1e3:.1f} ms")
+    return lines + summary_lines(report)
+
+
+def _overhead(figures: Mapping[str, Any]) -> list[str]:
+    arms = figures.get("arms", {})
+    lines = [
+        f"{arm} {figures['size']}: p50 {entry['p50_ms']:.2f} ms, p99 {entry['p99_ms']:.2f} ms"
+        for arm, entry in arms.items()
+    ]
+    if "ratio_p50" in figures:
+        lines.append(
+            f"overhead vs floor (p50): {figures['ratio_p50']:.2f}x without a key, "
+            f"{figures['ratio_p50_keyed']:.2f}x with one"
+        )
+    for arm, entry in arms.items():
+        load = entry.get("load")
+        if load:
+            lines.append(
+                f"{arm} at concurrency {load['concurrency']}: {load['requests_s']:.0f} req/s, "
+                f"p99 {load['p99_ms']:.1f} ms"
+            )
+    return lines or [f"ours p50 {figures['p50_ms']:.2f} ms, p99 {figures['p99_ms']:.2f} ms"]
+
+
+def _preview(figures: Mapping[str, Any]) -> list[str]:
+    return [
+        f"previews at {figures['size']}: on/off paired median {figures['ratio_paired_median']:.3f}"
+        f" (p50 {figures['off_p50_s']:.3f} s off, {figures['on_p50_s']:.3f} s on)",
+        f"preview device time per render {figures['preview_on_device_p50_s'] * 1e3:.1f} ms",
+    ]
+
+
+def file_lines(path: Path) -> list[str]:
+    try:
+        report = json.loads(path.read_text())
+        return [f"{path.name}: {line}" for line in key_lines(report)]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{path.name}: no figures ({type(exc).__name__}: {exc})"]
+
+
+def main(paths: list[str]) -> None:
+    for path in paths:
+        for line in file_lines(Path(path)):
+            sys.stdout.write(f"KEY {line}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
