@@ -14,7 +14,8 @@ from zimage_server.outbound.policy import Destination, IPAddress
 
 
 class PinnedClient:
-    """POSTs that read only the status line and headers (a body never comes back in), with
+    """POSTs that read only the status line and headers (a body never comes back in), and
+    GETs that read a bounded body (input images), with
     no redirects and no proxies from the environment (they would resolve the name again)."""
 
     def __init__(self, timeout_s: float, verify: ssl.SSLContext | bool = True) -> None:
@@ -44,6 +45,34 @@ class PinnedClient:
         response = await self._client.send(request, stream=True)
         await response.aclose()
         return response.status_code
+
+    async def get(
+        self, destination: Destination, address: IPAddress, max_bytes: int
+    ) -> tuple[int, bytes | None]:
+        """The status and body of a GET; body None when it is over ``max_bytes`` (read no
+        further than that, whatever ``Content-Length`` claims)."""
+        request = self._client.build_request(
+            "GET",
+            destination.url.copy_with(host=str(address)),
+            headers={
+                "Host": destination.url.netloc.decode("ascii"),
+                "Accept": "image/*",
+                "Accept-Encoding": "identity",
+            },
+            extensions={"sni_hostname": destination.host.rstrip(".")},
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            if response.status_code != 200:
+                return response.status_code, b""
+            body = bytearray()
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > max_bytes:
+                    return 200, None
+            return 200, bytes(body)
+        finally:
+            await response.aclose()
 
     async def aclose(self) -> None:
         await self._client.aclose()
