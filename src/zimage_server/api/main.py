@@ -22,6 +22,7 @@ from zimage_server.api.middleware import (
     DrainMiddleware,
     HostMiddleware,
     RequestIdMiddleware,
+    takes_images,
 )
 from zimage_server.api.routes import admin, health, metrics, openai_images, outputs, v1, v2
 from zimage_server.api.routes.playground import mount_playground
@@ -247,7 +248,11 @@ def create_app(
     install_error_handlers(app)
     mount_playground(app)
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        image_max_bytes=settings.input_max_body_bytes,
+        image_paths=takes_images,
     )
     app.add_middleware(DrainMiddleware, drain=services.drain)
     app.add_middleware(HostMiddleware, allowed=settings.served_hosts)

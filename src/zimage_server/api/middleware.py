@@ -7,7 +7,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
@@ -78,6 +78,13 @@ class RequestIdMiddleware:
         )
 
 
+def takes_images(path: str) -> bool:
+    """The routes whose bodies carry input images (a larger body limit applies)."""
+    return path == "/v1/images/edits" or path.startswith(
+        ("/v1/z-image-turbo-", "/v2/z-image-turbo-")
+    )
+
+
 class BodyLimitMiddleware:
     """413 for bodies over the limit, by ``Content-Length`` or while streaming; 408 for
     bodies still arriving ``timeout_s`` after the request began (a slow client holds a
@@ -89,18 +96,30 @@ class BodyLimitMiddleware:
     client to disconnect) is the server's own again, without a deadline.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout_s: float,
+        image_max_bytes: int = 0,
+        image_paths: Callable[[str], bool] = lambda _path: False,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.image_max_bytes = image_max_bytes  # routes that take input images: larger
+        self.image_paths = image_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes
+        if self.image_max_bytes > limit and self.image_paths(scope["path"]):
+            limit = self.image_max_bytes
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await render_error(PayloadTooLarge(self._message()), scope)(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            await render_error(PayloadTooLarge(self._message(limit)), scope)(scope, receive, send)
             return
         seen, complete = 0, False
         deadline = time.monotonic() + self.timeout_s
@@ -115,8 +134,8 @@ class BodyLimitMiddleware:
                 raise BodyTooSlow(408, self._slow(), {"Connection": "close"}) from None
             seen += len(message.get("body", b""))
             complete = not message.get("more_body", False)
-            if seen > self.max_bytes:
-                raise BodyTooLarge(413, self._message())
+            if seen > limit:
+                raise BodyTooLarge(413, self._message(limit))
             return message
 
         try:
@@ -127,8 +146,8 @@ class BodyLimitMiddleware:
             error = RequestTimeout(exc.detail, headers=exc.headers)
             await render_error(error, scope)(scope, receive, send)
 
-    def _message(self) -> str:
-        return f"Request body too large: at most {self.max_bytes} bytes."
+    def _message(self, limit: int) -> str:
+        return f"Request body too large: at most {limit} bytes."
 
     def _slow(self) -> str:
         return f"Request body not received within {self.timeout_s:g} s; send it at once."

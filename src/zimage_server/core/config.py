@@ -254,6 +254,21 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
     )
     log_prompts: bool = Field(False, description="Include prompts in the access log.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger bodies get 413.")
+    input_max_body_bytes: int = Field(
+        40 * 2**20, ge=1024, description="Body limit of the image-input routes (413 above)."
+    )
+    input_max_bytes: int = Field(
+        16 * 2**20, ge=1024, description="Largest input image file (upload, base64 or URL)."
+    )
+    input_max_pixels: int = Field(
+        4096 * 4096, ge=65536, description="Largest input image, in pixels (bombs refused)."
+    )
+    input_fetch_timeout_s: float = Field(
+        10.0, gt=0, description="Fetching one input image URL, DNS included."
+    )
+    input_allowed_networks: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="Private networks input image URLs may reach (CIDR)."
+    )
     shutdown_grace_s: float = Field(30.0, ge=0, description="Drain time on SIGTERM.")
     output_min_free_bytes: int = Field(
         100 * 2**20, ge=0, description="Refuse renders (507) when the output disk has less."

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from diffusers import ZImagePipeline
+from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
+from PIL import Image
 
 from zimage_server.core.errors import Cancelled
 from zimage_server.engine.adapters import AdapterBank, AdapterError
@@ -74,6 +76,7 @@ class DiffusersGenerator:
         self._previewer: LatentPreviewer | None = None
         self._preview_s = 0.0  # this render's preview time, summed over steps
         self.adapters: AdapterBank | None = None
+        self._task_pipes: dict[str, Any] = {}
 
     @property
     def dtype_name(self) -> str:
@@ -234,7 +237,7 @@ class DiffusersGenerator:
                 batch, positive, negative, guidance, seeds, on_step, is_cancelled
             )
             timings["denoise"] = self._lap(start, sum(timings.values()))
-            pixels = self._decode(latents)
+            pixels = keep_unmasked(self._decode(latents), batch)
             timings["vae_decode"] = self._lap(start, sum(timings.values()))
         if self._preview_s:  # inside denoise: reported, not added to the stages' sum
             timings["preview"] = self._preview_s
@@ -276,10 +279,11 @@ class DiffusersGenerator:
                 time.sleep(delay)
             if is_cancelled():
                 raise Cancelled("every image of the batch was cancelled")
-            on_step(step + 1, batch.steps, self._previews(kwargs["latents"], wanted, batch))
+            total = _pipe.num_timesteps  # fewer than batch.steps for an input image
+            on_step(step + 1, total, self._previews(kwargs["latents"], wanted, batch))
             return {}
 
-        return pipe(
+        return self._pipeline(batch.task)(
             prompt_embeds=positive,
             negative_prompt_embeds=negative if guidance > 0 else None,
             height=batch.height,
@@ -289,7 +293,21 @@ class DiffusersGenerator:
             generator=generators,
             output_type="latent",
             callback_on_step_end=step_end,
+            **task_inputs(batch),
         ).images
+
+    def _pipeline(self, task: str) -> Any:
+        """The task's diffusers pipeline over the loaded components (``from_pipe``: the
+        same modules, so no second copy of the weights, and adapters, hooks and compiled
+        regions apply to every task)."""
+        if task == "text-to-image":
+            return self.pipe
+        if task not in self._task_pipes:
+            kind = {"img2img": ZImageImg2ImgPipeline, "inpaint": ZImageInpaintPipeline}[task]
+            pipe = kind.from_pipe(self.pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._task_pipes[task] = pipe
+        return self._task_pipes[task]
 
     def _previews(
         self, latents: Any, wanted: list[tuple[int, str, int]], batch: RenderBatch
@@ -317,6 +335,33 @@ class DiffusersGenerator:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start - before
+
+
+def task_inputs(batch: RenderBatch) -> dict[str, Any]:
+    """The input image (and mask) of each item, for the img2img and inpaint pipelines."""
+    if batch.task == "text-to-image":
+        return {}
+    size = (batch.width, batch.height)
+    inputs: dict[str, Any] = {
+        "image": [Image.frombytes("RGB", size, item.image) for item in batch.items],
+        "strength": batch.strength,
+    }
+    if batch.task == "inpaint":
+        inputs["mask_image"] = [Image.frombytes("L", size, item.mask) for item in batch.items]
+    return inputs
+
+
+def keep_unmasked(pixels: Any, batch: RenderBatch) -> Any:
+    """Inpainting: the input's own pixels where the mask keeps them. The pipeline blends in
+    latent space (a 16-pixel grid, through the VAE); this makes "kept" exact."""
+    if batch.task != "inpaint":
+        return pixels
+    shape = (batch.height, batch.width)
+    for i, item in enumerate(batch.items):
+        keep = np.frombuffer(item.mask, np.uint8).reshape(shape) < 128
+        original = np.frombuffer(item.image, np.uint8).reshape((*shape, 3))
+        pixels[i][keep] = original[keep]
+    return pixels
 
 
 def _no_steps(_step: int, _total: int, _previews: tuple[Preview, ...]) -> None:

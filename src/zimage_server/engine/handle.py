@@ -437,11 +437,21 @@ def _render_command(batch: Batch) -> RenderBatch:
             ticket.request_id,
             ticket.spec.tenant,
             ticket.spec.preview_size,
+            ticket.spec.image,
+            ticket.spec.mask,
         )
         for ticket in batch.tickets
     )
     return RenderBatch(
-        batch.id, items, key.width, key.height, key.steps, key.guidance_scale, key.loras
+        batch.id,
+        items,
+        key.width,
+        key.height,
+        key.steps,
+        key.guidance_scale,
+        key.loras,
+        key.task,
+        key.strength,
     )
 
 

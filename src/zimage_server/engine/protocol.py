@@ -57,6 +57,8 @@ class RenderItem:
     request_id: str = ""  # the HTTP request's id, for the worker's logs
     tenant: str = ""  # whose prompt: cached embeddings are shared only within a tenant
     preview_size: int = 0  # longer side of a per-step preview, in pixels; 0: no previews
+    image: bytes = b""  # img2img/inpaint: RGB uint8 at the batch's size (compact, no PNG)
+    mask: bytes = b""  # inpaint: L uint8 at the batch's size, 255 = repaint
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,8 @@ class RenderBatch:
     steps: int
     guidance_scale: float  # the API's convention: <= 1 means no guidance
     loras: tuple[LoraRef, ...] = ()  # applied to the whole batch; () = none
+    task: str = "text-to-image"  # or img2img, inpaint: every item has an input image
+    strength: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,8 @@ class BatchKey:
     steps: int
     guidance_scale: float
     loras: tuple[LoraRef, ...] = ()  # the adapter set and scales: batches never mix them
+    task: str = "text-to-image"  # img2img, inpaint: a batch is one pipeline, one task
+    strength: float = 1.0  # the steps that run depend on it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,6 +39,10 @@ class RenderSpec:
     tenant: str = ""  # whose request: cached prompt embeddings are shared only within one
     preview_size: int = 0  # per-step previews this many pixels on the longer side; 0: none
     loras: tuple[LoraRef, ...] = ()
+    task: str = "text-to-image"
+    strength: float = 1.0
+    image: bytes = b""  # img2img/inpaint: the input, RGB uint8 at width x height
+    mask: bytes = b""  # inpaint: L uint8 at width x height, 255 = repaint
 
     @property
     def cache_key(self) -> Prompt:
@@ -49,6 +55,8 @@ class RenderSpec:
             steps=self.steps,
             guidance_scale=self.guidance_scale,
             loras=self.loras,
+            task=self.task,
+            strength=self.strength,
         )
 
 

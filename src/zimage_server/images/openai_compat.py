@@ -8,7 +8,13 @@ from pydantic import ValidationError
 
 from zimage_server.core.errors import InvalidRequest, UnknownModel
 from zimage_server.protocol.openai import ImageGenerationRequest
-from zimage_server.protocol.segmind import MAX_SEED, MODEL_SLUG, GenerationParams, validate_params
+from zimage_server.protocol.segmind import (
+    MAX_SEED,
+    MODEL_SLUG,
+    GenerationParams,
+    Task,
+    validate_params,
+)
 
 MODEL_NAMES = frozenset({MODEL_SLUG, "Tongyi-MAI/Z-Image-Turbo", "z-image"})
 _SIZE = re.compile(r"^(\d{3,4})x(\d{3,4})$")
@@ -60,3 +66,31 @@ def to_params(data: object) -> tuple[ImageGenerationRequest, list[GenerationPara
     if request.seed is not None and request.seed >= 0:
         seeds = [min(request.seed + i, MAX_SEED) for i in range(request.n)]
     return request, [validate_params({**base, "seed": seed}) for seed in seeds]
+
+
+EDIT_FIELDS = (
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "response_format",
+    "output_format",
+    "output_compression",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+)
+
+
+def to_edit_params(
+    fields: dict[str, str], task: Task
+) -> tuple[ImageGenerationRequest, list[GenerationParams]]:
+    """``POST /v1/images/edits``'s form fields (all strings) as the generation fields plus
+    ``strength`` (our extension); the task is the caller's, from the files it sent."""
+    if fields.get("stream", "").strip().lower() in ("true", "1"):
+        raise InvalidRequest("Invalid 'stream': edits are not streamed here.", field="stream")
+    data: dict[str, object] = {k: v for k, v in fields.items() if k in EDIT_FIELDS}
+    request, batch = to_params(data)
+    strength = validate_params({"prompt": "-", "strength": fields.get("strength")}).strength
+    update = {"task": task, "strength": strength}
+    return request, [params.model_copy(update=update) for params in batch]

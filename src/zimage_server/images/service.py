@@ -24,12 +24,27 @@ from zimage_server.core.errors import (
 from zimage_server.engine import EngineLike, RenderSpec
 from zimage_server.engine.protocol import LoraRef
 from zimage_server.images.encode import MEDIA_TYPES, encode_image, round_up_16
+from zimage_server.images.inputs import (
+    ImageFetcher,
+    InputImages,
+    InputLimits,
+    default_size,
+    is_transparent,
+    load_image,
+    mask_from_alpha,
+    mask_from_luma,
+    open_image,
+    to_render_size,
+    to_rgb,
+)
 from zimage_server.images.loras import LoraCatalog
 from zimage_server.protocol.segmind import (
     MODEL_SLUG,
+    TASK_SLUGS,
     GenerationParams,
     ImageResponse,
     SubmitRequest,
+    Task,
     json_value,
     validate_params,
     with_webhook,
@@ -84,6 +99,52 @@ class Generated:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class EditInputs:
+    """An edit's decoded uploads and the task they make (``mask`` only for inpaint)."""
+
+    task: Task
+    image: Any  # PIL images: decoded, orientation applied
+    mask: Any
+
+
+def with_size(params: GenerationParams, inputs: InputImages | None) -> GenerationParams:
+    """The params with the output size that the input images were fitted to."""
+    if inputs is None or (params.width, params.height) == (inputs.width, inputs.height):
+        return params
+    return params.model_copy(update={"width": inputs.width, "height": inputs.height})
+
+
+def check_task_fields(params: GenerationParams, model: str) -> None:
+    """The input images that the slug's task needs, and only those; and its strength."""
+    needs = {"text-to-image": (), "img2img": ("image",), "inpaint": ("image", "mask_image")}
+    wanted = needs[params.task]
+    for name in ("image", "mask_image"):
+        given = getattr(params, name) is not None
+        if name in wanted and not given:
+            raise InvalidRequest(
+                f"Missing required field '{name}': '{model}' needs it (an http(s) URL, a data "
+                "URI or base64 of a PNG, JPEG or WebP image).",
+                field=name,
+            )
+        if given and name not in wanted:
+            slug = f"{MODEL_SLUG}-inpaint" if name == "mask_image" else f"{MODEL_SLUG}-img2img"
+            raise InvalidRequest(
+                f"Invalid '{name}': '{model}' takes no {name}; use '{slug}'.", field=name
+            )
+    check_strength(params)
+
+
+def check_strength(params: GenerationParams) -> None:
+    """A strength that leaves at least one step (diffusers runs one for any above 0)."""
+    if params.steps_run < 1:
+        raise InvalidRequest(
+            "Invalid 'strength': must be a number above 0 and at most 1 (0 runs no step; "
+            f"got {params.effective_strength:g}).",
+            field="strength",
+        )
+
+
 async def _all_or_none(renders: Iterable[Coroutine[Any, Any, Generated]]) -> list[Generated]:
     """Run the renders together; the first failure cancels the rest and is raised as is."""
     try:
@@ -120,22 +181,72 @@ class GenerationService:
         self.pricing = pricing
         self.metrics = metrics
         self.loras = LoraCatalog(settings)
+        self.fetcher = ImageFetcher(settings, InputLimits.from_settings(settings))
 
     def check_model(self, slug: str) -> None:
-        if slug != MODEL_SLUG:
-            raise UnknownModel(f"Unknown model '{slug[:80]}'. This server serves '{MODEL_SLUG}'.")
+        if slug not in TASK_SLUGS:
+            served = ", ".join(f"'{name}'" for name in TASK_SLUGS)
+            raise UnknownModel(f"Unknown model '{slug[:80]}'. This server serves {served}.")
 
-    async def validate(self, body: object) -> GenerationParams:
-        """A v1 body as the route received it (parsed JSON, or raw bytes)."""
+    async def validate(self, body: object, model: str = MODEL_SLUG) -> GenerationParams:
+        """A v1 body as the route received it (parsed JSON, or raw bytes), for the task
+        that the slug ``model`` names."""
         params = validate_params(json_value(body))
+        params = params.model_copy(update={"task": TASK_SLUGS[model]})
         self.check_prompt(params.prompt)
+        check_task_fields(params, model)
         await self.check_loras(params)
         return params
 
-    async def validate_submit(self, body: object) -> SubmitRequest:
-        """A v2 body as the route received it (parsed JSON, or raw bytes)."""
+    async def validate_submit(self, body: object, model: str = MODEL_SLUG) -> SubmitRequest:
+        """A v2 body as the route received it (parsed JSON, or raw bytes). Input-image
+        tasks are v1's for now: a job would have to store its decoded images."""
+        if TASK_SLUGS[model] != "text-to-image":
+            raise UnknownModel(
+                f"'{model}' is served synchronously only, by POST /v1/{model}; v2 jobs "
+                f"serve '{MODEL_SLUG}'."
+            )
         data = json_value(body)
-        return with_webhook(await self.validate(data), data)
+        return with_webhook(await self.validate(data, model), data)
+
+    async def load_inputs(self, params: GenerationParams) -> InputImages | None:
+        """Fetch and decode the request's images (400 naming the field for anything
+        refused), before anything is billed; None for text-to-image."""
+        if params.image is None:
+            return None
+        image = to_rgb(await load_image(params.image, "image", self.fetcher))
+        mask = None
+        if params.mask_image is not None:
+            mask = mask_from_luma(await load_image(params.mask_image, "mask_image", self.fetcher))
+        return self.fit_inputs(params, image, mask, "mask_image")
+
+    async def edit_inputs(self, image: bytes, mask: bytes | None) -> EditInputs:
+        """OpenAI's edit uploads: the mask's transparent pixels are edited; without a mask,
+        an image with transparent pixels is its own mask, and one without is img2img."""
+        limits = self.fetcher.limits
+        picture = await asyncio.to_thread(open_image, image, "image", limits)
+        if mask is not None:
+            mask_picture = await asyncio.to_thread(open_image, mask, "mask", limits)
+            return EditInputs("inpaint", to_rgb(picture), mask_from_alpha(mask_picture, "mask"))
+        if is_transparent(picture):
+            return EditInputs("inpaint", to_rgb(picture), mask_from_alpha(picture, "image"))
+        return EditInputs("img2img", to_rgb(picture), None)
+
+    def fit_inputs(
+        self,
+        params: GenerationParams,
+        image: Any,
+        mask: Any,
+        mask_field: str,
+        size_given: bool | None = None,
+    ) -> InputImages:
+        """The images at the request's render size: its width and height if it gave them,
+        else the input's own size (scaled into 256..2048)."""
+        if size_given is None:
+            size_given = bool({"width", "height"} & params.model_fields_set)
+        size = (params.width, params.height) if size_given else default_size(image.size)
+        render = (round_up_16(size[0]), round_up_16(size[1]))
+        return to_render_size(image, mask, size, render, mask_field)
 
     def check_prompt(self, prompt: str) -> None:
         """The server's own limit, on top of the contract's (operators set it)."""
@@ -161,10 +272,10 @@ class GenerationService:
             self.loras.resolve_local(index, entry) for index, entry in enumerate(params.loras)
         )
 
-    def price(self, params: GenerationParams) -> int:
-        return self.pricing.price(
-            params.width, params.height, params.steps, loras=bool(params.loras)
-        )
+    def price(self, params: GenerationParams, inputs: InputImages | None = None) -> int:
+        """By size and the steps that run (an input image's strength skips the first)."""
+        width, height = (inputs.width, inputs.height) if inputs else (params.width, params.height)
+        return self.pricing.price(width, height, params.steps_run, loras=bool(params.loras))
 
     async def generate(
         self,
@@ -173,13 +284,20 @@ class GenerationService:
         store: bool = False,
         timeout: float | None = None,
         stream_id: str | None = None,
+        inputs: InputImages | None = None,
     ) -> Generated:
         """Hold the price, render, encode (and store); anything short of success refunds."""
+        params = with_size(params, inputs)
         price = self.price(params)
         timeout = timeout or self.settings.request_timeout_s
         async with self._billed(admission, price, timeout) as remaining:
             generated = await self.render(
-                params, pick_seed(params), timeout, tenant=tenant_of(admission), stream_id=stream_id
+                params,
+                pick_seed(params),
+                timeout,
+                tenant=tenant_of(admission),
+                stream_id=stream_id,
+                inputs=inputs,
             )
             if store:
                 output_id = await asyncio.to_thread(
@@ -199,16 +317,23 @@ class GenerationService:
             )
 
     async def generate_many(
-        self, batch: list[GenerationParams], admission: Admission, store: bool = False
+        self,
+        batch: list[GenerationParams],
+        admission: Admission,
+        store: bool = False,
+        inputs: InputImages | None = None,
     ) -> list[Generated]:
         """Several images billed together: all are charged, or none. They are queued at
         once, so the engine's batcher can render them as one batch; the first failure
-        cancels the others (a task group), so no sibling renders on unpaid."""
+        cancels the others (a task group), so no sibling renders on unpaid. ``inputs``:
+        the one input image (and mask) that every image starts from."""
+        batch = [with_size(params, inputs) for params in batch]
         price = sum(self.price(params) for params in batch)
         timeout = self.settings.request_timeout_s
+        tenant = tenant_of(admission)
         async with self._billed(admission, price, timeout) as remaining:
             results = await _all_or_none(
-                self._render_one(params, timeout, store, tenant_of(admission)) for params in batch
+                self._render_one(params, timeout, store, tenant, inputs) for params in batch
             )
         self._record(admission, results)
         if admission.principal is None:
@@ -220,9 +345,15 @@ class GenerationService:
         ]
 
     async def _render_one(
-        self, params: GenerationParams, timeout: float, store: bool, tenant: str
+        self,
+        params: GenerationParams,
+        timeout: float,
+        store: bool,
+        tenant: str,
+        inputs: InputImages | None,
     ) -> Generated:
-        generated = await self.render(params, pick_seed(params), timeout, tenant=tenant)
+        seed = pick_seed(params)
+        generated = await self.render(params, seed, timeout, tenant=tenant, inputs=inputs)
         if not store:
             return generated
         output_id = await asyncio.to_thread(self.outputs.save, generated.data, params.image_format)
@@ -294,6 +425,7 @@ class GenerationService:
         *,
         tenant: str,
         stream_id: str | None = None,
+        inputs: InputImages | None = None,
     ) -> Generated:
         """Render and encode, unbilled (callers own billing). ``job_id`` names the render
         in the engine so it can be located and cancelled; such renders were admitted
@@ -310,6 +442,10 @@ class GenerationService:
             tenant=tenant,
             preview_size=params.preview_pixels,
             loras=await self.check_loras(params) if params.loras else (),
+            task=params.task,
+            strength=params.effective_strength,
+            image=inputs.image if inputs else b"",
+            mask=inputs.mask if inputs else b"",
         )
         render_id = job_id or stream_id
         result = await self.engine.render(spec, timeout, render_id, admitted=job_id is not None)

@@ -16,8 +16,8 @@ from zimage_server.outbound.policy import Destination, IPAddress
 
 class PinnedClient:
     """POSTs that read only the status line and headers (a body never comes back in), and
-    streamed GETs, with no redirects and no proxies from the environment (they would
-    resolve the name again)."""
+    GETs whose body is read as far as the caller wants (adapters, input images), with no
+    redirects and no proxies from the environment (they would resolve the name again)."""
 
     def __init__(self, timeout_s: float, verify: ssl.SSLContext | bool = True) -> None:
         self._client = httpx.AsyncClient(
@@ -68,6 +68,22 @@ class PinnedClient:
             headers={**headers, "Host": destination.url.netloc.decode("ascii")},
             extensions={"sni_hostname": destination.host.rstrip(".")},
         )
+
+    async def get(
+        self, destination: Destination, address: IPAddress, max_bytes: int
+    ) -> tuple[int, bytes | None]:
+        """The status and body of a GET; body None when it is over ``max_bytes`` (read no
+        further than that, whatever ``Content-Length`` claims)."""
+        headers = {"Accept": "image/*", "Accept-Encoding": "identity"}
+        async with self.stream(destination, address, headers) as response:
+            if response.status_code != 200:
+                return response.status_code, b""
+            body = bytearray()
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > max_bytes:
+                    return 200, None
+            return 200, bytes(body)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic_core
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from zimage_server.core.errors import InvalidRequest
 
@@ -25,6 +26,15 @@ _JSON_LIMITS = {
     "hex escape": " (escapes from \\ud800 to \\udfff must form UTF-16 surrogate pairs)",
 }
 MODEL_SLUG = "z-image-turbo"
+Task = Literal["text-to-image", "img2img", "inpaint"]
+# Each task's slug, beside the text-to-image one (Segmind names tasks this way).
+TASK_SLUGS: dict[str, Task] = {
+    MODEL_SLUG: "text-to-image",
+    f"{MODEL_SLUG}-img2img": "img2img",
+    f"{MODEL_SLUG}-inpaint": "inpaint",
+}
+DEFAULT_STRENGTH: dict[Task, float] = {"text-to-image": 1.0, "img2img": 0.6, "inpaint": 1.0}
+MAX_IMAGE_FIELD_CHARS = 64 * 2**20  # the server's own byte limit is checked after decoding
 DEFAULT_PREVIEW_SIZE = 256
 JobState = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
 
@@ -106,6 +116,39 @@ class GenerationParams(BaseModel):
         0, ge=0, le=1024, description="Longer side of step previews in pixels; >0 turns them on."
     )
 
+    image: str | None = Field(
+        None,
+        max_length=MAX_IMAGE_FIELD_CHARS,
+        description="Input image (img2img and inpaint slugs): an http(s) URL, a data URI or "
+        "raw base64 of a PNG, JPEG or WebP. Without width and height, the output has its size.",
+    )
+    mask_image: str | None = Field(
+        None,
+        max_length=MAX_IMAGE_FIELD_CHARS,
+        description="Inpainting mask, the input image's size: white is repainted, black kept.",
+    )
+    strength: Number | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="How far to move from the input image: 1 ignores it. Default 0.6 for "
+        "img2img, 1 for inpaint; steps x strength steps run (at least one).",
+    )
+    # Set from the slug by the service, never read from a body; kept in v2's stored params.
+    task: SkipJsonSchema[Task] = "text-to-image"
+
+    @property
+    def effective_strength(self) -> float:
+        if self.strength is None or self.task == "text-to-image":
+            return DEFAULT_STRENGTH[self.task]
+        return self.strength
+
+    @property
+    def steps_run(self) -> int:
+        """The denoising steps that run: all of them for text-to-image; for an input image,
+        those after the strength's start, as diffusers rounds them."""
+        return self.steps - int(max(self.steps - self.steps * self.effective_strength, 0))
+
     @property
     def preview_pixels(self) -> int:
         """The previews' longer side; 0 when the request did not ask for previews."""
@@ -139,6 +182,7 @@ def _properties() -> dict[str, dict[str, Any]]:
 def allowed_values(name: str) -> str:
     """Describe a field's allowed values from its schema, e.g. 'an integer from 1 to 75'."""
     schema = _properties()[name]
+    schema = next((s for s in schema.get("anyOf", []) if s.get("type") != "null"), schema)
     if "enum" in schema:
         return "one of " + ", ".join(f"'{v}'" for v in schema["enum"])
     kind = {"integer": "an integer", "number": "a number", "boolean": "true or false"}

@@ -21,7 +21,8 @@ from zimage_server.api.streaming import stream_render
 from zimage_server.billing import format_credits
 from zimage_server.core.errors import InvalidRequest
 from zimage_server.images import Generated, GenerationService
-from zimage_server.images.openai_compat import to_params
+from zimage_server.images.openai_compat import to_edit_params, to_params
+from zimage_server.images.service import check_strength
 from zimage_server.protocol import (
     MODEL_SLUG,
     Flavour,
@@ -70,33 +71,7 @@ async def generations(
     images = await unless_disconnected(
         request, service.generate_many(batch, admission, store=as_url)
     )
-    base, outputs = public_base(request), request.app.state.outputs
-    width, height = batch[0].width, batch[0].height
-    headers = dict(admission.headers)
-    if images[0].credits_remaining is not None:
-        consumed = sum(g.credits_consumed or 0 for g in images)
-        headers["x-credits-consumed"] = format_credits(consumed)
-        headers["x-remaining-credits"] = format_credits(images[0].credits_remaining)
-
-    def content() -> ImagesResponse:
-        data = [
-            ImageObject(
-                **({"url": outputs.url(g.output_id, base)} if as_url else {"b64_json": g.base64()}),
-                revised_prompt=openai_request.prompt,
-                seed=g.seed,
-            )
-            for g in images
-        ]
-        return ImagesResponse(
-            created=int(time.time()),
-            data=data,
-            output_format=openai_request.output_format,
-            size=f"{width}x{height}",
-            quality="auto",
-        )
-
-    inline = 0 if as_url else sum(len(g.data) for g in images)
-    return await image_json(content, is_large(inline), headers=headers)
+    return await _images_response(request, openai_request, images, admission)
 
 
 async def _stream(
@@ -152,6 +127,93 @@ async def _stream(
 
     names = {"completed": "image_generation.completed"}
     return await stream_render(request, run, result, names, shape)
+
+
+@router.post(
+    "/v1/images/edits",
+    summary="Edit an image (OpenAI-compatible, multipart)",
+    response_model=ImagesResponse,
+    responses=error_docs(Flavour.OPENAI, Example.bad_size, *RENDER_FAILURES),
+)
+async def edits(
+    request: Request, admission: Annotated[Admission, Depends(admit_generate)]
+) -> Response:
+    """``image`` (and ``image[]``, the first), an optional ``mask`` whose transparent
+    pixels are edited, and the generation fields; ``strength`` is our extension."""
+    service: GenerationService = request.app.state.generation
+    fields, files = await _read_form(request, service.settings.input_max_bytes)
+    image = files.get("image") or files.get("image[]")
+    if image is None:
+        raise InvalidRequest("Missing required field 'image': upload a PNG, JPEG or WebP file.")
+    edit = await service.edit_inputs(image, files.get("mask"))
+    openai_request, batch = to_edit_params(fields, edit.task)
+    service.check_prompt(openai_request.prompt)
+    check_strength(batch[0])
+    service.resolve_loras(batch[0])
+    inputs = service.fit_inputs(
+        batch[0], edit.image, edit.mask, "mask", size_given=openai_request.size != "auto"
+    )
+    as_url = openai_request.response_format == "url"
+    images = await unless_disconnected(
+        request, service.generate_many(batch, admission, store=as_url, inputs=inputs)
+    )
+    return await _images_response(request, openai_request, images, admission)
+
+
+async def _read_form(request: Request, max_bytes: int) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The multipart form's text fields and its files' bytes (each at most ``max_bytes``;
+    the body limit bounds the whole)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequest("The body must be multipart/form-data with an 'image' file.")
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    async with request.form(max_files=4, max_fields=64) as form:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields.setdefault(name, value)
+                continue
+            data = await value.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise InvalidRequest(
+                    f"Invalid '{name}': the file is larger than {max_bytes} bytes.", field=name
+                )
+            files.setdefault(name, data)
+    return fields, files
+
+
+async def _images_response(
+    request: Request,
+    openai_request: ImageGenerationRequest,
+    images: list[Generated],
+    admission: Admission,
+) -> Response:
+    as_url = openai_request.response_format == "url"
+    base, outputs = public_base(request), request.app.state.outputs
+    headers = dict(admission.headers)
+    if images[0].credits_remaining is not None:
+        consumed = sum(g.credits_consumed or 0 for g in images)
+        headers["x-credits-consumed"] = format_credits(consumed)
+        headers["x-remaining-credits"] = format_credits(images[0].credits_remaining)
+
+    def content() -> ImagesResponse:
+        data = [
+            ImageObject(
+                **({"url": outputs.url(g.output_id, base)} if as_url else {"b64_json": g.base64()}),
+                revised_prompt=openai_request.prompt,
+                seed=g.seed,
+            )
+            for g in images
+        ]
+        return ImagesResponse(
+            created=int(time.time()),
+            data=data,
+            output_format=openai_request.output_format,
+            size=f"{images[0].params.width}x{images[0].params.height}",
+            quality="auto",
+        )
+
+    inline = 0 if as_url else sum(len(g.data) for g in images)
+    return await image_json(content, is_large(inline), headers=headers)
 
 
 @router.get(

@@ -19,6 +19,7 @@ from zimage_server.api.sse import wants_stream
 from zimage_server.api.streaming import stream_render
 from zimage_server.billing import format_credits
 from zimage_server.images import Generated, GenerationService
+from zimage_server.images.inputs import InputImages
 from zimage_server.protocol import Flavour, GenerationParams, ImageResponse, wire
 from zimage_server.protocol.segmind import LORA_MAX_SCALE, LoraInfo, LoraList
 
@@ -101,16 +102,18 @@ async def generate(
 ) -> Response:
     service: GenerationService = request.app.state.generation
     service.check_model(model)
-    params = await service.validate(body)
+    params = await service.validate(body, model)
     if service.settings.log_prompts:
         request.state.log_prompt = params.prompt
+    inputs = await unless_disconnected(request, service.load_inputs(params))
     if wants_stream(request):
-        return await _stream(request, service, params, admission)
+        return await _stream(request, service, params, admission, inputs)
     raw, params = negotiated(request, params, service.settings.v1_default_response)
+    store = not raw and not params.base_64
     generated = await unless_disconnected(
         request,
         service.generate(
-            params, admission, store=not raw and not params.base_64, timeout=deadline_from(request)
+            params, admission, store=store, timeout=deadline_from(request), inputs=inputs
         ),
     )
     headers = _headers(generated, admission)
@@ -128,7 +131,11 @@ async def generate(
 
 
 async def _stream(
-    request: Request, service: GenerationService, params: GenerationParams, admission: Admission
+    request: Request,
+    service: GenerationService,
+    params: GenerationParams,
+    admission: Admission,
+    inputs: InputImages | None,
 ) -> Response:
     """``Accept: text/event-stream``: the render's events, then the JSON body as
     ``completed``."""
@@ -137,7 +144,7 @@ async def _stream(
     async def run(render_id: str) -> Generated:
         store = not params.base_64
         return await service.generate(
-            params, admission, store=store, timeout=deadline, stream_id=render_id
+            params, admission, store=store, timeout=deadline, stream_id=render_id, inputs=inputs
         )
 
     async def result(generated: Generated) -> dict[str, Any]:

@@ -119,7 +119,7 @@ async def submit(
 ) -> Response:
     service: GenerationService = request.app.state.generation
     service.check_model(model)
-    submit = await service.validate_submit(body)
+    submit = await service.validate_submit(body, model)
     base = public_base(request)
     submission = Submission(
         params=submit.generation_params(),
