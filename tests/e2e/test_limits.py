@@ -48,7 +48,10 @@ def test_full_queue_is_429_and_deadline_is_504(slow_server: tuple[InProcessServe
     result: dict[str, requests.Response] = {}
     thread = threading.Thread(target=lambda: result.setdefault("r", server.post(slow)))
     thread.start()
-    time.sleep(0.5)
+    until = time.monotonic() + 30  # the slow request is queued (a busy machine may lag)
+    while requests.get(server.url + "/readyz", timeout=5).json()["queue_depth"] < 1:
+        assert time.monotonic() < until, "the slow request never reached the queue"
+        time.sleep(0.05)
     busy = server.post({**slow, "steps": 1})
     ready = requests.get(server.url + "/readyz", timeout=5)
     assert ready.status_code == 503 and ready.json()["status"] == "BUSY"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from limits import RateLimitItem, parse, storage, strategies
 
 from zimage_server.accounts.inflight import InFlight, MemoryInFlight, RedisInFlight
-from zimage_server.core.errors import InvalidRequest, NotReady, RateLimited
+from zimage_server.core.errors import InvalidRequest, LimitsUnavailable, RateLimited
 
 if TYPE_CHECKING:
     from zimage_server.accounts.keys import Principal
@@ -64,10 +64,6 @@ class Admission:
     principal: Principal | None
     headers: dict[str, str]
     slot: str = ""  # names the in-flight slot it holds
-
-
-class LimitsUnavailable(NotReady):
-    """Redis, where the limits are counted, cannot be reached (503, nothing charged)."""
 
 
 @contextmanager

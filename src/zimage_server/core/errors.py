@@ -26,7 +26,9 @@ so every error pickles with its data intact (a Ray replica sends them across pro
     ├── GenerationFailed          500  the model raised; message is safe to show
     ├── WorkerDied                502  the worker process died during the render
     ├── NotReady                  503  model loading, worker restarting, or shutting down
-    │   └── StoreUnavailable           the database cannot be reached
+    │   ├── StoreUnavailable           the database cannot be reached
+    │   ├── LimitsUnavailable          Redis, where limits are counted, cannot be reached
+    │   └── OutputStoreUnavailable     the output bucket cannot be reached
     ├── DeadlineExceeded          504  the request's deadline passed
     ├── InsufficientStorage       507  the output disk is full
     └── StartupError              500  the server cannot start as configured (CLI exits 2)
@@ -186,6 +188,14 @@ class NotReady(ZImageError):
 
 class StoreUnavailable(NotReady):
     pass
+
+
+class LimitsUnavailable(NotReady):
+    """Redis, where the limits are counted, cannot be reached (503, nothing charged)."""
+
+
+class OutputStoreUnavailable(NotReady):
+    """The output bucket cannot be reached or refuses us (503, nothing charged)."""
 
 
 class DeadlineExceeded(ZImageError):

@@ -18,7 +18,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from zimage_server.core.errors import NotReady, OutputNotFound, ZImageError
+from zimage_server.core.errors import (
+    OutputNotFound,
+    OutputStoreUnavailable,
+    ZImageError,
+)
 from zimage_server.store.outputs import SPACE_RECHECK_S, Stored, check_id, media_type_of
 
 if TYPE_CHECKING:
@@ -27,10 +31,6 @@ if TYPE_CHECKING:
 
 PRESIGN_MAX_S = 7 * 86_400
 CHUNK_BYTES = 256 * 1024
-
-
-class OutputStoreUnavailable(NotReady):
-    """The bucket cannot be reached or refuses us (503, nothing charged)."""
 
 
 class BucketStore:
