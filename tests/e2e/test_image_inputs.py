@@ -244,6 +244,33 @@ def test_openai_edit_refuses_a_mask_without_alpha(api: InProcessServer, key: str
     assert "mask" in str(caught.value) and "alpha" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [{"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}],
+)
+def test_a_cross_site_form_post_is_refused(
+    api: InProcessServer, key: str, headers: dict[str, str]
+) -> None:
+    """A form needs no CORS preflight: another site's page must not drive renders."""
+    r = requests.post(
+        api.url + "/v1/images/edits",
+        files={"image": ("photo.png", png_file(photo(11)), "image/png")},
+        data={"prompt": "a fox"},
+        headers={"Authorization": f"Bearer {key}", **headers},
+        timeout=30,
+    )
+    assert r.status_code == 403 and "another site" in r.json()["error"]["message"]
+    same_site = {"Origin": api.url, "Sec-Fetch-Site": "same-origin"}
+    ok = requests.post(
+        api.url + "/v1/images/edits",
+        files={"image": ("photo.png", png_file(photo(11)), "image/png")},
+        data={"prompt": "a fox", "size": "256x256"},
+        headers={"Authorization": f"Bearer {key}", **same_site},
+        timeout=120,
+    )
+    assert ok.status_code == 200, ok.text
+
+
 # -- hostile inputs -----------------------------------------------------------------------
 class _Handler(BaseHTTPRequestHandler):
     hits: ClassVar[list[str]] = []

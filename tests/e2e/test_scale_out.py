@@ -99,6 +99,26 @@ def test_readyz_names_the_replica_and_the_clusters_queue(
     assert "zimage_cluster_queue_depth" in metrics
 
 
+def test_a_stream_read_on_the_other_process_gets_the_end(
+    pair: tuple[Server, Server, str],
+) -> None:
+    """A balancer may send the events reader to a process that is not running the job:
+    it learns the end from the store and sends the terminal event, then closes."""
+    first, second, _ = pair
+    key = create_key(first, ADMIN, 10)
+    job = submit(first, key, JOB).json()
+    started = time.monotonic()
+    with requests.get(
+        f"{second.url}/v2/requests/{job['request_id']}/events",
+        headers={"x-api-key": key},
+        stream=True,
+        timeout=30,
+    ) as reply:
+        events = [line for line in reply.iter_lines(decode_unicode=True) if line]
+    assert "event: completed" in events, events
+    assert time.monotonic() - started < 15  # not the 30 s timeout: the stream ended
+
+
 def test_sigkill_mid_burst_loses_nothing_and_bills_once(
     pair: tuple[Server, Server, str], redis_server: RedisServer
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +23,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 from starlette.exceptions import HTTPException
 
-from zimage_server.core.errors import UnsupportedMediaType, ZImageError
+from zimage_server.core.errors import Forbidden, UnsupportedMediaType, ZImageError
 from zimage_server.protocol.segmind import parse_json
 
 
@@ -118,3 +119,20 @@ def require_json(content_type: str | None) -> None:
 def _body_level(exc: RequestValidationError) -> bool:
     first = exc.errors()[0]
     return tuple(first.get("loc", ()))[:1] == ("body",) and first.get("type") == "missing"
+
+
+def refuse_cross_site(request: Request) -> None:
+    """A form body needs no CORS preflight, so any web page could post one to a server
+    on its visitor's machine (a keyless ``--tiny`` one renders for it): refuse a form a
+    browser says came from another site. API clients send neither header."""
+    site = request.headers.get("sec-fetch-site", "")
+    origin = request.headers.get("origin")
+    own = request.headers.get("host", "").lower()
+    if site in ("cross-site", "same-site") or (
+        origin is not None and urlsplit(origin).netloc.lower() != own
+    ):
+        raise Forbidden(
+            "A form posted from another site's page is refused (Origin or Sec-Fetch-Site "
+            "says so); send it from an API client, or from this server's own page.",
+            field="Origin",
+        )

@@ -266,8 +266,8 @@ class DiffusersGenerator:
         device = pipe._execution_device
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         delay = self.spec.worker.debug_step_delay_s
-        if self.step_cache is not None:
-            self.step_cache.begin(batch.steps)
+        if self.step_cache is not None:  # the steps that run: fewer for an input image
+            self.step_cache.begin(steps_run(batch.steps, batch.strength))
         wanted = [
             (index, item.job_id, item.preview_size)
             for index, item in enumerate(batch.items)
@@ -366,3 +366,9 @@ def keep_unmasked(pixels: Any, batch: RenderBatch) -> Any:
 
 def _no_steps(_step: int, _total: int, _previews: tuple[Preview, ...]) -> None:
     """Warm-up reports no progress."""
+
+
+def steps_run(steps: int, strength: float) -> int:
+    """The denoising steps a pipeline runs at ``strength`` (diffusers' rounding): all of
+    them at 1, fewer for an input image kept closer."""
+    return steps - int(max(steps - steps * strength, 0))

@@ -31,6 +31,7 @@ from zimage_server.core.errors import (
     Cancelled,
     Conflict,
     DeadlineExceeded,
+    NotReady,
     Overloaded,
     StoreUnavailable,
     WorkerDied,
@@ -49,6 +50,7 @@ from zimage_server.streams import ProgressHub
 
 log = logging.getLogger("zimage.jobs")
 FINISH_RETRY_MAX_S = 30.0
+FOLLOW_POLL_S = 1.0  # how often a reader on another process checks whether a job ended
 
 
 class InFlightSlots(Protocol):
@@ -110,6 +112,7 @@ class JobRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._occupied: dict[str, int] = {}  # job id -> key id whose in-flight slot it holds
         self._cancel_cost: dict[str, int] = {}  # micro-credits a cancelled render used
+        self._lost: set[str] = set()  # jobs whose lease another process took: theirs to end
         self._leases: asyncio.Task[None] | None = None
         self.cluster = QueueView(0, 0.0)  # the whole cluster's jobs, as of the last heartbeat
 
@@ -156,6 +159,7 @@ class JobRunner:
             if job_id in held or task is None:
                 continue
             log.warning("job %s: no longer held by this process; stopping its render", job_id)
+            self._lost.add(job_id)  # its stop is not a cancel: the new holder ends it
             if not self.engine.cancel(job_id):
                 task.cancel()
 
@@ -270,6 +274,28 @@ class JobRunner:
     def _forget(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
         self._cancel_cost.pop(job_id, None)
+        if job_id in self._lost:  # its readers here learn the end from the store
+            self._lost.discard(job_id)
+            self.follow(job_id)
+
+    def follow(self, job_id: str) -> asyncio.Task[None] | None:
+        """For a reader of a job another process runs: poll the store until the job has
+        ended, then end its channel here, so the reader gets the terminal event."""
+        if job_id in self._tasks:
+            return None
+        return asyncio.create_task(self._follow(job_id), name=f"follow-{job_id}")
+
+    async def _follow(self, job_id: str) -> None:
+        while job_id not in self._tasks:  # claimed here meanwhile: ours to finish
+            try:
+                job = await asyncio.to_thread(self.repo.get, job_id)
+            except ZImageError:
+                await asyncio.sleep(FOLLOW_POLL_S)  # the store is down, or it expired
+                continue
+            if JobStatus(job.status).is_terminal:
+                self.events.finish(job.id, job.status.lower(), {"request_id": job.id})
+                return
+            await asyncio.sleep(FOLLOW_POLL_S)
 
     async def _run(self, job: Job) -> None:
         try:
@@ -294,15 +320,8 @@ class JobRunner:
                     log.warning("job %s: worker died, running it again", job.id)
                     continue
                 await self._finish(job, JobStatus.FAILED, error=exc.message)
-            except Cancelled:
-                keep = self._cancel_cost.get(job.id, 0)
-                await self._finish(job, JobStatus.CANCELLED, error="cancelled", keep=keep)
-            except DeadlineExceeded:
-                await self._finish(
-                    job,
-                    JobStatus.FAILED,
-                    error="Deadline exceeded: the job did not finish before its deadline.",
-                )
+            except (Cancelled, DeadlineExceeded) as exc:
+                await self._stopped(job, exc)
             except ZImageError as exc:
                 await self._finish(
                     job, JobStatus.FAILED, error=exc.message if exc.public else "internal error"
@@ -315,6 +334,18 @@ class JobRunner:
             else:
                 await self._complete(job, generated)
             return
+
+    async def _stopped(self, job: Job, exc: Cancelled | DeadlineExceeded) -> None:
+        """A cancel (paying for the steps it ran) or a passed deadline; nothing when this
+        process lost the job's lease: the process that holds it now ends it."""
+        if job.id in self._lost:
+            return
+        if isinstance(exc, Cancelled):
+            keep = self._cancel_cost.get(job.id, 0)
+            await self._finish(job, JobStatus.CANCELLED, error="cancelled", keep=keep)
+            return
+        error = "Deadline exceeded: the job did not finish before its deadline."
+        await self._finish(job, JobStatus.FAILED, error=error)
 
     async def _complete(self, job: Job, generated: Generated) -> None:
         """Store the image and finish; a failure to store ends the job FAILED (refunded,
@@ -367,7 +398,7 @@ class JobRunner:
             try:
                 await asyncio.to_thread(finish)
                 break
-            except (StoreUnavailable, SQLAlchemyError) as exc:
+            except (NotReady, SQLAlchemyError) as exc:  # the store, or the output bucket
                 log.warning("job %s: could not record %s (%s); retrying", job.id, status, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, FINISH_RETRY_MAX_S)

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 
 from zimage_server.accounts import Admission
 from zimage_server.api.auth import admit_generate, identify_caller
-from zimage_server.api.bodies import BodyRoute, DocumentedAs
+from zimage_server.api.bodies import BodyRoute, DocumentedAs, refuse_cross_site
 from zimage_server.api.disconnect import unless_disconnected
 from zimage_server.api.errors import RENDER_FAILURES, Example, error_docs
 from zimage_server.api.responses import image_json, is_large, model_response
@@ -97,7 +97,7 @@ async def _stream(
 
     async def result(g: Generated) -> dict[str, Any]:
         image = (
-            {"url": f"{public_base(request)}/v1/outputs/{g.output_id}"}
+            {"url": request.app.state.outputs.url(g.output_id, public_base(request))}
             if as_url
             else {"b64_json": await asyncio.to_thread(g.base64)}
         )
@@ -141,6 +141,7 @@ async def edits(
     """``image`` (and ``image[]``, the first), an optional ``mask`` whose transparent
     pixels are edited, and the generation fields; ``strength`` is our extension."""
     service: GenerationService = request.app.state.generation
+    refuse_cross_site(request)
     fields, files = await _read_form(request, service.settings.input_max_bytes)
     image = files.get("image") or files.get("image[]")
     if image is None:
@@ -150,8 +151,13 @@ async def edits(
     service.check_prompt(openai_request.prompt)
     check_strength(batch[0])
     service.resolve_loras(batch[0])
-    inputs = service.fit_inputs(
-        batch[0], edit.image, edit.mask, "mask", size_given=openai_request.size != "auto"
+    inputs = await asyncio.to_thread(
+        service.fit_inputs,
+        batch[0],
+        edit.image,
+        edit.mask,
+        "mask",
+        size_given=openai_request.size != "auto",
     )
     as_url = openai_request.response_format == "url"
     images = await unless_disconnected(

@@ -149,7 +149,8 @@ async def _stream(
 
     async def result(generated: Generated) -> dict[str, Any]:
         if generated.output_id:
-            image = f"{public_base(request)}/v1/outputs/{generated.output_id}"
+            outputs = request.app.state.outputs  # a presigned bucket URL, or ours
+            image = outputs.url(generated.output_id, public_base(request))
             return wire(generated.response(image))
         return await asyncio.to_thread(lambda: wire(generated.response(generated.base64())))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -227,7 +228,18 @@ async def events(request_id: str, request: Request, caller: Caller) -> Response:
         return [(event.name, body)]
 
     keepalive = request.app.state.settings.stream_keepalive_s
-    return event_stream(event_frames(subscription, finish, keepalive))
+    # Run by another process (or nobody yet): its end is learnt from the store.
+    follower = None if JobStatus(job.status).is_terminal else runner.follow(job.id)
+
+    async def frames() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in event_frames(subscription, finish, keepalive):
+                yield chunk
+        finally:
+            if follower is not None:
+                follower.cancel()
+
+    return event_stream(frames())
 
 
 __all__ = ["JobStatus", "router"]
