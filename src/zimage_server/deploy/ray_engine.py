@@ -31,7 +31,13 @@ from zimage_server.core.errors import (
     ZImageError,
 )
 from zimage_server.deploy.replica import ReplicaStatus
-from zimage_server.engine import EngineState, RenderListener, RenderResult, RenderSpec
+from zimage_server.engine import (
+    EngineState,
+    RenderListener,
+    RenderResult,
+    RenderSpec,
+    RenderUpdate,
+)
 from zimage_server.telemetry import context
 
 log = logging.getLogger("zimage.deploy")
@@ -62,7 +68,8 @@ class RayEngine:
         self._scales_to_zero = scales_to_zero
         self._retries = replica_retries
         self._calls: dict[str, _Call] = {}
-        self._reserved: set[str] = set()  # admitted jobs whose render has not arrived yet
+        self._reserved: set[str] = set()
+        self._listeners: list[RenderListener] = []  # admitted jobs whose render has not arrived yet
         self._state = EngineState.STARTING
         self._failure: str | None = None
         self._load_s = 0.0
@@ -139,7 +146,9 @@ class RayEngine:
         return None
 
     def watch(self, listener: RenderListener) -> None:
-        """Replicas do not report steps yet: event streams get queued, then the result."""
+        """Replicas do not report steps yet: event streams get ``queued`` (so a streamed
+        request starts its stream, and notices a reader who leaves), then the result."""
+        self._listeners.append(listener)
 
     def admit(self, reserve: str | None = None) -> None:
         """Raise ``NotReady`` when the model failed, ``Overloaded`` when the bound is hit;
@@ -174,6 +183,8 @@ class RayEngine:
         call = _Call(job_id or secrets.token_hex(8), timeout)
         self._reserved.discard(call.job_id)
         self._calls[call.job_id] = call
+        for listener in self._listeners:
+            listener(RenderUpdate(render_id=call.job_id, stage="queued"))
         start = time.perf_counter()
         deadline = time.monotonic() + max(timeout, 0.001)
         try:
