@@ -35,6 +35,10 @@ def test_every_route_conforms(fuzz_server: InProcessServer) -> None:
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15
     for operation in operations:
+        if operation.path == "/v1/images/edits":
+            # Its body is an image file: whether bytes decode as an image cannot be in a
+            # schema (tests/e2e/test_image_inputs.py sends it good and hostile files).
+            continue
 
         @given(case=operation.as_strategy())
         @settings(

@@ -129,11 +129,36 @@ async def _stream(
     return await stream_render(request, run, result, names, shape)
 
 
+_EDIT_FORM = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP."},
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "PNG with alpha: its transparent pixels are edited.",
+        },
+        "prompt": {"type": "string"},
+        "n": {"type": "integer", "minimum": 1, "maximum": 4, "default": 1},
+        "size": {"type": "string", "description": "'WxH', or 'auto' (the input's size)."},
+        "response_format": {"type": "string", "enum": ["url", "b64_json"]},
+        "strength": {"type": "number", "description": "Extension: how far from the input."},
+    },
+}
+
+
 @router.post(
     "/v1/images/edits",
     summary="Edit an image (OpenAI-compatible, multipart)",
     response_model=ImagesResponse,
     responses=error_docs(Flavour.OPENAI, Example.bad_size, *RENDER_FAILURES),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": _EDIT_FORM}},
+        }
+    },
 )
 async def edits(
     request: Request, admission: Annotated[Admission, Depends(admit_generate)]
