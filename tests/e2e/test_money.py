@@ -334,3 +334,20 @@ def test_one_key_cannot_learn_another_key_prompt_from_the_cache(money: InProcess
     assert render(alice) == {"encoded": 1.0}
     assert render(mallory) == {"encoded": 1.0}  # not "cache": alice's prompt stays hers
     assert render(alice) == {"cache": 1.0}
+
+
+def test_a_streamed_render_says_what_it_cost(money: InProcessServer) -> None:
+    """A stream carries what a plain answer does: the key's rate-limit headers, and the
+    credits charged (in its last event, since the charge comes at the end)."""
+    key = create_key(money, ADMIN, 10)
+    body = {**SLOW, "steps": 2, "base_64": True}
+    headers = {"x-api-key": key, "Accept": "text/event-stream"}
+    with requests.post(
+        money.url + "/v1/z-image-turbo", json=body, headers=headers, stream=True, timeout=60
+    ) as reply:
+        assert reply.status_code == 200 and "x-rate-limit-remaining" in reply.headers
+        lines = [line for line in reply.iter_lines(decode_unicode=True) if line]
+    completed = json.loads(lines[lines.index("event: completed") + 1].removeprefix("data: "))
+    price = format_credits(Pricing().price(256, 256, 2))
+    assert completed["credits_consumed"] == price
+    assert completed["credits_remaining"] == usage(money, key)["balance"]

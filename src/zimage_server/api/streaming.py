@@ -36,9 +36,11 @@ async def stream_render(
     result: Callable[[T], Awaitable[dict[str, Any]]],
     names: dict[str, str] | None = None,
     shape: Shape | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     """Run ``run(render_id)``; stream its events, then ``result(value)`` as ``completed``
-    (terminal events renamed by ``names``, others reshaped by ``shape``)."""
+    (terminal events renamed by ``names``, others reshaped by ``shape``). ``headers`` go
+    on the stream's response (the key's rate-limit headers, as on a plain answer)."""
     hub: ProgressHub = request.app.state.events
     render_id = secrets.token_hex(16)
     subscription = hub.subscribe(render_id)
@@ -67,7 +69,7 @@ async def stream_render(
                 await finisher
             hub.discard(render_id)
 
-    return event_stream(body())
+    return event_stream(body(), headers)
 
 
 async def _finish(

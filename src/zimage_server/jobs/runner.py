@@ -396,15 +396,23 @@ class JobRunner:
         delay = 0.25
         while True:
             try:
-                await asyncio.to_thread(finish)
+                changed = await asyncio.to_thread(finish)
                 break
             except (NotReady, SQLAlchemyError) as exc:  # the store, or the output bucket
                 log.warning("job %s: could not record %s (%s); retrying", job.id, status, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, FINISH_RETRY_MAX_S)
         self._vacate(job.id)
+        if not changed:  # another actor ended it first (a cancel racing a completion)
+            status = await self._stored_status(job.id, status)
         # Its readers build the terminal event from the stored job, as GET would.
         self.events.finish(job.id, status.value.lower(), {"request_id": job.id})
+
+    async def _stored_status(self, job_id: str, fallback: JobStatus) -> JobStatus:
+        try:
+            return JobStatus((await asyncio.to_thread(self.repo.get, job_id)).status)
+        except ZImageError:
+            return fallback
 
 
 def result_body(job: Job, outputs: Outputs, status: JobStatus | None = None) -> JobResult:

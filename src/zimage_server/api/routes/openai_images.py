@@ -126,7 +126,7 @@ async def _stream(
         return [("step", step), ("image_generation.partial_image", partial)]
 
     names = {"completed": "image_generation.completed"}
-    return await stream_render(request, run, result, names, shape)
+    return await stream_render(request, run, result, names, shape, admission.headers)
 
 
 _EDIT_FORM = {

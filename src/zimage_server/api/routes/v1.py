@@ -151,10 +151,21 @@ async def _stream(
         if generated.output_id:
             outputs = request.app.state.outputs  # a presigned bucket URL, or ours
             image = outputs.url(generated.output_id, public_base(request))
-            return wire(generated.response(image))
-        return await asyncio.to_thread(lambda: wire(generated.response(generated.base64())))
+            return {**wire(generated.response(image)), **_credits(generated)}
+        body = await asyncio.to_thread(lambda: wire(generated.response(generated.base64())))
+        return {**body, **_credits(generated)}
 
-    return await stream_render(request, run, result)
+    return await stream_render(request, run, result, headers=admission.headers)
+
+
+def _credits(generated: Generated) -> dict[str, str]:
+    """What a plain answer says in ``x-credits-*`` headers, in a stream's last event."""
+    if generated.credits_consumed is None or generated.credits_remaining is None:
+        return {}
+    return {
+        "credits_consumed": format_credits(generated.credits_consumed),
+        "credits_remaining": format_credits(generated.credits_remaining),
+    }
 
 
 def public_base(request: Request) -> str:
