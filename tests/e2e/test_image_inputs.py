@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +122,23 @@ def test_img2img_strength_one_ignores_the_input_and_lower_stays_closer(
     # At strength 1 the start is pure noise, as in text-to-image: the input does not matter.
     assert apart[1.0] == 0.0
     assert apart[0.25] > apart[0.5] > 1.0, apart
+
+
+def test_a_streamed_img2img_counts_the_steps_it_runs(api: InProcessServer, key: str) -> None:
+    """At strength 0.5 half the steps run: ``started`` and every ``step`` say so."""
+    body = {"prompt": "a fox", "image": data_uri(photo(4)), "strength": 0.5, "steps": 4}
+    headers = {"x-api-key": key, "Accept": "text/event-stream"}
+    with requests.post(
+        api.url + "/v1/z-image-turbo-img2img", json=body, headers=headers, stream=True, timeout=120
+    ) as reply:
+        assert reply.status_code == 200
+        data = [
+            json.loads(line.removeprefix("data: "))
+            for line in reply.iter_lines(decode_unicode=True)
+            if line and line.startswith("data: {")
+        ]
+    totals = {event["total"] for event in data if "total" in event}
+    assert totals == {2}, data
 
 
 def test_img2img_size_defaults_to_the_input_and_is_returned_exactly(

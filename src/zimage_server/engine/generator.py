@@ -30,6 +30,7 @@ from zimage_server.engine.protocol import (
     WorkerSpec,
 )
 from zimage_server.engine.random_model import build_random_pipeline, is_random_model
+from zimage_server.engine.render import steps_run
 from zimage_server.engine.speedups import apply_speedups, uncompile, use_compile_cache
 from zimage_server.engine.text import PromptEncoder
 
@@ -366,9 +367,3 @@ def keep_unmasked(pixels: Any, batch: RenderBatch) -> Any:
 
 def _no_steps(_step: int, _total: int, _previews: tuple[Preview, ...]) -> None:
     """Warm-up reports no progress."""
-
-
-def steps_run(steps: int, strength: float) -> int:
-    """The denoising steps a pipeline runs at ``strength`` (diffusers' rounding): all of
-    them at 1, fewer for an input image kept closer."""
-    return steps - int(max(steps - steps * strength, 0))

@@ -25,6 +25,16 @@ class BatchKey:
     task: str = "text-to-image"  # img2img, inpaint: a batch is one pipeline, one task
     strength: float = 1.0  # the steps that run depend on it
 
+    @property
+    def steps_run(self) -> int:
+        return steps_run(self.steps, self.strength)
+
+
+def steps_run(steps: int, strength: float) -> int:
+    """The denoising steps a pipeline runs at ``strength`` (diffusers' rounding): all of
+    them at 1, fewer for an input image kept closer."""
+    return steps - int(max(steps - steps * strength, 0))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RenderSpec:

@@ -160,7 +160,7 @@ class Scheduler:
         now = self._clock()
         for ticket in batch.tickets:
             ticket.started_at, ticket.worker = now, worker
-            ticket.step = (0, ticket.spec.steps)
+            ticket.step = (0, ticket.spec.batch_key().steps_run)
 
     def report_step(self, batch: Batch, step: int, total: int) -> None:
         for ticket in batch.tickets:

@@ -253,8 +253,9 @@ class Engine:
         self.scheduler.start(batch, worker.name)
         self._busy_since[worker.name] = time.monotonic()
         self._hint_next(worker)
+        total = batch.key.steps_run  # fewer than ``steps`` for an input image
         for ticket in batch.tickets:
-            self._tell(RenderUpdate(render_id=ticket.id, stage="started", total=batch.key.steps))
+            self._tell(RenderUpdate(render_id=ticket.id, stage="started", total=total))
 
         def on_step(step: int, total: int, previews: tuple[Preview, ...] = ()) -> None:
             self._tell_steps(batch, step, total, previews)
