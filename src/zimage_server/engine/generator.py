@@ -18,6 +18,7 @@ import torch
 from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
 from PIL import Image
 
+from zimage_server.core.denoise import steps_run
 from zimage_server.core.errors import Cancelled
 from zimage_server.engine.adapters import AdapterBank, AdapterError
 from zimage_server.engine.preview import LatentPreviewer
@@ -30,7 +31,6 @@ from zimage_server.engine.protocol import (
     WorkerSpec,
 )
 from zimage_server.engine.random_model import build_random_pipeline, is_random_model
-from zimage_server.engine.render import steps_run
 from zimage_server.engine.speedups import apply_speedups, uncompile, use_compile_cache
 from zimage_server.engine.text import PromptEncoder
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from zimage_server.core.denoise import steps_run
 from zimage_server.engine.protocol import LoraRef, Preview, Prompt
 
 
@@ -28,12 +29,6 @@ class BatchKey:
     @property
     def steps_run(self) -> int:
         return steps_run(self.steps, self.strength)
-
-
-def steps_run(steps: int, strength: float) -> int:
-    """The denoising steps a pipeline runs at ``strength`` (diffusers' rounding): all of
-    them at 1, fewer for an input image kept closer."""
-    return steps - int(max(steps - steps * strength, 0))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,6 +16,7 @@ import pydantic_core
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from zimage_server.core.denoise import steps_run
 from zimage_server.core.errors import InvalidRequest
 
 MAX_SEED = 2**63 - 1
@@ -147,7 +148,7 @@ class GenerationParams(BaseModel):
     def steps_run(self) -> int:
         """The denoising steps that run: all of them for text-to-image; for an input image,
         those after the strength's start, as diffusers rounds them."""
-        return self.steps - int(max(self.steps - self.steps * self.effective_strength, 0))
+        return steps_run(self.steps, self.effective_strength)
 
     @property
     def preview_pixels(self) -> int:
