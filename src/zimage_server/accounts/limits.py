@@ -4,6 +4,7 @@ in this process (one API process), ``redis://...`` in Redis, shared by every API
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -57,6 +58,13 @@ def parse_limit(text: str) -> RateLimitItem:
     return item
 
 
+@functools.lru_cache(maxsize=1024)
+def _parsed(text: str) -> RateLimitItem:
+    """A key's stored limit, parsed once (the text was checked when it was set): parsing
+    on every request cost more than the count itself."""
+    return parse(text)
+
+
 @dataclass(frozen=True)
 class Admission:
     """A caller let in: who, and the rate-limit headers that go on the response."""
@@ -107,7 +115,7 @@ class RateLimiter:
             return self._enter(principal)
 
     def _enter(self, principal: Principal) -> Admission:
-        item = parse(principal.rate_limit or self.default_limit)
+        item = _parsed(principal.rate_limit or self.default_limit)
         ident = str(principal.key_id)
         allowed = self._limiter.hit(item, ident)
         stats = self._limiter.get_window_stats(item, ident)

@@ -270,6 +270,8 @@ class GenerationService:
     async def check_loras(self, params: GenerationParams) -> tuple[LoraRef, ...]:
         """``resolve_loras`` after fetching any adapter named by URL that is not on disk."""
         self.loras.check_count(params.loras)
+        if not params.loras:
+            return ()  # most requests: no thread hop (~0.1 ms of every request's overhead)
         for index, entry in enumerate(params.loras):
             await self.loras.fetch(index, entry)
         return await asyncio.to_thread(self.resolve_loras, params)
