@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,10 @@ def start(driver: pg.WebDriver, server: InProcessServer, task: str) -> None:
         "    window.__posts.push({url: String(url), body: JSON.parse(init.body)});"
         "  return sent(url, init);"
         "};"
+        "window.__steps = [];"
+        "const img = document.getElementById('result');"
+        "new MutationObserver(() => window.__steps.push(img.dataset.step))"
+        "  .observe(img, {attributes: true, attributeFilter: ['data-step']});"
     )
     driver.find_element("css selector", 'input[name="format"][value="png"]').click()
     pick_task(driver, task)
@@ -141,7 +146,7 @@ def stroke(driver: pg.WebDriver, points: list[tuple[int, int]]) -> None:
     overlay = pg.by_id(driver, "mask-overlay")
     actions = ActionChains(driver, duration=20)
     actions.move_to_element_with_offset(overlay, *points[0]).click_and_hold()
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+    for (x0, y0), (x1, y1) in pairwise(points):
         actions.move_by_offset(x1 - x0, y1 - y0)
     actions.release().perform()
 
@@ -173,12 +178,15 @@ def test_img2img_from_the_file_picker_shows_the_result_beside_the_input(
     assert pg.by_id(driver, "strength-value").text == "0.50"
     pg.by_id(driver, "generate").click()
     pg.wait_for_image(driver, *INPUT)
+    # Streamed like text to image: a preview of the one step that strength 0.5 of 2 runs.
+    assert driver.execute_script("return window.__steps") == ["1"]
     (sent,) = posts(driver)
     assert sent["url"] == "v1/z-image-turbo-img2img"
     # The file's own bytes, not a re-encoding of them.
-    assert sent["body"]["image"] == "data:image/png;base64," + base64.b64encode(
-        path.read_bytes()
-    ).decode()
+    assert (
+        sent["body"]["image"]
+        == "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    )
     assert (sent["body"]["strength"], sent["body"]["width"], sent["body"]["height"]) == (
         0.5,
         320,
@@ -222,6 +230,7 @@ def test_inpaint_mask_painted_with_brush_and_eraser(
     set_range(driver, "brush-size", 20)
     third = int(overlay["width"] / 3)
     stroke(driver, [(-third, 0), (-third // 2, 0), (0, 0), (third // 2, 0), (third, 0)])
+    assert not pg.by_id(driver, "error").is_displayed()  # painting answered it
     mask = mask_pixels(driver)
     assert mask.size == INPUT
     cx, cy = INPUT[0] // 2, INPUT[1] // 2
@@ -347,6 +356,17 @@ def test_controlnet_on_a_server_without_it_shows_the_servers_reason(
     assert not pg.by_id(driver, "generate").get_attribute("disabled")
     assert not pg.by_id(driver, "result").is_displayed()
     pg.screenshot(driver, "playground-controlnet-404.png")
+
+    # ControlNet inpainting: the mask tools appear, and the image and its mask go along.
+    pg.by_id(driver, "cn-inpaint").click()
+    assert pg.by_id(driver, "mask-tools").is_displayed()
+    stroke(driver, [(-20, 0), (20, 0)])
+    pg.by_id(driver, "generate").click()
+    pg.wait_for(driver, lambda d: len(posts(d)) == 2, "the second request")
+    body = posts(driver)[1]["body"]
+    assert body["image"] == body["control_image"]
+    assert decode_data_uri(body["mask_image"]).size == INPUT
+    pg.wait_for(driver, lambda d: pg.by_id(d, "error").is_displayed(), "the error again")
 
     # The page carries on: the same image, image to image, renders.
     pick_task(driver, "img2img")

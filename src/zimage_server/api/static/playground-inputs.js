@@ -161,7 +161,9 @@ window.ZImageInputs = (() => {
     });
     for (const name of ["pointerup", "pointercancel", "lostpointercapture"]) {
       el.overlay.addEventListener(name, (event) => {
-        if (paint.pointer === event.pointerId) paint.pointer = null;
+        if (paint.pointer !== event.pointerId) return;
+        paint.pointer = null;
+        hooks.onPaint(); // after the stroke: what it changes on the page cannot move the canvas mid-stroke
       });
     }
 

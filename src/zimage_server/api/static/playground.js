@@ -496,7 +496,10 @@
         el.inputSize.title = name;
         el.maskNote.textContent = "Paint what to repaint; the rest is kept.";
       },
+      // Painting fixes an empty mask: the error that pointed at it goes.
+      onPaint: () => { if (state.invalidInput === el.maskOverlay) hideError(); },
       onMaskLoaded: (width, height) => {
+        if (state.invalidInput === el.maskOverlay) hideError();
         const size = inputs.size();
         el.maskNote.textContent = width === size.width && height === size.height
           ? "Mask loaded: white is repainted."
