@@ -206,6 +206,8 @@ def test_img2img_from_the_file_picker_shows_the_result_beside_the_input(
     assert driver.execute_script(
         "return document.documentElement.scrollWidth <= document.documentElement.clientWidth"
     )
+    driver.execute_script("document.getElementById('input-pane').scrollIntoView()")
+    pg.screenshot(driver, "playground-img2img-mobile.png")
     pg.assert_no_console_errors(driver)
 
 
@@ -275,7 +277,29 @@ def test_inpaint_mask_painted_with_brush_and_eraser(
     mask = mask_pixels(driver)
     corners = [(10, 10), (150, 125), (170, 145), (300, 260)]  # the stretched square's inside
     assert [mask.getpixel(p) for p in corners] == [255, 255, 0, 0]
+
+    # A finger paints too (touch pointer events), and the page does not scroll instead.
+    pg.by_id(driver, "mask-clear").click()
+    driver.find_element("css selector", 'input[name="mask-tool"][value="brush"]').click()
+    touch_stroke(driver, [(-30, 40), (0, 40), (30, 40)])
+    mask = mask_pixels(driver)
+    below = round(40 * scale)
+    assert [mask.getpixel((cx + round(dx * scale), cy + below)) for dx in (-25, 0, 25)] == [255] * 3
+    assert mask.getpixel((cx, cy)) == 0
     pg.assert_no_console_errors(driver)
+
+
+def touch_stroke(driver: pg.WebDriver, points: list[tuple[int, int]]) -> None:
+    """A one-finger drag through ``points`` (CSS pixels from the overlay's centre)."""
+    box = rect(driver, "mask-overlay")
+    centre = (box["left"] + box["width"] / 2, box["top"] + box["height"] / 2)
+    kinds = ["touchStart"] + ["touchMove"] * (len(points) - 1)
+    for kind, (dx, dy) in zip(kinds, points, strict=True):
+        finger = {"x": centre[0] + dx, "y": centre[1] + dy, "id": 1}
+        driver.execute_cdp_cmd(  # type: ignore[attr-defined]
+            "Input.dispatchTouchEvent", {"type": kind, "touchPoints": [finger]}
+        )
+    driver.execute_cdp_cmd("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})  # type: ignore[attr-defined]
 
 
 PASTE = (
