@@ -20,8 +20,6 @@
   const MIME = { webp: "image/webp", png: "image/png", jpeg: "image/jpeg" };
   const MAX_SEED = (1n << 63n) - 1n;
   const PREVIEW_SIZE = 256; // longer side of the step previews a render streams
-  const MIN_SIDE = 256;
-  const MAX_SIDE = 2048;
   // Each task: its slug, whether it needs an input image and a mask, its default strength.
   const TASKS = {
     "text-to-image": { slug: "z-image-turbo", label: "Text to image", note: "An image from the prompt alone." },
