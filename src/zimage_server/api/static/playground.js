@@ -4,6 +4,9 @@
 // "v1/z-image-turbo", so a reverse proxy may serve the page under a path prefix); the page's
 // Content-Security-Policy (connect-src 'self') makes the browser refuse any other origin, so
 // a stored API key can only ever reach this server.
+//
+// Image tasks (image to image, inpaint, ControlNet) post the input image, loaded by
+// playground-inputs.js, as a data URI to the task's own slug; the result shows beside it.
 "use strict";
 
 (() => {
@@ -17,6 +20,22 @@
   const MIME = { webp: "image/webp", png: "image/png", jpeg: "image/jpeg" };
   const MAX_SEED = (1n << 63n) - 1n;
   const PREVIEW_SIZE = 256; // longer side of the step previews a render streams
+  // Each task: its slug, whether it needs an input image and a mask, its default strength.
+  const TASKS = {
+    "text-to-image": { slug: "z-image-turbo", label: "Text to image", note: "An image from the prompt alone." },
+    img2img: {
+      slug: "z-image-turbo-img2img", label: "Image to image", image: true, strength: 0.6,
+      note: "Redraws the input image after the prompt; strength says how far.",
+    },
+    inpaint: {
+      slug: "z-image-turbo-inpaint", label: "Inpaint", image: true, mask: true, strength: 1,
+      note: "Repaints the area you paint on the input image; keeps the rest.",
+    },
+    controlnet: {
+      slug: "z-image-turbo-controlnet", label: "ControlNet", image: true, controlnet: true,
+      note: "Follows the structure of a control image (edges, for example).",
+    },
+  };
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -64,6 +83,25 @@
     keyInput: $("key-input"),
     keyForget: $("key-forget"),
     keyCancel: $("key-cancel"),
+    workspace: $("workspace"),
+    taskNote: $("task-note"),
+    inputPane: $("input-pane"),
+    inputSize: $("input-size"),
+    strengthField: $("strength-field"),
+    strength: $("strength"),
+    strengthValue: $("strength-value"),
+    controlnetField: $("controlnet-field"),
+    cnScale: $("cn-scale"),
+    cnScaleValue: $("cn-scale-value"),
+    controlType: $("control-type"),
+    cnInpaint: $("cn-inpaint"),
+    maskOverlay: $("mask-overlay"),
+    maskTools: $("mask-tools"),
+    maskNote: $("mask-note"),
+    brushSize: $("brush-size"),
+    brushSizeValue: $("brush-size-value"),
+    imageFile: $("image-file"),
+    dropzone: $("dropzone"),
   };
 
   const state = {
@@ -79,6 +117,7 @@
     objectUrl: null,
     history: [],
     retryAfterKey: false, // a generate that asked for a key runs again once one is saved
+    strength: { img2img: TASKS.img2img.strength, inpaint: TASKS.inpaint.strength },
   };
 
   // ---------- storage (never throws: private modes and full quotas just lose the data) ----------
@@ -366,6 +405,124 @@
     radio.addEventListener("change", saveSettings);
   }
 
+  // ---------- task and input image ----------
+
+  function selectedTask() {
+    const checked = el.form.querySelector('input[name="task"]:checked');
+    return checked && Object.hasOwn(TASKS, checked.value) ? checked.value : "text-to-image";
+  }
+
+  function masking(task) {
+    return Boolean(TASKS[task].mask || (TASKS[task].controlnet && el.cnInpaint.checked));
+  }
+
+  // Shows what the task needs and nothing else: the input beside the result, its sliders.
+  function setTask(task) {
+    if (!Object.hasOwn(TASKS, task)) task = "text-to-image";
+    for (const radio of el.form.querySelectorAll('input[name="task"]')) radio.checked = radio.value === task;
+    const spec = TASKS[task];
+    el.workspace.dataset.task = task;
+    el.taskNote.textContent = spec.note;
+    el.inputPane.hidden = !spec.image;
+    el.strengthField.hidden = !Object.hasOwn(state.strength, task);
+    if (!el.strengthField.hidden) el.strength.value = String(state.strength[task]);
+    updateRange(el.strength, el.strengthValue, 2);
+    el.controlnetField.hidden = !spec.controlnet;
+    el.maskOverlay.hidden = !masking(task);
+    el.maskTools.hidden = !masking(task);
+  }
+
+  function updateRange(input, output, digits) {
+    output.textContent = Number(input.value).toFixed(digits);
+    const min = Number(input.min);
+    const max = Number(input.max);
+    input.style.setProperty("--fill", `${((Number(input.value) - min) / Math.max(1e-9, max - min)) * 100}%`);
+  }
+
+  for (const radio of el.form.querySelectorAll('input[name="task"]')) {
+    radio.addEventListener("change", () => { setTask(selectedTask()); saveSettings(); });
+  }
+  el.strength.addEventListener("input", () => {
+    const task = selectedTask();
+    if (Object.hasOwn(state.strength, task)) state.strength[task] = Number(el.strength.value);
+    updateRange(el.strength, el.strengthValue, 2);
+    saveSettings();
+  });
+  el.cnScale.addEventListener("input", () => { updateRange(el.cnScale, el.cnScaleValue, 2); saveSettings(); });
+  el.controlType.addEventListener("change", saveSettings);
+  el.cnInpaint.addEventListener("change", () => { setTask(selectedTask()); saveSettings(); });
+  el.brushSize.addEventListener("input", () => updateRange(el.brushSize, el.brushSizeValue, 0));
+
+  // The input's own size brought into the allowed sides, keeping its shape: what the
+  // server does when a request names no size (images/inputs.py default_size).
+  function defaultSize(width, height) {
+    const { min, max } = state.ranges.width;
+    let scale = Math.min(1, max / Math.max(width, height));
+    scale = Math.max(scale, min / Math.min(width, height));
+    const side = (value) => Math.min(max, Math.max(min, Math.round(value * scale)));
+    return [side(width), side(height)];
+  }
+
+  const inputs = window.ZImageInputs.create(
+    {
+      canvas: $("input-canvas"),
+      overlay: el.maskOverlay,
+      mask: $("mask"),
+      wrap: $("canvas-wrap"),
+      dropzone: el.dropzone,
+      file: el.imageFile,
+      maskFile: $("mask-file"),
+      clear: $("mask-clear"),
+      tools: el.maskTools,
+      brushSize: el.brushSize,
+    },
+    {
+      onError: showError,
+      onWantImage: () => {
+        if (!TASKS[selectedTask()].image) {
+          setTask("img2img");
+          saveSettings();
+        }
+      },
+      onLoad: ({ width, height, name }) => {
+        hideError();
+        el.imageFile.removeAttribute("aria-invalid");
+        [el.width.value, el.height.value] = defaultSize(width, height).map(String);
+        syncSize();
+        saveSettings();
+        el.inputSize.textContent = `${width} × ${height}`;
+        el.inputSize.title = name;
+        el.maskNote.textContent = "Paint what to repaint; the rest is kept.";
+      },
+      // Painting fixes an empty mask: the error that pointed at it goes.
+      onPaint: () => { if (state.invalidInput === el.maskOverlay) hideError(); },
+      onMaskLoaded: (width, height) => {
+        if (state.invalidInput === el.maskOverlay) hideError();
+        const size = inputs.size();
+        el.maskNote.textContent = width === size.width && height === size.height
+          ? "Mask loaded: white is repainted."
+          : `Mask loaded: ${width} × ${height}, stretched to the image's ${size.width} × ${size.height}.`;
+      },
+    },
+  );
+
+  // The fields of an image task: the input as a data URI, the mask as a black and white
+  // PNG of the same size, and the task's own settings.
+  function taskFields(task) {
+    const spec = TASKS[task];
+    if (!spec.image) return {};
+    if (!spec.controlnet) {
+      const fields = { image: inputs.imageDataUrl(), strength: Number(el.strength.value) };
+      return spec.mask ? { ...fields, mask_image: inputs.maskDataUrl() } : fields;
+    }
+    const fields = {
+      control_image: inputs.imageDataUrl(),
+      controlnet_conditioning_scale: Number(el.cnScale.value),
+      control_type: el.controlType.value,
+    };
+    return masking(task) ? { ...fields, image: inputs.imageDataUrl(), mask_image: inputs.maskDataUrl() } : fields;
+  }
+
   function saveSettings() {
     writeJson(STORAGE.settings, {
       prompt: el.prompt.value,
@@ -375,6 +532,11 @@
       seed: el.seed.value,
       random: el.seedRandom.checked,
       format: selectedFormat(),
+      task: selectedTask(),
+      strength: state.strength,
+      cnScale: el.cnScale.value,
+      controlType: el.controlType.value,
+      cnInpaint: el.cnInpaint.checked,
     });
   }
 
@@ -388,11 +550,25 @@
       if (typeof saved.seed === "string") el.seed.value = saved.seed;
       if (saved.format in MIME) setFormat(saved.format);
       setRandomSeed(saved.random !== false);
+      restoreTaskSettings(saved);
     } else {
       setRandomSeed(true);
     }
+    setTask(typeof saved?.task === "string" ? saved.task : "text-to-image");
+    updateRange(el.cnScale, el.cnScaleValue, 2);
+    updateRange(el.brushSize, el.brushSizeValue, 0);
     syncSize();
     updateSteps();
+  }
+
+  function restoreTaskSettings(saved) {
+    for (const task of Object.keys(state.strength)) {
+      const value = saved.strength && Number(saved.strength[task]);
+      if (Number.isFinite(value) && value >= 0 && value <= 1) state.strength[task] = value;
+    }
+    if (saved.cnScale) el.cnScale.value = String(saved.cnScale);
+    if (["none", "canny"].includes(saved.controlType)) el.controlType.value = saved.controlType;
+    el.cnInpaint.checked = saved.cnInpaint === true;
   }
 
   function invalid(input, title, message) {
@@ -430,7 +606,15 @@
       }
       seed = BigInt(text).toString();
     }
-    return { prompt, width, height, steps, seed, format: selectedFormat() };
+    const task = selectedTask();
+    if (TASKS[task].image && !inputs.hasImage()) {
+      el.dropzone.scrollIntoView({ block: "nearest" });
+      return invalid(el.imageFile, "No input image", `${TASKS[task].label} starts from an image: choose one, drop it on the drop zone, or paste it.`);
+    }
+    if (masking(task) && inputs.maskIsEmpty()) {
+      return invalid(el.maskOverlay, "Nothing to repaint", "The mask is empty: paint over the area to repaint with the brush, or upload a mask.");
+    }
+    return { prompt, width, height, steps, seed, format: selectedFormat(), task };
   }
 
   // ---------- generation ----------
@@ -464,6 +648,7 @@
       base_64: true,
       preview_size: PREVIEW_SIZE,
       ...loraFields(),
+      ...taskFields(params.task),
     });
     return json.replace('{"seed":0,', `{"seed":${params.seed},`);
   }
@@ -490,7 +675,7 @@
     setBusy(true, started);
     resetProgress();
     try {
-      const response = await api("v1/z-image-turbo", {
+      const response = await api(`v1/${TASKS[params.task].slug}`, {
         method: "POST",
         // An event stream: the queue position, each step and its preview, then the body.
         headers: { "Content-Type": "application/json", Accept: "text/event-stream, application/json;q=0.5" },
@@ -528,6 +713,7 @@
         width: data.width || params.width,
         height: data.height || params.height,
         steps: params.steps,
+        task: params.task,
         format,
         serverTime: typeof data.generation_time === "number" ? data.generation_time : null,
         wallTime: wall,
@@ -558,7 +744,9 @@
       400: "Invalid request",
       401: "API key needed",
       403: "API key not allowed",
+      404: "Not available on this server",
       406: "Not enough credits",
+      413: "Too large",
       429: "Busy: too many requests",
       502: "The worker restarted",
       503: "Model still loading",
@@ -780,7 +968,8 @@
       prompt.textContent = entry.prompt;
       const meta = document.createElement("span");
       meta.className = "history-meta";
-      meta.textContent = `${entry.seed} · ${entry.width}×${entry.height}`;
+      const task = Object.hasOwn(TASKS, entry.task) && entry.task !== "text-to-image" ? ` · ${TASKS[entry.task].label}` : "";
+      meta.textContent = `${entry.seed} · ${entry.width}×${entry.height}${task}`;
       text.append(prompt, meta);
       button.append(img, text);
       button.addEventListener("click", () => restoreEntry(entry));
@@ -801,6 +990,7 @@
     el.seed.value = entry.seed;
     setRandomSeed(false);
     if (entry.format in MIME) setFormat(entry.format);
+    setTask(entry.task);
     syncSize();
     updateSteps();
     saveSettings();
