@@ -334,7 +334,9 @@ def _decode(preview: dict[str, Any]) -> Any:
 
 def test_v2_events_through_ray_show_started_and_every_step(zero_app: App) -> None:
     url = zero_app.url + "/v2/z-image-turbo"
-    blocker = requests.post(url, json={**SMALL, "steps": 12}, timeout=60)  # ~1.2 s of steps
+    # The job waits 2 s behind the blocker on the one engine replica: the reader is there
+    # before it starts, so it sees every step (a late reader gets only the latest one).
+    blocker = requests.post(url, json={**SMALL, "steps": 20}, timeout=60)
     job = requests.post(url, json={**SMALL, "steps": 4}, timeout=60)
     assert blocker.status_code == job.status_code == 202, (blocker.text, job.text)
     events_url = f"{zero_app.url}/v2/requests/{job.json()['request_id']}/events"
