@@ -1,6 +1,11 @@
 """RayEngine: the ``EngineLike`` of the ingress. It keeps the API's admission bound and
 forwards each render to the GPU deployment through its ``DeploymentHandle``.
 
+Each render is a stream (``stream=True``): the replica sends ``started`` and each ``step``
+(with its preview when asked for), then the result. The updates go to the engine's listeners
+(the ingress's progress hub, which never blocks) and feed ``progress``, so event streams,
+v2 status and the price of a cancelled render's steps work as on one machine.
+
 Ray's failures become our errors: a replica that died mid-request is sent again
 (``replica_retries``, deadline allowing) and then is ``WorkerDied`` (502); Serve's
 backpressure is ``Overloaded`` (429 with ``Retry-After``). Readiness: READY once a replica
@@ -51,6 +56,7 @@ class _Call:
     timeout: float
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     response: Any = None
+    progress: tuple[int, int] | None = None  # (step, total) once the replica started it
 
 
 class RayEngine:
@@ -64,12 +70,13 @@ class RayEngine:
         replica_retries: int = 1,
     ) -> None:
         self._handle = handle
+        self._stream = handle.options(stream=True)
         self._max_queue = max_queue
         self._scales_to_zero = scales_to_zero
         self._retries = replica_retries
         self._calls: dict[str, _Call] = {}
         self._reserved: set[str] = set()
-        self._listeners: list[RenderListener] = []  # admitted jobs whose render has not arrived yet
+        self._listeners: list[RenderListener] = []
         self._state = EngineState.STARTING
         self._failure: str | None = None
         self._load_s = 0.0
@@ -143,12 +150,20 @@ class RayEngine:
         return None  # the queue lives in Serve and the replicas: not known here
 
     def progress(self, job_id: str) -> tuple[int, int] | None:
-        return None
+        call = self._calls.get(job_id)
+        return None if call is None else call.progress
 
     def watch(self, listener: RenderListener) -> None:
-        """Replicas do not report steps yet: event streams get ``queued`` (so a streamed
-        request starts its stream, and notices a reader who leaves), then the result."""
+        """Tell ``listener`` each render's ``queued`` (here, without a position), then the
+        ``started`` and ``step`` updates its replica streams back."""
         self._listeners.append(listener)
+
+    def _tell(self, update: RenderUpdate) -> None:
+        for listener in self._listeners:
+            try:
+                listener(update)
+            except Exception:  # a listener's bug must not fail the render
+                log.exception("a render listener failed on %s", update.stage)
 
     def admit(self, reserve: str | None = None) -> None:
         """Raise ``NotReady`` when the model failed, ``Overloaded`` when the bound is hit;
@@ -183,8 +198,7 @@ class RayEngine:
         call = _Call(job_id or secrets.token_hex(8), timeout)
         self._reserved.discard(call.job_id)
         self._calls[call.job_id] = call
-        for listener in self._listeners:
-            listener(RenderUpdate(render_id=call.job_id, stage="queued"))
+        self._tell(RenderUpdate(render_id=call.job_id, stage="queued"))
         start = time.perf_counter()
         deadline = time.monotonic() + max(timeout, 0.001)
         try:
@@ -209,11 +223,11 @@ class RayEngine:
 
     async def _send(self, call: _Call, spec: RenderSpec, deadline: float) -> RenderResult:
         remaining = deadline - time.monotonic()
-        response = self._handle.render.remote(
+        response = self._stream.render.remote(
             spec, remaining, call.job_id, context.request_id.get()
         )
-        call.response = response
-        answer = asyncio.ensure_future(_awaited(response))
+        call.response, call.progress = response, None
+        answer = asyncio.ensure_future(self._follow(call, response))
         cancelled = asyncio.ensure_future(call.cancelled.wait())
         try:
             done, _ = await asyncio.wait(
@@ -251,6 +265,16 @@ class RayEngine:
             raise
         result: RenderResult = outcome
         return result
+
+    async def _follow(self, call: _Call, stream: Any) -> RenderResult:
+        """Pass the replica's updates on as they come; return the result it ends with."""
+        async for item in stream:
+            if isinstance(item, RenderResult):
+                return item
+            update: RenderUpdate = item
+            call.progress = (update.step, update.total)
+            self._tell(update)
+        raise WorkerDied("The engine replica ended the render without its result.")
 
 
 async def _awaited(response: Any) -> Any:
