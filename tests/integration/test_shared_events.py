@@ -89,6 +89,15 @@ def test_a_tracked_jobs_events_reach_redis_under_the_hubs_ids(redis_server: Redi
         client = redis.Redis.from_url(redis_server.url)
         assert 0 < client.ttl("zimage:events:job-1") <= 60  # ended: the retention only
         assert not client.exists("zimage:events:not-a-job")
+        # A large preview stays local: Redis gets the step without it.
+        shared.track("job-big", time.time() + 30)
+        hub.open("job-big")
+        big = Preview("job-big", 640, 640, bytes(640 * 640 * 3), 0)
+        hub.update(RenderUpdate(render_id="job-big", stage="step", step=1, total=1, preview=big))
+        _settle(shared)
+        (step,) = _read_all(redis_server.url, "job-big")
+        assert step.name == "step" and step.data["step"] == 1 and step.encoded is None
+        assert 30 < client.ttl("zimage:events:job-big") <= 90  # running: deadline + retention
     finally:
         asyncio.run(shared.close())
 

@@ -10,11 +10,11 @@ earlier run used; Redis refuses an id that is not above the last, so nothing rep
 
 Publishing never slows a render: the hub's tap only puts the event in a bounded queue
 (dropped when full), and one thread writes them (``XADD`` trimmed to about ``MAXLEN``
-entries, previews over ``PREVIEW_MAX_CHARS`` left out, and an expiry that follows the
-job's deadline, then ``retention_s`` after its end). While Redis is away its events are
-dropped, a second at a time: local streams and the render do not notice. The terminal
-event never depends on Redis: a reader elsewhere also polls the store, and makes the
-terminal event from it when Redis does not bring one.
+entries, previews over ``PREVIEW_MAX_PIXELS`` or ``PREVIEW_MAX_CHARS`` left out, and an
+expiry that follows the job's deadline, then ``retention_s`` after its end). While Redis
+is away its events are dropped, a second at a time: local streams and the render do not
+notice. The terminal event never depends on Redis: a reader elsewhere also polls the
+store, and makes the terminal event from it when Redis does not bring one.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("zimage.streams")
 MAXLEN = 512  # entries kept per job: every event of a 75-step render, queue moves included
 PREVIEW_MAX_CHARS = 96_000  # base64 WebP; larger previews stay local
+PREVIEW_MAX_PIXELS = 512 * 512  # larger ones are not even encoded for Redis
 QUEUE_SIZE = 1024  # events waiting for Redis, all jobs together
 DOWN_RETRY_S = 1.0  # after a failed write, drop events this long before trying again
 Entries = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None  # XREAD's reply
@@ -137,7 +138,8 @@ class SharedEvents:
 
     def _write(self, job_id: str, event: StreamEvent, ttl_s: float) -> None:
         fields: dict[FieldT, EncodableT] = {"event": event.name, "data": json.dumps(event.data)}
-        preview = event.encode()  # here, off the loop; local readers reuse it
+        small = event.preview is not None and _pixels(event) <= PREVIEW_MAX_PIXELS
+        preview = event.encode() if small else None  # here, off the loop; readers reuse it
         if preview is not None and len(preview["image"]) <= PREVIEW_MAX_CHARS:
             fields["preview"] = json.dumps(preview)
         pipe = self._writer.pipeline(transaction=False)
@@ -210,6 +212,10 @@ class RemoteEvents:
 
     def close(self) -> None:
         """Nothing held between reads."""
+
+
+def _pixels(event: StreamEvent) -> int:
+    return event.preview.width * event.preview.height if event.preview else 0
 
 
 def _event(event_id: int, fields: dict[str, str]) -> StreamEvent:
