@@ -39,17 +39,22 @@ class RedisServer(_Process):
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        port = free_port()
-        self.url = f"redis://127.0.0.1:{port}/0"
+        self.binary, self.folder, self.port = binary, folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        """Start (again, after ``stop``) on the same port, empty."""
+        port, folder = str(self.port), str(self.folder)
         self.proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
+            [self.binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--dir", folder],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 20
         while True:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:

@@ -39,6 +39,7 @@ from zimage_server.jobs.webhooks import WebhookDeliverer, WebhookPolicy
 from zimage_server.store import Outputs, OutputStore
 from zimage_server.store.db import Database
 from zimage_server.streams import ProgressHub
+from zimage_server.streams.shared import SharedEvents
 from zimage_server.telemetry import Metrics
 
 log = logging.getLogger("zimage.api")
@@ -147,8 +148,11 @@ def build_services(
         retention_s=settings.stream_retention_s,
     )
     engine.watch(hub.update)
+    shared = SharedEvents.from_settings(settings)
+    if shared is not None:
+        hub.tap(shared.publish)
     runner = JobRunner(
-        settings, repo, engine, generation, outputs_store, limiter, policy, hub, replica
+        settings, repo, engine, generation, outputs_store, limiter, policy, hub, replica, shared
     )
     metrics_.watch(
         depth=lambda: engine.depth,
@@ -200,6 +204,8 @@ async def _running(services: Services) -> AsyncIterator[None]:
         if deliverer:
             await deliverer.close()
         s.access.limiter.close()
+        if s.jobs.shared is not None:
+            await s.jobs.shared.close()
         s.db.dispose()
 
 

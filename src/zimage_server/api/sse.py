@@ -10,8 +10,6 @@ API has its own result shape.
 from __future__ import annotations
 
 import asyncio
-import base64
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,8 +17,7 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 
 from zimage_server.api.responses import render_json
-from zimage_server.images.encode import encode_preview
-from zimage_server.streams import StreamEvent, Subscription
+from zimage_server.streams import EventSource, StreamEvent
 
 KEEPALIVE = b": keep-alive\n\n"
 RETRY_MS = 2000
@@ -41,28 +38,19 @@ def wants_stream(request: Request) -> bool:
 
 
 def last_event_id(request: Request) -> int | None:
-    """The ``Last-Event-ID`` a reconnecting reader sends; None when absent or not ours."""
+    """The ``Last-Event-ID`` a reconnecting reader sends; None when absent or not ours
+    (ids fit in 18 digits: a taken-over job's continue from a millisecond clock)."""
     raw = request.headers.get("last-event-id", "").strip()
-    return int(raw) if raw.isdigit() and len(raw) < 12 else None
+    return int(raw) if raw.isdigit() and len(raw) <= 18 else None
 
 
 async def with_preview(event: StreamEvent) -> dict[str, Any]:
-    """The event's data, with its preview as base64 WebP (encoded on first use)."""
-    preview = event.preview
-    if preview is None:
-        return event.data
-    if event.encoded is None:
-        start = time.perf_counter()
-        webp = await asyncio.to_thread(encode_preview, preview.rgb, (preview.width, preview.height))
-        event.encoded = {
-            "width": preview.width,
-            "height": preview.height,
-            "format": "webp",
-            "image": base64.b64encode(webp).decode("ascii"),
-            "compute_ms": round(preview.compute_s * 1000, 3),
-            "encode_ms": round((time.perf_counter() - start) * 1000, 3),
-        }
-    return {**event.data, "preview": event.encoded}
+    """The event's data, with its preview as base64 WebP (encoded on first use, in a
+    thread; an event read back from Redis arrives encoded)."""
+    encoded = event.encoded
+    if encoded is None and event.preview is not None:
+        encoded = await asyncio.to_thread(event.encode)
+    return event.data if encoded is None else {**event.data, "preview": encoded}
 
 
 def _same(name: str, data: dict[str, Any]) -> Frames:
@@ -70,7 +58,7 @@ def _same(name: str, data: dict[str, Any]) -> Frames:
 
 
 async def event_frames(
-    subscription: Subscription, finish: Finish, keepalive_s: float, shape: Shape = _same
+    subscription: EventSource, finish: Finish, keepalive_s: float, shape: Shape = _same
 ) -> AsyncIterator[bytes]:
     """Write events until the terminal one (then end), keep-alives between."""
     try:

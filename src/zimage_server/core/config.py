@@ -222,6 +222,11 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
     stream_retention_s: float = Field(
         300.0, ge=0, description="How long a finished render's events stay for reconnects."
     )
+    stream_redis_url: str | None = Field(
+        None,
+        description="Redis that carries v2 job events to every API process; default: "
+        "`rate_limit_storage` when that is Redis.",
+    )
     job_lease_s: float = Field(
         10.0,
         ge=0.5,

@@ -46,7 +46,8 @@ from zimage_server.jobs.webhooks import WebhookPolicy
 from zimage_server.protocol import GenerationParams, JobMetrics, JobResult, wire
 from zimage_server.store import Outputs
 from zimage_server.store.models import Job
-from zimage_server.streams import ProgressHub
+from zimage_server.streams import EventSource, ProgressHub
+from zimage_server.streams.shared import SharedEvents, takeover_id
 
 log = logging.getLogger("zimage.jobs")
 FINISH_RETRY_MAX_S = 30.0
@@ -98,6 +99,7 @@ class JobRunner:
         policy: WebhookPolicy,
         events: ProgressHub | None = None,
         replica: str | None = None,
+        shared: SharedEvents | None = None,
     ) -> None:
         self.settings, self.repo, self.engine = settings, repo, engine
         self.generation, self.outputs, self.slots, self.policy = (
@@ -108,6 +110,7 @@ class JobRunner:
         )
         self.events = events if events is not None else ProgressHub(engine.position)
         self.replica = replica or replica_name()
+        self.shared = shared  # the jobs' events for every API process, in Redis
         self.lease_s = settings.job_lease_s
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._occupied: dict[str, int] = {}  # job id -> key id whose in-flight slot it holds
@@ -177,7 +180,7 @@ class JobRunner:
             with contextlib.suppress(Overloaded):  # raced by a v1 request: it runs anyway
                 self.engine.admit(reserve=job.id)
             self._occupy(job)
-            self._spawn(job)
+            self._spawn(job, first_event_id=takeover_id())  # above the earlier run's ids
         if claimed:
             log.info("claimed %d unfinished jobs whose lease had run out", len(claimed))
 
@@ -265,8 +268,11 @@ class JobRunner:
         return JobStatus.QUEUED, None if position is None else position + 1, None
 
     # -- running -----------------------------------------------------------------------------
-    def _spawn(self, job: Job) -> None:
-        self.events.open(job.id)  # before the render is queued: a reader finds it at once
+    def _spawn(self, job: Job, first_event_id: int | None = None) -> None:
+        # Before the render is queued: a reader finds it at once.
+        self.events.open(job.id, first_event_id)
+        if self.shared is not None:
+            self.shared.track(job.id, job.deadline_at)
         task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
         self._tasks[job.id] = task
         task.add_done_callback(functools.partial(self._forget, job.id))
@@ -274,6 +280,8 @@ class JobRunner:
     def _forget(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
         self._cancel_cost.pop(job_id, None)
+        if self.shared is not None:
+            self.shared.forget(job_id)
         if job_id in self._lost:  # its readers here learn the end from the store
             self._lost.discard(job_id)
             self.follow(job_id)
@@ -284,6 +292,21 @@ class JobRunner:
         if job_id in self._tasks:
             return None
         return asyncio.create_task(self._follow(job_id), name=f"follow-{job_id}")
+
+    def shared_events(self, job_id: str, after: int | None) -> EventSource | None:
+        """A job run by another process (or by none, yet), read from Redis after event
+        ``after``; None when it runs here or there is no Redis."""
+        if self.shared is None or job_id in self._tasks:
+            return None
+        return self.shared.reader(job_id, after, functools.partial(self._ended, job_id))
+
+    async def _ended(self, job_id: str) -> str | None:
+        """The stored terminal status as an event name; None while it runs (or unknown)."""
+        try:
+            status = JobStatus((await asyncio.to_thread(self.repo.get, job_id)).status)
+        except ZImageError:
+            return None
+        return status.value.lower() if status.is_terminal else None
 
     async def _follow(self, job_id: str) -> None:
         while job_id not in self._tasks:  # claimed here meanwhile: ours to finish

@@ -1,5 +1,5 @@
 """Event streams of renders: the hub that fans each render's progress out to readers."""
 
-from zimage_server.streams.hub import ProgressHub, StreamEvent, Subscription
+from zimage_server.streams.hub import EventSource, ProgressHub, StreamEvent, Subscription
 
-__all__ = ["ProgressHub", "StreamEvent", "Subscription"]
+__all__ = ["EventSource", "ProgressHub", "StreamEvent", "Subscription"]

@@ -11,20 +11,27 @@ Readers never slow a render: publishing only appends to each reader's bounded bu
 where a new step replaces the oldest unread step beyond ``buffer`` (steps are lossy by
 design; queued, started and the terminal event are never dropped). Memory is bounded by
 readers x ``buffer`` and by ``max_channels`` finished channels kept ``retention_s``.
+
+Taps (``tap``) see every event as it is published, on the publisher's thread: the shared
+event log (``streams.shared``) copies a job's events to Redis for the other API processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from zimage_server.engine import RenderUpdate
 from zimage_server.engine.protocol import Preview
+from zimage_server.images.encode import encode_preview
 
+log = logging.getLogger("zimage.streams")
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 Position = Callable[[str], int | None]  # the engine's: 0 = next, None = not waiting
 
@@ -43,6 +50,35 @@ class StreamEvent:
     @property
     def terminal(self) -> bool:
         return self.name in TERMINAL
+
+    def encode(self) -> dict[str, Any] | None:
+        """The preview as base64 WebP with its costs, encoded once (blocking: call it from
+        a thread). Several threads may race here: each would encode the same bytes."""
+        preview = self.preview
+        if self.encoded is None and preview is not None:
+            start = time.perf_counter()
+            webp = encode_preview(preview.rgb, (preview.width, preview.height))
+            self.encoded = {
+                "width": preview.width,
+                "height": preview.height,
+                "format": "webp",
+                "image": base64.b64encode(webp).decode("ascii"),
+                "compute_ms": round(preview.compute_s * 1000, 3),
+                "encode_ms": round((time.perf_counter() - start) * 1000, 3),
+            }
+        return self.encoded
+
+
+Tap = Callable[[str, StreamEvent], None]  # (render id, event), on the publisher's thread
+
+
+class EventSource(Protocol):
+    """What an event stream reads: a hub ``Subscription``, or another process's events
+    read back from Redis (``streams.shared``)."""
+
+    async def next(self, timeout: float) -> StreamEvent | None: ...
+
+    def close(self) -> None: ...
 
 
 class Subscription:
@@ -142,15 +178,35 @@ class ProgressHub:
         self._max_channels = max_channels
         self._clock = clock
         self._channels: OrderedDict[str, Channel] = OrderedDict()
+        self._taps: list[Tap] = []
 
-    def open(self, render_id: str) -> Channel:
+    def open(self, render_id: str, first_id: int | None = None) -> Channel:
         """The render's channel, made if new (before the render is queued, so that a
-        reader who asks at once finds it)."""
+        reader who asks at once finds it). ``first_id``: number its next events from
+        there on (a job taken over from another process continues above that one's ids)."""
         channel = self._channels.get(render_id)
         if channel is None:
             self._prune()
             channel = self._channels[render_id] = Channel(render_id)
+        if first_id is not None:
+            channel.next_id = max(channel.next_id, first_id)
         return channel
+
+    def tap(self, listener: Tap) -> None:
+        """Tell ``listener`` every event published from now on (it must not block)."""
+        self._taps.append(listener)
+
+    def _publish(
+        self, channel: Channel, name: str, data: dict[str, Any], preview: Preview | None = None
+    ) -> None:
+        event = channel.publish(name, data, preview)
+        if event is None:
+            return
+        for listener in self._taps:
+            try:
+                listener(channel.render_id, event)
+            except Exception:  # a tap's bug must not fail the render
+                log.exception("an event tap failed on %s", name)
 
     def get(self, render_id: str) -> Channel | None:
         return self._channels.get(render_id)
@@ -180,20 +236,20 @@ class ProgressHub:
         data: dict[str, Any] = {"request_id": update.render_id}
         if update.stage == "queued":
             channel.position = None if update.position is None else update.position + 1
-            channel.publish("queued", {**data, "queue_position": channel.position})
+            self._publish(channel, "queued", {**data, "queue_position": channel.position})
         elif update.stage == "started":
             channel.started = True
-            channel.publish("started", {**data, "step": 0, "total": update.total})
+            self._publish(channel, "started", {**data, "step": 0, "total": update.total})
         else:
             step = {"step": update.step, "total": update.total}
-            channel.publish("step", {**data, **step}, update.preview)
+            self._publish(channel, "step", {**data, **step}, update.preview)
 
     def finish(self, render_id: str, name: str, data: dict[str, Any]) -> None:
         """End the render's channel with its terminal event (kept ``retention_s``)."""
         channel = self._channels.get(render_id)
         if channel is None:
             return
-        channel.publish(name, data)
+        self._publish(channel, name, data)
         channel.finished_at = self._clock()
 
     def _refresh_positions(self, starting: str) -> None:
@@ -207,7 +263,7 @@ class ProgressHub:
             if position is not None and position + 1 != channel.position:
                 channel.position = position + 1
                 data = {"request_id": channel.render_id, "queue_position": channel.position}
-                channel.publish("queued", data)
+                self._publish(channel, "queued", data)
 
     def _prune(self) -> None:
         """Forget finished channels past their retention, and the oldest finished ones

@@ -218,9 +218,7 @@ async def events(request_id: str, request: Request, caller: Caller) -> Response:
     runner = _runner(request)
     owner = owner_of(caller)
     job = await runner.get(request_id, owner)  # 404 for another key's request
-    subscription = runner.events.subscribe(job.id, last_event_id(request))
-    if JobStatus(job.status).is_terminal:  # its live events may be long gone
-        runner.events.finish(job.id, job.status.lower(), {"request_id": job.id})
+    after, ended = last_event_id(request), JobStatus(job.status).is_terminal
 
     async def finish(event: StreamEvent) -> Frames:
         finished = await runner.get(request_id, owner)
@@ -228,8 +226,15 @@ async def events(request_id: str, request: Request, caller: Caller) -> Response:
         return [(event.name, body)]
 
     keepalive = request.app.state.settings.stream_keepalive_s
-    # Run by another process (or nobody yet): its end is learnt from the store.
-    follower = None if JobStatus(job.status).is_terminal else runner.follow(job.id)
+    # Run by another process (or nobody yet): its events come through Redis when shared.
+    shared = None if ended else runner.shared_events(job.id, after)
+    if shared is not None:
+        return event_stream(event_frames(shared, finish, keepalive))
+    subscription = runner.events.subscribe(job.id, after)
+    if ended:  # its live events may be long gone
+        runner.events.finish(job.id, job.status.lower(), {"request_id": job.id})
+    # Without Redis, a job run elsewhere sends only its end, learnt from the store.
+    follower = None if ended else runner.follow(job.id)
 
     async def frames() -> AsyncIterator[bytes]:
         try:
