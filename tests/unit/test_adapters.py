@@ -7,12 +7,15 @@ the same request, so a slot left filled, scaled or half-swapped shows up as a di
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.loras import (
     ATTENTION,
@@ -29,6 +32,17 @@ from zimage_server.engine.protocol import LoraRef, RenderBatch, RenderItem, Work
 
 Loras = tuple[LoraRef, ...]
 OFF = SpeedupSettings(compile="off", prefetch_prompts="off")
+SIZE = 64  # the smallest the model takes (4x4 tokens): the slots, not the pixels, are tested
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The tiny model's matmuls are too small to share: on two busy cores, two intra-op
+    threads made a LoRA render ~20x slower than one (the images compared run alike)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +77,7 @@ def generator(model: Path, loras: LoraSettings | None = None) -> DiffusersGenera
 
 
 def render(gen: DiffusersGenerator, loras: Loras) -> np.ndarray:
-    batch = RenderBatch("b", (RenderItem("j", "a cat", 7),), 256, 256, 2, 1.0, loras)
+    batch = RenderBatch("b", (RenderItem("j", "a cat", 7),), SIZE, SIZE, 2, 1.0, loras)
     done = gen.generate(batch, lambda *_: None, lambda: False)
     assert ("lora_load" in done.timings) == bool(loras)
     return np.frombuffer(done.images[0].rgb, np.uint8).astype(np.int16)
@@ -177,7 +191,9 @@ def test_switching_adapters_on_the_compiled_path_never_recompiles(
     third = save_diffusers(adapter_weights(tiny_model_dir, ATTENTION, rank=2, seed=3), tmp_path)
     files = [str(adapters["a"]), str(adapters["b"]), str(third)]
     args = [sys.executable, "-c", COMPILED_SWITCHES, str(tiny_model_dir), *files]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=400, check=True)
+    # One thread for the kernels and for Inductor's compiles (no pool of compile workers).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    out = subprocess.run(args, capture_output=True, text=True, timeout=400, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["compiled"] and result["warm"] > 0
     assert result["after"] == result["warm"], result  # no graph compiled after warm-up
