@@ -137,7 +137,7 @@ class AdapterBank:
         hits, misses, evictions = self._reported
         stats = AdapterStats(
             loaded=len(self.cache),
-            bytes=sum(size for _, size in self.cache.values()),
+            memory_bytes=sum(size for _, size in self.cache.values()),
             hits=self.hits - hits,
             misses=self.misses - misses,
             evictions=self.evictions - evictions,

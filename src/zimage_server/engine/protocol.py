@@ -159,7 +159,7 @@ class AdapterStats:
     happened since its previous report (so a restarted worker never counts backwards)."""
 
     loaded: int
-    bytes: int  # device memory of the loaded adapters' weights
+    memory_bytes: int  # device memory of the loaded adapters' weights
     hits: int = 0
     misses: int = 0
     evictions: int = 0

@@ -156,7 +156,7 @@ class Metrics:
     def record_adapters(self, worker: str, stats: AdapterStats) -> None:
         """A worker's cache after a batch: gauges set, the counts since its last report added."""
         self.adapters_loaded.labels(worker).set(stats.loaded)
-        self.adapter_bytes.labels(worker).set(stats.bytes)
+        self.adapter_bytes.labels(worker).set(stats.memory_bytes)
         self.adapter_lookups.labels("hit").inc(stats.hits)
         self.adapter_lookups.labels("miss").inc(stats.misses)
         self.adapter_evictions.inc(stats.evictions)
