@@ -156,6 +156,7 @@ def check_lora_switch(report: dict[str, Any]) -> None:
     figures = report["lora_switch"]
     assert report["benchmark"] == "lora" and figures["adapters"] == 2 and figures["rank"] == 4
     assert len(figures["first_load_s"]) == 2 and min(figures["first_load_s"]) > 0
+    assert figures["adapter_mb"] > 0
     level = figures["concurrency"]["1"]
     assert level["requests_each"] == 3  # one round of plain, bench-0, bench-1
     assert level["plain"]["img_s"] > 0 and level["mixed"]["img_s"] > 0

@@ -96,7 +96,7 @@ def run_lora_switch(config: BenchConfig, count: int, rank: int) -> dict[str, Any
         folder = data / "bench-loras"
         start = time.perf_counter()
         names = build_adapters(model, folder, count, rank, config.seed, device.startswith("cuda"))
-        built_s = time.perf_counter() - start
+        built_s, megabytes = time.perf_counter() - start, _megabytes(folder, names)
         env = {"ZIMAGE_LORA_DIR": str(folder), "ZIMAGE_LORA_MAX_RANK": str(slot_rank)}
         with _server(config, model, device, Variant("loras", env)) as server:
             client = Client(server.url, config.api_key)
@@ -112,7 +112,7 @@ def run_lora_switch(config: BenchConfig, count: int, rank: int) -> dict[str, Any
         "rank": rank,
         "slot_rank": slot_rank,
         "targets": list(TARGETS),
-        "adapter_mb": _megabytes(folder, names),
+        "adapter_mb": megabytes,
         "build_s": built_s,
         "first_load_s": first,
         "concurrency": levels,
