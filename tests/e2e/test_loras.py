@@ -233,6 +233,7 @@ def test_adapter_cache_metrics_move_on_real_requests(
     installed = lora_server.data_dir.parent / "installed"
     source = installed / "style-b" / "pytorch_lora_weights.safetensors"
     shutil.copy(source, installed / "metered.safetensors")  # a file no request read yet
+    image(post(lora_server, key))  # reports what a refused adapter's failed batch counted
     before = scrape(lora_server)
     image(post(lora_server, key, loras=[{"path": "metered"}]))
     image(post(lora_server, key, loras=[{"path": "metered", "scale": 0.5}]))
