@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,13 @@ from tests.loras import (
 from zimage_server.core.config import LoraSettings, SpeedupSettings, WorkerSettings
 from zimage_server.engine.adapters import AdapterError
 from zimage_server.engine.generator import DiffusersGenerator
-from zimage_server.engine.protocol import LoraRef, RenderBatch, RenderItem, WorkerSpec
+from zimage_server.engine.protocol import (
+    AdapterStats,
+    LoraRef,
+    RenderBatch,
+    RenderItem,
+    WorkerSpec,
+)
 
 Loras = tuple[LoraRef, ...]
 OFF = SpeedupSettings(compile="off", prefetch_prompts="off")
@@ -145,6 +152,33 @@ def test_the_cache_keeps_the_most_recent_within_its_bounds(
     bank = gen.adapters
     assert bank is not None and (bank.misses, bank.hits, bank.evictions) == (3, 0, 2)
     assert list(bank.cache) == [str(adapters["a"])]
+
+
+def test_each_batch_reports_the_cache_and_what_changed_since_the_last(
+    tiny_model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    """What ``/metrics`` adds up: a count is reported once, a refused adapter's miss with
+    the next batch that completes."""
+    gen = generator(tiny_model_dir, LoraSettings(lora_max_rank=8, lora_cache_size=1))
+
+    def stats(*loras: LoraRef) -> AdapterStats:
+        batch = RenderBatch("b", (RenderItem("j", "a cat", 7),), SIZE, SIZE, 1, 1.0, loras)
+        done = gen.generate(batch, lambda *_: None, lambda: False)
+        assert done.adapters is not None
+        return done.adapters
+
+    a, b = ref(adapters["a"]), ref(adapters["b"])
+    first = stats(a)
+    assert (first.loaded, first.misses, first.hits, first.evictions) == (1, 1, 0, 0)
+    assert len(first.load_s) == 1 and first.memory_bytes > 0
+    assert stats(a) == replace(first, misses=0, load_s=())  # the slot already holds it
+    with pytest.raises(AdapterError):
+        stats(a, ref(adapters["wide"]))
+    evicted = stats(b)  # the refused miss (wide) comes with this one, and a's eviction
+    assert (evicted.loaded, evicted.misses, evicted.hits, evicted.evictions) == (1, 2, 0, 1)
+    assert len(evicted.load_s) == 1  # adapters kept are timed; the refused one is not
+    plain = stats()
+    assert plain == replace(evicted, misses=0, evictions=0, load_s=())
 
 
 def test_adapters_off_refuse_a_lora_batch(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
