@@ -5,8 +5,8 @@
 # output), and every key figure printed, so the printed output alone holds the results.
 # Steps run most valuable first. Run from the repository root:
 #
-#   bash benchmarks/gpu-session.sh                    # main overhead lossy preview ablation1 ablation2
-#   bash benchmarks/gpu-session.sh ablation1 ablation2 # or some of them (a second command)
+#   bash benchmarks/gpu-session.sh             # main overhead lossy preview lora ablation1 ablation2
+#   bash benchmarks/gpu-session.sh lora ablation1 ablation2  # or some (a second command)
 #   BENCH_SKIP="lossy preview" bash benchmarks/gpu-session.sh
 #
 # On a box without diffusers, FastAPI, ... it first installs the wheels that
@@ -31,6 +31,9 @@ ITERATIONS=${BENCH_ITERATIONS:-5}
 DENOISE_STEPS=${BENCH_DENOISE_STEPS:-8}
 CONCURRENCY=${BENCH_CONCURRENCY:-1,4,8}
 OVERHEAD_REQUESTS=${BENCH_OVERHEAD_REQUESTS:-500}
+LORAS=${BENCH_LORAS:-3}                      # adapters the lora step switches among
+LORA_RANK=${BENCH_LORA_RANK:-32}
+LORA_CONCURRENCY=${BENCH_LORA_CONCURRENCY:-1,4}
 SKIP=" ${BENCH_SKIP:-} "
 RESULTS=${BENCH_RESULTS_DIR:-benchmarks/results}  # a dry run keeps the committed ones
 SESSION=$(mktemp -d)                         # this run's JSONs, nothing older
@@ -64,7 +67,7 @@ run() {  # run NAME ARGS...: one bench step, its JSON in $SESSION, its key figur
 }
 
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(main overhead lossy preview ablation1 ablation2)
+[[ ${#steps[@]} -eq 0 ]] && steps=(main overhead lossy preview lora ablation1 ablation2)
 common=(--model "$MODEL" --steps "$DENOISE_STEPS" --iterations "$ITERATIONS")
 for step in "${steps[@]}"; do
     case $step in
@@ -73,6 +76,8 @@ for step in "${steps[@]}"; do
             --warmup 20 ;;
         lossy) run lossy "${common[@]}" --sizes "$SIZE" --skip-stock --lossy --concurrency 1 ;;
         preview) run preview "${common[@]}" --sizes "$SIZE" --preview-overhead ;;
+        lora) run lora "${common[@]}" --sizes "$SIZE" --lora-switch --loras "$LORAS" \
+            --lora-rank "$LORA_RANK" --concurrency "$LORA_CONCURRENCY" ;;
         ablation1|ablation2)  # two halves, so each fits a command on its own
             if [[ $step == ablation1 ]]; then
                 names=eager,compile_static,vae_eager,complex_rope,cudagraphs,pad512
@@ -81,7 +86,7 @@ for step in "${steps[@]}"; do
             fi
             run "$step" "${common[@]}" --sizes "$SIZE" --skip-stock --no-lossy \
                 --ablation "$names" --concurrency 4 ;;
-        *) echo "unknown step $step (main | overhead | lossy | preview | ablation1 | ablation2)"
+        *) echo "unknown step $step (main | overhead | lossy | preview | lora | ablation1 | ablation2)"
            exit 2 ;;
     esac
 done

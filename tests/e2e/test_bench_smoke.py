@@ -117,21 +117,25 @@ def test_gpu_session_dry_run_on_cpu(tmp_path: Path) -> None:
         "BENCH_DENOISE_STEPS": "1",
         "BENCH_CONCURRENCY": "1",
         "BENCH_OVERHEAD_REQUESTS": "10",
+        "BENCH_LORAS": "2",
+        "BENCH_LORA_RANK": "4",
+        "BENCH_LORA_CONCURRENCY": "1",
         "BENCH_SKIP": "lossy preview ablation1 ablation2",
         "BENCH_DATA_DIR": str(tmp_path / "data"),
         "BENCH_RESULTS_DIR": str(results),
     }
     script = ROOT / "benchmarks" / "gpu-session.sh"
     run = subprocess.run(
-        ["bash", str(script)], capture_output=True, text=True, timeout=240, env=env, check=False
+        ["bash", str(script)], capture_output=True, text=True, timeout=300, env=env, check=False
     )
     printed = run.stdout + run.stderr
     assert run.returncode == 0, printed
     files = sorted(path.name for path in out.rglob("*") if path.is_file())
     assert len(files) <= 8, files
     assert {"server-logs.tar.gz", "session.log"} <= set(files)
-    assert sum(name.endswith(".json") for name in files) == 2  # main and overhead
+    assert sum(name.endswith(".json") for name in files) == 3  # main, overhead and lora
     assert sorted(path.name for path in results.iterdir()) == [f for f in files if "json" in f]
+    check_lora_switch(json.loads(next(results.glob("*-lora.json")).read_text()))
     for step in ("lossy", "preview", "ablation1", "ablation2"):
         assert f"== {step} skipped (BENCH_SKIP)" in printed
     recap = printed.split("== key figures, most valuable first")[1]
@@ -139,12 +143,24 @@ def test_gpu_session_dry_run_on_cpu(tmp_path: Path) -> None:
     assert main_line < recap.index("overhead vs floor (p50):")  # the model's figures first
     assert "speedup_vs_stock:" in recap and "TFLOP/s" in recap
     assert "ours_keyed at concurrency 32:" in recap and "no figures" not in recap
-    assert (
-        "server-plain.log"
-        in subprocess.run(
-            ["tar", "-tzf", str(out / "server-logs.tar.gz")],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    assert recap.index("overhead vs floor (p50):") < recap.index("loras at concurrency 1:")
+    logs = subprocess.run(
+        ["tar", "-tzf", str(out / "server-logs.tar.gz")], capture_output=True, text=True, check=True
+    ).stdout
+    assert "server-plain.log" in logs and "lora/server-loras.log" in logs
+
+
+def check_lora_switch(report: dict[str, Any]) -> None:
+    """The lora step: two adapters PEFT made for the tiny transformer, each loaded once
+    (a miss), then switched per request beside plain renders in the same server."""
+    figures = report["lora_switch"]
+    assert report["benchmark"] == "lora" and figures["adapters"] == 2 and figures["rank"] == 4
+    assert len(figures["first_load_s"]) == 2 and min(figures["first_load_s"]) > 0
+    assert figures["adapter_mb"] > 0
+    level = figures["concurrency"]["1"]
+    assert level["requests_each"] == 3  # one round of plain, bench-0, bench-1
+    assert level["plain"]["img_s"] > 0 and level["mixed"]["img_s"] > 0
+    assert 0 < level["lora_load_p50_s"] <= level["lora_load_p95_s"] <= level["lora_load_max_s"]
+    ratio = level["mixed"]["img_s"] / level["plain"]["img_s"]
+    assert abs(level["ratio_img_s"] - ratio) < 1e-9
+    assert level["mixed_lora_requests"]["e2e_p50_s"] > level["lora_load_p50_s"]

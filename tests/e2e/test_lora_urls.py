@@ -9,6 +9,7 @@ A file server on 127.0.0.2 speaks TLS with a certificate from a test CA (trusted
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import ssl
@@ -23,15 +24,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trustme
+from safetensors.numpy import save
 
 from tests.conftest import ADMIN, InProcessServer, create_key, shared_tiny_model
 from tests.e2e.test_loras import balance, image, post
 from tests.fakedns import FakeDns
 from tests.loras import ATTENTION, adapter_weights, save_diffusers
+from zimage_server.core.config import Settings
+from zimage_server.images.lora_download import LoraDownloader
 
 MAX_BYTES = 256 * 1024
 OFFERED = 64 * 2**20  # what the oversized file would send if nobody stopped reading
 Route = Callable[[BaseHTTPRequestHandler], None]
+# Three small safetensors files, different bytes, the same size: the cache's test.
+SMALL = {f"/cache-{i}.safetensors": save({"w": np.full(1024, i, np.float32)}) for i in range(3)}
 
 
 class FileServer:
@@ -123,6 +129,7 @@ def files(ca: trustme.CA, adapter: Path) -> Iterator[FileServer]:
         "/declared.safetensors": status_route(200, {"Content-Length": str(MAX_BYTES + 1)}),
         "/page.safetensors": file_route(html),
         "/moved.safetensors": status_route(302, {"Location": "/style-a.safetensors"}),
+        **{path: file_route(data) for path, data in SMALL.items()},
     }
     holder.append(FileServer(tls, routes))
     yield holder[0]
@@ -223,3 +230,47 @@ def test_v2_and_openai_fetch_before_billing(
         assert r.status_code == 400 and "is not a safetensors file" in r.text, r.text
     assert openai.json()["error"]["param"] == "loras"
     assert balance(server, key) == before
+
+
+def test_the_download_cache_evicts_the_least_recently_used_never_a_held_file(
+    files: FileServer, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """The downloader alone, against the same HTTPS file server, bounded to 2.5 files."""
+    dns = FakeDns()
+    dns.records["lora.test"] = [["127.0.0.2"]]
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    size = len(SMALL["/cache-0.safetensors"])
+    settings = Settings(
+        data_dir=tmp_path,
+        lora_allow_urls=True,
+        lora_ca_file=tmp_path / "ca.pem",
+        lora_download_cache_bytes=size * 5 // 2,
+        webhook_allowed_networks=["127.0.0.2/32"],
+        webhook_dns_servers=[dns.address],
+    )
+    downloads = LoraDownloader(settings)
+    one, two, three = (files.url(path) for path in SMALL)
+    blob = {
+        url: downloads.root / "blobs" / f"{hashlib.sha256(data).hexdigest()}.safetensors"
+        for url, data in zip((one, two, three), SMALL.values(), strict=True)
+    }
+
+    def kept() -> set[str]:
+        return {url for url, path in blob.items() if path.is_file()}
+
+    async def scenario() -> None:
+        await downloads.fetch(one)
+        await downloads.fetch(two)
+        await downloads.fetch(one)  # read from disk: now the most recently used
+        await downloads.fetch(three)  # over the bound: the least recently used goes
+        assert kept() == {one, three}
+        with downloads.holding([one]):  # a render reads it: never evicted
+            await downloads.fetch(two)  # downloaded again; 'one' is older but held
+            assert kept() == {one, two}
+        downloads.cache_bytes = 1  # smaller than any file: the newest alone stays
+        await downloads.fetch(three)
+        assert kept() == {three}
+
+    asyncio.run(scenario())
+    assert files.hits["/cache-1.safetensors"] == 2 and files.hits["/cache-2.safetensors"] == 2
+    assert files.hits["/cache-0.safetensors"] == 1

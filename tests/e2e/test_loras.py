@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import pickle
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -216,3 +217,35 @@ def test_a_v2_job_renders_with_loras_and_a_refused_adapter_is_refunded(
     failed = run_job(lora_server, key, [{"path": "wide"}])  # passes the API, not the worker
     assert failed["status"] == "FAILED" and "'wide' does not match this model" in str(failed)
     assert balance(lora_server, key) == before  # held at submission, refunded at the refusal
+
+
+def scrape(server: InProcessServer) -> dict[str, float]:
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    pairs = (line.rpartition(" ") for line in text.splitlines() if not line.startswith("#"))
+    return {series: float(value) for series, _, value in pairs if series}
+
+
+def test_adapter_cache_metrics_move_on_real_requests(
+    lora_server: InProcessServer, key: str
+) -> None:
+    """A new adapter is a miss (read from disk, timed); the same one at another scale is
+    a hit (kept loaded); the worker's gauges show it held."""
+    installed = lora_server.data_dir.parent / "installed"
+    source = installed / "style-b" / "pytorch_lora_weights.safetensors"
+    shutil.copy(source, installed / "metered.safetensors")  # a file no request read yet
+    image(post(lora_server, key))  # reports what a refused adapter's failed batch counted
+    before = scrape(lora_server)
+    image(post(lora_server, key, loras=[{"path": "metered"}]))
+    image(post(lora_server, key, loras=[{"path": "metered", "scale": 0.5}]))
+    after = scrape(lora_server)
+
+    def moved(series: str) -> float:
+        return after[series] - before.get(series, 0.0)
+
+    assert moved('zimage_adapter_cache_lookups_total{result="miss"}') == 1
+    assert moved('zimage_adapter_cache_lookups_total{result="hit"}') == 1
+    assert moved("zimage_adapter_cache_evictions_total") == 0
+    assert moved("zimage_adapter_load_seconds_count") == 1
+    assert moved("zimage_adapter_load_seconds_sum") > 0
+    assert after['zimage_adapters_loaded{worker="worker-0"}'] >= 1
+    assert after['zimage_adapter_bytes{worker="worker-0"}'] >= source.stat().st_size / 2

@@ -7,12 +7,16 @@ the same request, so a slot left filled, scaled or half-swapped shows up as a di
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.loras import (
     ATTENTION,
@@ -25,10 +29,27 @@ from tests.loras import (
 from zimage_server.core.config import LoraSettings, SpeedupSettings, WorkerSettings
 from zimage_server.engine.adapters import AdapterError
 from zimage_server.engine.generator import DiffusersGenerator
-from zimage_server.engine.protocol import LoraRef, RenderBatch, RenderItem, WorkerSpec
+from zimage_server.engine.protocol import (
+    AdapterStats,
+    LoraRef,
+    RenderBatch,
+    RenderItem,
+    WorkerSpec,
+)
 
 Loras = tuple[LoraRef, ...]
 OFF = SpeedupSettings(compile="off", prefetch_prompts="off")
+SIZE = 64  # the smallest the model takes (4x4 tokens): the slots, not the pixels, are tested
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The tiny model's matmuls are too small to share: on two busy cores, two intra-op
+    threads made a LoRA render ~20x slower than one (the images compared run alike)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +84,7 @@ def generator(model: Path, loras: LoraSettings | None = None) -> DiffusersGenera
 
 
 def render(gen: DiffusersGenerator, loras: Loras) -> np.ndarray:
-    batch = RenderBatch("b", (RenderItem("j", "a cat", 7),), 256, 256, 2, 1.0, loras)
+    batch = RenderBatch("b", (RenderItem("j", "a cat", 7),), SIZE, SIZE, 2, 1.0, loras)
     done = gen.generate(batch, lambda *_: None, lambda: False)
     assert ("lora_load" in done.timings) == bool(loras)
     return np.frombuffer(done.images[0].rgb, np.uint8).astype(np.int16)
@@ -133,6 +154,33 @@ def test_the_cache_keeps_the_most_recent_within_its_bounds(
     assert list(bank.cache) == [str(adapters["a"])]
 
 
+def test_each_batch_reports_the_cache_and_what_changed_since_the_last(
+    tiny_model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    """What ``/metrics`` adds up: a count is reported once, a refused adapter's miss with
+    the next batch that completes."""
+    gen = generator(tiny_model_dir, LoraSettings(lora_max_rank=8, lora_cache_size=1))
+
+    def stats(*loras: LoraRef) -> AdapterStats:
+        batch = RenderBatch("b", (RenderItem("j", "a cat", 7),), SIZE, SIZE, 1, 1.0, loras)
+        done = gen.generate(batch, lambda *_: None, lambda: False)
+        assert done.adapters is not None
+        return done.adapters
+
+    a, b = ref(adapters["a"]), ref(adapters["b"])
+    first = stats(a)
+    assert (first.loaded, first.misses, first.hits, first.evictions) == (1, 1, 0, 0)
+    assert len(first.load_s) == 1 and first.memory_bytes > 0
+    assert stats(a) == replace(first, misses=0, load_s=())  # the slot already holds it
+    with pytest.raises(AdapterError):
+        stats(a, ref(adapters["wide"]))
+    evicted = stats(b)  # the refused miss (wide) comes with this one, and a's eviction
+    assert (evicted.loaded, evicted.misses, evicted.hits, evicted.evictions) == (1, 2, 0, 1)
+    assert len(evicted.load_s) == 1  # adapters kept are timed; the refused one is not
+    plain = stats()
+    assert plain == replace(evicted, misses=0, evictions=0, load_s=())
+
+
 def test_adapters_off_refuse_a_lora_batch(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
     gen = generator(tiny_model_dir, LoraSettings(max_loras=0))
     with pytest.raises(AdapterError, match="off on this server"):
@@ -177,7 +225,9 @@ def test_switching_adapters_on_the_compiled_path_never_recompiles(
     third = save_diffusers(adapter_weights(tiny_model_dir, ATTENTION, rank=2, seed=3), tmp_path)
     files = [str(adapters["a"]), str(adapters["b"]), str(third)]
     args = [sys.executable, "-c", COMPILED_SWITCHES, str(tiny_model_dir), *files]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=400, check=True)
+    # One thread for the kernels and for Inductor's compiles (no pool of compile workers).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    out = subprocess.run(args, capture_output=True, text=True, timeout=400, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["compiled"] and result["warm"] > 0
     assert result["after"] == result["warm"], result  # no graph compiled after warm-up

@@ -160,6 +160,8 @@ def build_services(
         load_s=engine.load_seconds,
         ready=lambda: float(engine.state.value == "READY"),
     )
+    if isinstance(engine, Engine):  # Ray replicas keep their workers' figures to themselves
+        engine.watch_adapters(metrics_.record_adapters)
     metrics_.cluster_depth.set_function(lambda: runner.cluster.depth)
     metrics_.cluster_oldest.set_function(lambda: runner.cluster.oldest_wait_s)
     return Services(

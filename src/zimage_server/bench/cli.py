@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from zimage_server.bench.environment import resolve_device
+from zimage_server.bench.loras import run_lora_switch
 from zimage_server.bench.overhead import run_overhead
 from zimage_server.bench.previews import run_preview_overhead
 from zimage_server.bench.report import result_path, show, write_report
@@ -138,6 +139,15 @@ def bench(
             help="Measure what step previews cost a render instead (off vs on, same server).",
         ),
     ] = False,
+    lora_switch: Annotated[
+        bool,
+        typer.Option(
+            "--lora-switch",
+            help="Measure LoRA switching instead (plain vs round-robin over adapters).",
+        ),
+    ] = False,
+    loras: Annotated[int, typer.Option(min=1, max=16, help="Adapters for --lora-switch.")] = 3,
+    lora_rank: Annotated[int, typer.Option(min=1, max=1024, help="Their rank.")] = 32,
     device: Annotated[BenchDevice, typer.Option(help="Where stock and server run.")] = (
         BenchDevice.auto
     ),
@@ -181,6 +191,8 @@ def bench(
             report = run_overhead(config)
         elif preview_overhead:
             report = run_preview_overhead(config)
+        elif lora_switch:
+            report = run_lora_switch(config, loras, lora_rank)
         else:
             report = run_benchmark(config, checkpoint)
     except BenchError as exc:

@@ -23,6 +23,8 @@ def key_lines(report: Mapping[str, Any]) -> list[str]:
         return _overhead(report["overhead"])
     if kind == "preview":
         return _preview(report["preview_overhead"])
+    if kind == "lora":
+        return _lora(report["lora_switch"])
     return _model(report)
 
 
@@ -61,6 +63,25 @@ def _preview(figures: Mapping[str, Any]) -> list[str]:
         f" (p50 {figures['off_p50_s']:.3f} s off, {figures['on_p50_s']:.3f} s on)",
         f"preview device time per render {figures['preview_on_device_p50_s'] * 1e3:.1f} ms",
     ]
+
+
+def _lora(figures: Mapping[str, Any]) -> list[str]:
+    first = ", ".join(f"{seconds * 1e3:.0f}" for seconds in figures["first_load_s"])
+    lines = [
+        f"loras at {figures['size']}: {figures['adapters']} adapters of rank {figures['rank']}"
+        f" ({figures['adapter_mb']:.2f} MB each), first loads {first} ms"
+    ]
+    for concurrency, level in figures["concurrency"].items():
+        plain, mixed = level["plain"], level["mixed"]
+        lines.append(
+            f"loras at concurrency {concurrency}: {mixed['img_s']:.2f} img/s mixed vs "
+            f"{plain['img_s']:.2f} plain (x{level['ratio_img_s']:.2f}); LoRA p50 "
+            f"{level['mixed_lora_requests']['e2e_p50_s']:.3f} s vs plain "
+            f"{plain['e2e_p50_s']:.3f} s (x{level['ratio_p50_lora_vs_plain']:.2f}); "
+            f"lora_load p50 {level['lora_load_p50_s'] * 1e3:.1f} ms, "
+            f"p95 {level['lora_load_p95_s'] * 1e3:.1f} ms"
+        )
+    return lines
 
 
 def file_lines(path: Path) -> list[str]:

@@ -16,8 +16,9 @@ STAGES = ("queue_wait", "text_encode", "denoise", "vae_decode", "image_encode", 
 
 
 def result_path(report: Mapping[str, Any], results_dir: Path) -> Path:
-    """``<date>-<device>.json``, or ``-overhead.json`` / ``-preview.json``."""
-    suffix = {"overhead": "-overhead", "preview": "-preview"}.get(str(report.get("benchmark")), "")
+    """``<date>-<device>.json``, or ``-overhead.json`` / ``-preview.json`` / ``-lora.json``."""
+    suffixes = {"overhead": "-overhead", "preview": "-preview", "lora": "-lora"}
+    suffix = suffixes.get(str(report.get("benchmark")), "")
     return results_dir / f"{report['date']}-{slug(str(report['device']))}{suffix}.json"
 
 
@@ -130,12 +131,37 @@ def preview_table(report: Mapping[str, Any]) -> Table:
     return table
 
 
+def lora_table(report: Mapping[str, Any]) -> Table:
+    figures = report["lora_switch"]
+    title = (
+        f"LoRA switching: {figures['adapters']} adapters of rank {figures['rank']} "
+        f"(slots {figures['slot_rank']}), {report['model']} at {figures['size']} "
+        f"({report['device']})"
+    )
+    table = Table(title=title)
+    columns = ("concurrency", "traffic", "img/s", "p50 s", "p95 s", "lora_load p50/p95 ms")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "traffic" else "right")
+    for concurrency, level in figures["concurrency"].items():
+        loads = f"{level['lora_load_p50_s'] * 1e3:.1f} / {level['lora_load_p95_s'] * 1e3:.1f}"
+        for traffic in ("plain", "mixed", "mixed_lora_requests"):
+            entry = level[traffic]
+            table.add_row(
+                concurrency,
+                traffic,
+                f"{entry['img_s']:.2f}" if "img_s" in entry else "",
+                f"{entry['e2e_p50_s']:.3f}",
+                f"{entry['e2e_p95_s']:.3f}",
+                loads if traffic == "mixed_lora_requests" else "",
+            )
+    return table
+
+
 def show(report: Mapping[str, Any], console: Console) -> None:
-    if report.get("benchmark") == "overhead":
-        console.print(overhead_table(report))
-        return
-    if report.get("benchmark") == "preview":
-        console.print(preview_table(report))
+    tables = {"overhead": overhead_table, "preview": preview_table, "lora": lora_table}
+    table = tables.get(str(report.get("benchmark")))
+    if table is not None:
+        console.print(table(report))
         return
     console.print(variants_table(report))
     for line in summary_lines(report):

@@ -201,6 +201,11 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
         None, description="Installed LoRA adapters; default: the data folder's loras/."
     )
     lora_allow_urls: bool = Field(False, description="Let requests name adapters by HTTPS URL.")
+    lora_download_cache_bytes: int = Field(
+        20 * 2**30,
+        ge=1,
+        description="Disk the adapters fetched by URL may take; least recently used go first.",
+    )
     lora_download_timeout_s: float = Field(
         120.0, gt=0, description="One adapter download, DNS included."
     )

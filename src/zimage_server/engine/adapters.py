@@ -22,7 +22,7 @@ from collections import OrderedDict
 from typing import Any
 
 from zimage_server.core.config import LoraSettings
-from zimage_server.engine.protocol import LoraRef
+from zimage_server.engine.protocol import AdapterStats, LoraRef
 
 log = logging.getLogger("zimage.worker")
 PREFIX = "transformer."
@@ -42,6 +42,8 @@ class AdapterBank:
         self.slots: list[tuple[str, float] | None] = []  # (identity, scale) in each slot
         self.cache: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
         self.hits = self.misses = self.evictions = 0
+        self._reported = (0, 0, 0)  # hits, misses, evictions at the last ``report``
+        self._load_s: list[float] = []  # misses since the last ``report``
 
     @property
     def ready(self) -> bool:
@@ -117,6 +119,7 @@ class AdapterBank:
             self.hits += 1
             return cached[0]
         self.misses += 1
+        start = time.perf_counter()
         try:
             state = self.pipe.lora_state_dict(lora.path, use_safetensors=True)
         except Exception as exc:
@@ -126,7 +129,23 @@ class AdapterBank:
         size = sum(value.numel() * value.element_size() for value in state.values())
         self.cache[lora.identity] = (state, size)
         self._evict()
+        self._load_s.append(time.perf_counter() - start)
         return state
+
+    def report(self) -> AdapterStats:
+        """The cache now, and the counts since the previous report."""
+        hits, misses, evictions = self._reported
+        stats = AdapterStats(
+            loaded=len(self.cache),
+            memory_bytes=sum(size for _, size in self.cache.values()),
+            hits=self.hits - hits,
+            misses=self.misses - misses,
+            evictions=self.evictions - evictions,
+            load_s=tuple(self._load_s),
+        )
+        self._reported = (self.hits, self.misses, self.evictions)
+        self._load_s.clear()
+        return stats
 
     def _evict(self) -> None:
         """Drop the least recently used beyond the count or memory bound (never the newest)."""

@@ -158,6 +158,7 @@ class DiffusersGenerator:
             out.transformer_passes,
             tuple(out.prompt_tokens),
             tuple(out.prompt_sources),
+            self.adapters.report() if self.adapters is not None else None,
         )
 
     def prefetch(self, prompts: list[Prompt]) -> None:

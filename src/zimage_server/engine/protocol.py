@@ -154,6 +154,19 @@ class RawImage:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterStats:
+    """A worker's LoRA cache after a batch, for ``/metrics``: what it holds now, and what
+    happened since its previous report (so a restarted worker never counts backwards)."""
+
+    loaded: int
+    memory_bytes: int  # device memory of the loaded adapters' weights
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_s: tuple[float, ...] = ()  # each miss: read, converted and moved to the device
+
+
+@dataclass(frozen=True, slots=True)
 class BatchDone:
     batch_id: str
     images: tuple[RawImage, ...]
@@ -164,6 +177,7 @@ class BatchDone:
     prompt_tokens: tuple[int, ...] = ()
     # Where each prompt's embedding came from: "encoded", "cache" or "prefetch".
     prompt_sources: tuple[str, ...] = ()
+    adapters: AdapterStats | None = None  # None: LoRAs are off on this worker
 
 
 # "invalid": the request's input cannot be used with this model (an adapter that does not

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import TypeVar
 
@@ -26,12 +26,13 @@ from zimage_server.core.errors import (
 )
 from zimage_server.engine.handle import ProgressCallback, WorkerHandle, WorkerLike, WorkerState
 from zimage_server.engine.model_source import detect_devices, resolve_model
-from zimage_server.engine.protocol import BatchDone, Preview, WorkerSpec
+from zimage_server.engine.protocol import AdapterStats, BatchDone, Preview, WorkerSpec
 from zimage_server.engine.render import RenderListener, RenderResult, RenderSpec, RenderUpdate
 from zimage_server.engine.scheduler import Batch, Clock, Scheduler, Ticket
 from zimage_server.telemetry import context
 
 T = TypeVar("T")
+AdapterListener = Callable[[str, AdapterStats], None]
 log = logging.getLogger("zimage.engine")
 
 
@@ -63,6 +64,7 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._listeners: list[RenderListener] = []
+        self._adapter_listeners: list[AdapterListener] = []
         self.model_label = "custom workers"
 
     @classmethod
@@ -143,6 +145,19 @@ class Engine:
     def watch(self, listener: RenderListener) -> None:
         """Tell ``listener`` each render's queueing, start and steps (with previews)."""
         self._listeners.append(listener)
+
+    def watch_adapters(self, listener: AdapterListener) -> None:
+        """Tell ``listener`` each worker's LoRA cache after each batch (for ``/metrics``)."""
+        self._adapter_listeners.append(listener)
+
+    def _tell_adapters(self, worker: str, stats: AdapterStats | None) -> None:
+        if stats is None:
+            return
+        for listener in self._adapter_listeners:
+            try:
+                listener(worker, stats)
+            except Exception:  # metrics must not fail a render
+                log.exception("an adapter listener failed")
 
     def _tell(self, update: RenderUpdate) -> None:
         for listener in self._listeners:
@@ -269,6 +284,7 @@ class Engine:
             self.scheduler.fail(batch, WorkerDied("The engine failed while rendering this."))
         else:
             self.scheduler.complete(batch, _results(done, worker.name))
+            self._tell_adapters(worker.name, done.adapters)
         finally:
             self._busy_since.pop(worker.name, None)
 

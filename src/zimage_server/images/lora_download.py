@@ -9,6 +9,10 @@ bytes (an HTML page is dropped at once) and in full before it is kept. Files are
 content hash (``blobs/<sha256>.safetensors``) and each URL's hash beside them
 (``urls/<sha256 of the URL>``), so later requests, and renders after a restart, read the
 disk: a URL is downloaded again only if its file was removed.
+
+The files take at most ``ZIMAGE_LORA_DOWNLOAD_CACHE_BYTES``: after each download the least
+recently used go (a file's mtime is its last use), never the one just fetched nor one a
+render holds (``holding``: from the request's check until its image is made).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import os
 import ssl
 import struct
 import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
@@ -62,6 +69,7 @@ class LoraDownloader:
 
         self.root = settings.lora_download_dir
         self.max_bytes = settings.lora_max_bytes
+        self.cache_bytes = settings.lora_download_cache_bytes
         self.timeout_s = settings.lora_download_timeout_s
         self.policy = replace(WebhookPolicy.from_settings(settings), enabled=True)
         self.resolver = Resolver(settings.webhook_dns_servers, settings.lora_download_timeout_s)
@@ -69,15 +77,58 @@ class LoraDownloader:
         if settings.lora_ca_file is not None:
             self.tls.load_verify_locations(settings.lora_ca_file)
         self._inflight: dict[str, asyncio.Future[Path]] = {}
+        self._held: Counter[str] = Counter()  # URLs renders are using, and how many
 
     def cached(self, url: str) -> Path | None:
-        """The file this URL was fetched into, if it is still on disk."""
-        try:
-            digest = (self.root / "urls" / _sha(url.encode())).read_text().strip()
-        except OSError:
+        """The file this URL was fetched into, if it is still on disk (marked as used now)."""
+        digest = self._digest(url)
+        if digest is None:
             return None
         blob = self.root / "blobs" / f"{digest}.safetensors"
-        return blob if blob.is_file() else None
+        try:
+            os.utime(blob)  # the eviction's recency
+        except OSError:
+            return None
+        return blob
+
+    def _digest(self, url: str) -> str | None:
+        try:
+            return (self.root / "urls" / _sha(url.encode())).read_text().strip()
+        except OSError:
+            return None
+
+    @contextmanager
+    def holding(self, urls: Iterable[str]) -> Iterator[None]:
+        """While inside, these URLs' files are never evicted (a render reads them)."""
+        urls = list(urls)
+        self._held.update(urls)
+        try:
+            yield
+        finally:
+            self._held.subtract(urls)
+            self._held += Counter()  # drop the zeros
+
+    def evict(self, keep: str) -> list[Path]:
+        """Least recently used files beyond the bound, except ``keep`` (a digest) and the
+        held ones; what was removed."""
+        held = {self._digest(url) for url in list(self._held)} | {keep}
+        blobs = []
+        for blob in (self.root / "blobs").glob("*.safetensors"):
+            try:
+                stat = blob.stat()
+            except OSError:
+                continue
+            blobs.append((stat.st_mtime_ns, stat.st_size, blob))
+        total = sum(size for _, size, _ in blobs)
+        removed = []
+        for _, size, blob in sorted(blobs):
+            if total <= self.cache_bytes:
+                break
+            if blob.stem not in held:
+                blob.unlink(missing_ok=True)
+                total -= size
+                removed.append(blob)
+        return removed
 
     async def fetch(self, url: str) -> Path:
         """The URL's file, downloaded unless cached. Requests for a URL being fetched wait
@@ -189,6 +240,7 @@ class LoraDownloader:
         blob.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, blob)
         _write_atomic(self.root / "urls" / _sha(url.encode()), digest)
+        self.evict(keep=digest)
         return blob
 
 

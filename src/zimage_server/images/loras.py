@@ -11,7 +11,8 @@ its layers fit the model is only known by loading it; the worker reports that as
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,14 @@ class LoraCatalog:
             if _NAME.fullmatch(name):
                 found.setdefault(name, InstalledLora(name, file.stat().st_size))
         return list(found.values())
+
+    @contextmanager
+    def holding(self, entries: Sequence[LoraEntry]) -> Iterator[None]:
+        """Keep the files of the adapters named by URL while a render uses them."""
+        urls = [entry.path for entry in entries if is_url(entry.path)]
+        downloads = self.downloads
+        with downloads.holding(urls) if downloads and urls else nullcontext():
+            yield
 
     def check_count(self, entries: Sequence[LoraEntry]) -> None:
         limit = self.settings.max_loras

@@ -442,7 +442,24 @@ class GenerationService:
         """Render and encode, unbilled (callers own billing). ``job_id`` names the render
         in the engine so it can be located and cancelled; such renders were admitted
         earlier (at submit, or before a restart) and skip the queue bound. ``stream_id``
-        names a render whose events a client streams (admitted as usual)."""
+        names a render whose events a client streams (admitted as usual). Adapters fetched
+        by URL stay on disk until the image is made."""
+        with self.loras.holding(params.loras):
+            return await self._render(
+                params, seed, timeout, job_id, tenant=tenant, stream_id=stream_id, inputs=inputs
+            )
+
+    async def _render(
+        self,
+        params: GenerationParams,
+        seed: int,
+        timeout: float,
+        job_id: str | None,
+        *,
+        tenant: str,
+        stream_id: str | None,
+        inputs: InputImages | None,
+    ) -> Generated:
         start = time.perf_counter()
         spec = RenderSpec(
             prompt=params.prompt,

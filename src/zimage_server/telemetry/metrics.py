@@ -7,10 +7,15 @@ prefixes get their own series; the rest share ``"other"``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+if TYPE_CHECKING:
+    from zimage_server.engine.protocol import AdapterStats
+
 MAX_KEYS = 200
+ADAPTER_LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -78,7 +83,36 @@ class Metrics:
             "Age of the oldest unfinished job in the whole cluster (from the store)",
             registry=r,
         )
+        self._adapter_metrics(r)
         self._keys: set[str] = set()
+
+    def _adapter_metrics(self, r: CollectorRegistry) -> None:
+        self.adapters_loaded = Gauge(
+            "zimage_adapters_loaded", "LoRA adapters kept loaded, by worker", ["worker"], registry=r
+        )
+        self.adapter_bytes = Gauge(
+            "zimage_adapter_bytes",
+            "Device memory the loaded LoRA adapters' weights take, by worker",
+            ["worker"],
+            registry=r,
+        )
+        self.adapter_lookups = Counter(
+            "zimage_adapter_cache_lookups",
+            "LoRA adapter cache lookups by result: hit (kept loaded) or miss (read from disk)",
+            ["result"],
+            registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "zimage_adapter_cache_evictions",
+            "LoRA adapters dropped from a worker's cache (count or memory bound)",
+            registry=r,
+        )
+        self.adapter_load = Histogram(
+            "zimage_adapter_load_seconds",
+            "Reading one LoRA adapter onto the device (a cache miss)",
+            buckets=ADAPTER_LOAD_BUCKETS,
+            registry=r,
+        )
 
     def watch(
         self,
@@ -118,6 +152,16 @@ class Metrics:
         self.images.labels(label).inc(images)
         gpu = sum(timings.get(s, 0.0) for s in ("text_encode", "denoise", "vae_decode"))
         self.gpu_seconds.labels(label).inc(gpu)
+
+    def record_adapters(self, worker: str, stats: AdapterStats) -> None:
+        """A worker's cache after a batch: gauges set, the counts since its last report added."""
+        self.adapters_loaded.labels(worker).set(stats.loaded)
+        self.adapter_bytes.labels(worker).set(stats.memory_bytes)
+        self.adapter_lookups.labels("hit").inc(stats.hits)
+        self.adapter_lookups.labels("miss").inc(stats.misses)
+        self.adapter_evictions.inc(stats.evictions)
+        for seconds in stats.load_s:
+            self.adapter_load.observe(seconds)
 
     def record_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
