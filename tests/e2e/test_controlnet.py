@@ -155,8 +155,9 @@ def batch_sizes(api: InProcessServer) -> tuple[float, float]:
 
 
 def test_batched_equals_batch_of_one(api: InProcessServer, key: str) -> None:
-    """Same scale: one batch (measured: pipeline outputs within 7e-6 of the batch-of-one
-    ones, the same bytes after rounding to 8 bits). Another scale: another batch."""
+    """Not bitwise: batched float outputs are within 7e-6 of the batch-of-one ones, which
+    after rounding to 8 bits moves ~30 of 196,608 values by one level (measured); held to
+    test_batching.py's standard for text-to-image: 2 levels in at most 0.1% of values."""
     cases = [control(10 + i, seed=100 + i, prompt=f"a fox {'x' * i}") for i in range(3)]
 
     def run(body: dict[str, Any]) -> requests.Response:
@@ -168,7 +169,8 @@ def test_batched_equals_batch_of_one(api: InProcessServer, key: str) -> None:
     total, images = batch_sizes(api)
     assert images - images_before == 3 and total - sum_before > 3  # some were batched
     for shared, alone in zip(together, [run(body) for body in cases], strict=True):
-        assert np.abs(pixels(shared) - pixels(alone)).max() <= 2
+        diff = np.abs(pixels(shared) - pixels(alone))
+        assert diff.max() <= 2 and (diff > 0).mean() <= 0.001
 
 
 def test_controlnet_inpainting_keeps_the_unmasked_pixels(api: InProcessServer, key: str) -> None:
