@@ -397,11 +397,18 @@ def test_hostile_inputs_are_clear_400s_unbilled_and_the_server_stays_ready(
     assert requests.get(api.url + "/readyz", timeout=10).status_code == 200
 
 
-def test_v2_points_input_image_tasks_to_v1(api: InProcessServer, key: str) -> None:
-    response = requests.post(
-        f"{api.url}/v2/z-image-turbo-img2img",
-        json={"prompt": "a fox", "image": b64(photo(12))},
-        headers={"x-api-key": key},
-        timeout=30,
-    )
-    assert response.status_code == 404 and "POST /v1/z-image-turbo-img2img" in response.text
+def test_controlnet_without_weights_is_a_404_that_names_the_setting(
+    api: InProcessServer, key: str
+) -> None:
+    """This server has no ZIMAGE_CONTROLNET: the slug is known, not served, on v1 and v2."""
+    before = balance(api, key)
+    for version in ("v1", "v2"):
+        response = requests.post(
+            f"{api.url}/{version}/z-image-turbo-controlnet",
+            json={"prompt": "a fox", "control_image": b64(photo(12))},
+            headers={"x-api-key": key},
+            timeout=30,
+        )
+        assert response.status_code == 404, response.text
+        assert "ZIMAGE_CONTROLNET" in response.json()["error"]
+    assert balance(api, key) == before

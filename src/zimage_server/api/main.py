@@ -137,7 +137,10 @@ def build_services(
     )
     metrics_ = Metrics()
     pricing = Pricing(
-        settings.price_reference, settings.price_minimum, settings.price_lora_surcharge
+        settings.price_reference,
+        settings.price_minimum,
+        settings.price_lora_surcharge,
+        settings.price_controlnet_surcharge,
     )
     generation = GenerationService(settings, engine, outputs_store, ledger, pricing, metrics_)
     policy = WebhookPolicy.from_settings(settings)

@@ -3,8 +3,10 @@
     price = max(minimum, reference x (width x height / 1024²) x (steps / 8))
 
 ``reference`` is the price of the default image (1024x1024, 8 steps); an image with LoRA
-adapters costs ``lora_surcharge`` (a share) more. Amounts are integer
-micro-credits internally (exact sums) and decimal strings at the edges.
+adapters costs ``lora_surcharge`` (a share) more, and a ControlNet image
+``controlnet_surcharge`` more (its control layers run beside the transformer's at each
+step). Amounts are integer micro-credits internally (exact sums) and decimal strings at
+the edges.
 """
 
 from __future__ import annotations
@@ -32,13 +34,23 @@ class Pricing:
     reference: float = 1.0
     minimum: float = 0.01
     lora_surcharge: float = 0.0
+    controlnet_surcharge: float = 0.0
 
     def price(
-        self, width: int, height: int, steps: int, images: int = 1, loras: bool = False
+        self,
+        width: int,
+        height: int,
+        steps: int,
+        images: int = 1,
+        loras: bool = False,
+        controlnet: bool = False,
     ) -> int:
         """Price in micro-credits of ``images`` images of this size and step count."""
         scale = Decimal(width * height) / REFERENCE_PIXELS * Decimal(steps) / REFERENCE_STEPS
-        one = max(to_micro(self.minimum), to_micro(Decimal(str(self.reference)) * scale))
+        base = max(to_micro(self.minimum), to_micro(Decimal(str(self.reference)) * scale))
+        one = base
         if loras:
-            one += to_micro(Decimal(one) / MICRO * Decimal(str(self.lora_surcharge)))
+            one += to_micro(Decimal(base) / MICRO * Decimal(str(self.lora_surcharge)))
+        if controlnet:
+            one += to_micro(Decimal(base) / MICRO * Decimal(str(self.controlnet_surcharge)))
         return one * images

@@ -154,6 +154,11 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
 
     model: str = Field(DEFAULT_MODEL, description="Hub id (from the local HF cache) or folder.")
     tiny: bool = Field(False, description="Serve the tiny random model (built on first use).")
+    controlnet: str | None = Field(
+        None,
+        description="ZImageControlNetModel weights (hub id in the local HF cache, or a "
+        "diffusers folder); unset = the ControlNet slug answers 404.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -196,6 +201,9 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
     price_minimum: float = Field(0.01, ge=0, description="Floor of the price of one image.")
     price_lora_surcharge: float = Field(
         0.0, ge=0, le=100, description="Extra share of an image's price when it uses LoRAs."
+    )
+    price_controlnet_surcharge: float = Field(
+        0.5, ge=0, le=100, description="Extra share of a ControlNet image's price."
     )
     lora_dir: Path | None = Field(
         None, description="Installed LoRA adapters; default: the data folder's loras/."

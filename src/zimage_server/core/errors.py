@@ -12,6 +12,7 @@ so every error pickles with its data intact (a Ray replica sends them across pro
     ├── Forbidden                 403  key disabled, or without the route's scope
     ├── NotFound                  404
     │   ├── UnknownModel               model slug that this server does not serve
+    │   │   └── TaskNotConfigured          a task slug whose weights are not configured
     │   └── OutputNotFound             unknown, expired or malformed output id
     ├── MethodNotAllowed          405  the path exists, not with this method
     ├── InsufficientCredits       406  the balance does not cover the price
@@ -107,6 +108,11 @@ class NotFound(ZImageError):
 
 class UnknownModel(NotFound):
     pass
+
+
+class TaskNotConfigured(UnknownModel):
+    """A slug this server knows but cannot serve as configured (ControlNet without
+    ``ZIMAGE_CONTROLNET``): the message says which setting turns it on."""
 
 
 class OutputNotFound(NotFound):

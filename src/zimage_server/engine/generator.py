@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
+from diffusers import (
+    ZImageControlNetInpaintPipeline,
+    ZImageControlNetModel,
+    ZImageControlNetPipeline,
+    ZImageImg2ImgPipeline,
+    ZImageInpaintPipeline,
+    ZImagePipeline,
+)
 from PIL import Image
 
 from zimage_server.core.denoise import steps_run
@@ -78,6 +85,7 @@ class DiffusersGenerator:
         self._preview_s = 0.0  # this render's preview time, summed over steps
         self.adapters: AdapterBank | None = None
         self._task_pipes: dict[str, Any] = {}
+        self.controlnet: Any = None  # ZImageControlNetModel when ZIMAGE_CONTROLNET is set
 
     @property
     def dtype_name(self) -> str:
@@ -93,6 +101,10 @@ class DiffusersGenerator:
         else:
             progress("loading weights", 2, 3)
             pipe = ZImagePipeline.from_pretrained(self.spec.model_path, dtype=dtype)
+        if self.spec.controlnet_path:
+            self.controlnet = ZImageControlNetModel.from_pretrained(
+                self.spec.controlnet_path, dtype=dtype, local_files_only=True
+            ).to(self.device)
         progress("moving to " + self.device, 3, 3)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
@@ -305,8 +317,14 @@ class DiffusersGenerator:
         if task == "text-to-image":
             return self.pipe
         if task not in self._task_pipes:
-            kind = {"img2img": ZImageImg2ImgPipeline, "inpaint": ZImageInpaintPipeline}[task]
-            pipe = kind.from_pipe(self.pipe)
+            kind, extra = TASK_PIPELINES[task], {}
+            if task.startswith("controlnet"):
+                if self.controlnet is None:
+                    raise RuntimeError("ControlNet is off on this worker (ZIMAGE_CONTROLNET)")
+                # The pipeline lends the transformer's embedders and refiners to the
+                # ControlNet (``from_transformer``): shared modules, not copies.
+                extra["controlnet"] = self.controlnet
+            pipe = kind.from_pipe(self.pipe, **extra)
             pipe.set_progress_bar_config(disable=True)
             self._task_pipes[task] = pipe
         return self._task_pipes[task]
@@ -339,24 +357,41 @@ class DiffusersGenerator:
         return time.perf_counter() - start - before
 
 
+TASK_PIPELINES: dict[str, Any] = {
+    "img2img": ZImageImg2ImgPipeline,
+    "inpaint": ZImageInpaintPipeline,
+    "controlnet": ZImageControlNetPipeline,
+    "controlnet-inpaint": ZImageControlNetInpaintPipeline,
+}
+INPAINT_TASKS = ("inpaint", "controlnet-inpaint")
+
+
 def task_inputs(batch: RenderBatch) -> dict[str, Any]:
-    """The input image (and mask) of each item, for the img2img and inpaint pipelines."""
+    """Each item's input images, as the task's pipeline takes them (the ControlNet ones
+    start from noise: no strength)."""
     if batch.task == "text-to-image":
         return {}
     size = (batch.width, batch.height)
-    inputs: dict[str, Any] = {
-        "image": [Image.frombytes("RGB", size, item.image) for item in batch.items],
-        "strength": batch.strength,
-    }
-    if batch.task == "inpaint":
+    inputs: dict[str, Any] = {}
+    if batch.task.startswith("controlnet"):
+        inputs["control_image"] = [
+            Image.frombytes("RGB", size, item.control) for item in batch.items
+        ]
+        inputs["controlnet_conditioning_scale"] = batch.control_scale
+    else:
+        inputs["strength"] = batch.strength
+    if batch.task != "controlnet":
+        inputs["image"] = [Image.frombytes("RGB", size, item.image) for item in batch.items]
+    if batch.task in INPAINT_TASKS:
         inputs["mask_image"] = [Image.frombytes("L", size, item.mask) for item in batch.items]
     return inputs
 
 
 def keep_unmasked(pixels: Any, batch: RenderBatch) -> Any:
     """Inpainting: the input's own pixels where the mask keeps them. The pipeline blends in
-    latent space (a 16-pixel grid, through the VAE); this makes "kept" exact."""
-    if batch.task != "inpaint":
+    latent space (a 16-pixel grid, through the VAE), or, with ControlNet, only conditions
+    on the kept pixels; this makes "kept" exact."""
+    if batch.task not in INPAINT_TASKS:
         return pixels
     shape = (batch.height, batch.width)
     for i, item in enumerate(batch.items):

@@ -439,6 +439,7 @@ def _render_command(batch: Batch) -> RenderBatch:
             ticket.spec.preview_size,
             ticket.spec.image,
             ticket.spec.mask,
+            ticket.spec.control,
         )
         for ticket in batch.tickets
     )
@@ -452,6 +453,7 @@ def _render_command(batch: Batch) -> RenderBatch:
         key.loras,
         key.task,
         key.strength,
+        key.control_scale,
     )
 
 

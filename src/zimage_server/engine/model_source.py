@@ -40,6 +40,21 @@ def resolve_model(settings: Settings) -> ModelSource:
     return ModelSource(_from_hf_cache(settings.model), settings.model)
 
 
+def resolve_controlnet(settings: Settings) -> str | None:
+    """``ZIMAGE_CONTROLNET`` as a local folder holding a diffusers ``ZImageControlNetModel``
+    (its ``config.json``): a folder as given, or a hub id from the local HF cache."""
+    if settings.controlnet is None:
+        return None
+    folder = Path(settings.controlnet).expanduser()
+    if not folder.is_dir():
+        folder = Path(_from_hf_cache(settings.controlnet, "ZIMAGE_CONTROLNET"))
+    if not (folder / "config.json").is_file():
+        raise StartupError(
+            f"ZIMAGE_CONTROLNET: {folder} is not a diffusers ControlNet folder (no config.json)."
+        )
+    return str(folder.resolve())
+
+
 def _synthetic(name: str) -> ModelSource:
     """Models built by the worker itself: nothing to find on disk."""
     if name == NULL_MODEL:
@@ -49,13 +64,19 @@ def _synthetic(name: str) -> ModelSource:
     return ModelSource(name, f"{name} (random weights, built on the device)")
 
 
-def _from_hf_cache(repo_id: str) -> str:
+def _from_hf_cache(repo_id: str, setting: str = "") -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
         return str(snapshot_download(repo_id, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError):
+        if setting:
+            raise StartupError(
+                f"{setting} '{repo_id}' is neither a local folder nor in the Hugging Face "
+                f"cache. Download it with `hf download {repo_id}`, or point {setting} at a "
+                "folder."
+            ) from None
         raise StartupError(
             f"Model '{repo_id}' is neither a local folder nor in the Hugging Face cache. "
             f"Download it with `hf download {repo_id}` (or pass --model /path/to/folder), "

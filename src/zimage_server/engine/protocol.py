@@ -27,6 +27,7 @@ class WorkerSpec:
     compile_cache_dir: str | None = None
     build_tiny_at: str | None = None  # build the tiny model here first if it is missing
     loras: LoraSettings = field(default_factory=LoraSettings)
+    controlnet_path: str | None = None  # a ZImageControlNetModel folder; None: no ControlNet
 
     @property
     def prefetches(self) -> bool:
@@ -59,6 +60,7 @@ class RenderItem:
     preview_size: int = 0  # longer side of a per-step preview, in pixels; 0: no previews
     image: bytes = b""  # img2img/inpaint: RGB uint8 at the batch's size (compact, no PNG)
     mask: bytes = b""  # inpaint: L uint8 at the batch's size, 255 = repaint
+    control: bytes = b""  # controlnet: the control image, RGB uint8 at the batch's size
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +74,9 @@ class RenderBatch:
     steps: int
     guidance_scale: float  # the API's convention: <= 1 means no guidance
     loras: tuple[LoraRef, ...] = ()  # applied to the whole batch; () = none
-    task: str = "text-to-image"  # or img2img, inpaint: every item has an input image
+    task: str = "text-to-image"  # or img2img, inpaint, controlnet, controlnet-inpaint
     strength: float = 1.0
+    control_scale: float = 0.0  # controlnet: controlnet_conditioning_scale
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ class BatchKey:
     loras: tuple[LoraRef, ...] = ()  # the adapter set and scales: batches never mix them
     task: str = "text-to-image"  # img2img, inpaint: a batch is one pipeline, one task
     strength: float = 1.0  # the steps that run depend on it
+    control_scale: float = 0.0  # controlnet: one conditioning scale per pipeline call
 
     @property
     def steps_run(self) -> int:
@@ -48,6 +49,8 @@ class RenderSpec:
     strength: float = 1.0
     image: bytes = b""  # img2img/inpaint: the input, RGB uint8 at width x height
     mask: bytes = b""  # inpaint: L uint8 at width x height, 255 = repaint
+    control: bytes = b""  # controlnet: the control image, RGB uint8 at width x height
+    control_scale: float = 0.0
 
     @property
     def cache_key(self) -> Prompt:
@@ -62,6 +65,7 @@ class RenderSpec:
             loras=self.loras,
             task=self.task,
             strength=self.strength,
+            control_scale=self.control_scale,
         )
 
 

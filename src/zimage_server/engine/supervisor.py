@@ -25,7 +25,11 @@ from zimage_server.core.errors import (
     ZImageError,
 )
 from zimage_server.engine.handle import ProgressCallback, WorkerHandle, WorkerLike, WorkerState
-from zimage_server.engine.model_source import detect_devices, resolve_model
+from zimage_server.engine.model_source import (
+    detect_devices,
+    resolve_controlnet,
+    resolve_model,
+)
 from zimage_server.engine.protocol import AdapterStats, BatchDone, Preview, WorkerSpec
 from zimage_server.engine.render import RenderListener, RenderResult, RenderSpec, RenderUpdate
 from zimage_server.engine.scheduler import Batch, Clock, Scheduler, Ticket
@@ -79,6 +83,7 @@ class Engine:
         ``settings``. Raises ``StartupError`` with a one-line reason when the model or
         the device is missing."""
         source = resolve_model(settings)
+        controlnet = resolve_controlnet(settings)
         devices = detect_devices(settings.device)[:max_devices]
         specs = [
             WorkerSpec(
@@ -90,6 +95,7 @@ class Engine:
                 loras=settings.loras,
                 compile_cache_dir=str(settings.compile_cache_dir),
                 build_tiny_at=source.path if source.build_tiny else None,
+                controlnet_path=controlnet,
             )
             for index, device in enumerate(devices)
         ]

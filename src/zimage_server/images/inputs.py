@@ -49,13 +49,15 @@ class InputLimits:
 
 @dataclass(frozen=True, slots=True)
 class InputImages:
-    """A request's images at render size, as the worker receives them: ``image`` is RGB
-    uint8, ``mask`` is L uint8 (255 = repaint, 0 = keep; empty = no mask)."""
+    """A request's images at render size, as the worker receives them: ``image`` and
+    ``control`` are RGB uint8, ``mask`` is L uint8 (255 = repaint, 0 = keep); an image the
+    request has not is empty. ``width`` x ``height`` is the output size (not rounded)."""
 
     width: int
     height: int
     image: bytes
     mask: bytes = b""
+    control: bytes = b""
 
 
 def _invalid(field: str, reason: str) -> InvalidRequest:
@@ -174,6 +176,12 @@ def to_render_size(
     return InputImages(size[0], size[1], rgb.tobytes(), packed)
 
 
+def fit_control(image: Image.Image, render_size: tuple[int, int]) -> Image.Image:
+    """The control image scaled to cover ``render_size`` and centre-cropped, as the input
+    image is (its own size need not match the input image's)."""
+    return ImageOps.fit(image, render_size, Image.Resampling.LANCZOS)
+
+
 class ImageFetcher:
     """GETs input image URLs: every address judged by the policy before connecting, the
     judged address connected to, no redirects, a deadline and a byte limit."""
@@ -243,3 +251,24 @@ async def load_image(value: str, field: str, fetcher: ImageFetcher) -> Image.Ima
     else:
         data = await asyncio.to_thread(decode_base64, value, field, fetcher.limits)
     return await asyncio.to_thread(open_image, data, field, fetcher.limits)
+
+
+def pack_png(raw: bytes, mode: str, size: tuple[int, int]) -> str | None:
+    """Render-size pixels as a PNG data URI (lossless, a fraction of the raw bytes): how a
+    v2 job keeps its decoded input images in its stored params. None for no image."""
+    if not raw:
+        return None
+    buffer = io.BytesIO()
+    Image.frombytes(mode, size, raw).save(buffer, "PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def unpack_png(value: str | None, mode: str, size: tuple[int, int], field: str) -> bytes:
+    """``pack_png`` undone: the stored image's pixels, checked to be what was stored."""
+    if value is None:
+        return b""
+    data = base64.b64decode(value.removeprefix("data:image/png;base64,"))
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
+        if image.mode != mode or image.size != size:
+            raise _invalid(field, f"the stored image is not {mode} at {size[0]}x{size[1]}")
+        return image.tobytes()

@@ -18,24 +18,29 @@ from zimage_server.core.errors import (
     DeadlineExceeded,
     InvalidRequest,
     StoreUnavailable,
+    TaskNotConfigured,
     UnknownModel,
     ZImageError,
 )
 from zimage_server.engine import EngineLike, RenderSpec
 from zimage_server.engine.protocol import LoraRef
+from zimage_server.images.control import preprocess
 from zimage_server.images.encode import MEDIA_TYPES, encode_image, round_up_16
 from zimage_server.images.inputs import (
     ImageFetcher,
     InputImages,
     InputLimits,
     default_size,
+    fit_control,
     is_transparent,
     load_image,
     mask_from_alpha,
     mask_from_luma,
     open_image,
+    pack_png,
     to_render_size,
     to_rgb,
+    unpack_png,
 )
 from zimage_server.images.loras import LoraCatalog
 from zimage_server.protocol.segmind import (
@@ -115,24 +120,74 @@ def with_size(params: GenerationParams, inputs: InputImages | None) -> Generatio
     return params.model_copy(update={"width": inputs.width, "height": inputs.height})
 
 
+# Each task's input images: those it needs, and those it may also take.
+TASK_IMAGES: dict[Task, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "text-to-image": ((), ()),
+    "img2img": (("image",), ()),
+    "inpaint": (("image", "mask_image"), ()),
+    "controlnet": (("control_image",), ("image", "mask_image")),  # both: ControlNet inpaint
+}
+IMAGE_SLUGS = {
+    "image": f"{MODEL_SLUG}-img2img",
+    "mask_image": f"{MODEL_SLUG}-inpaint",
+    "control_image": f"{MODEL_SLUG}-controlnet",
+}
+CONTROL_FIELDS = ("controlnet_conditioning_scale", "control_type")
+
+
 def check_task_fields(params: GenerationParams, model: str) -> None:
     """The input images that the slug's task needs, and only those; and its strength."""
-    needs = {"text-to-image": (), "img2img": ("image",), "inpaint": ("image", "mask_image")}
-    wanted = needs[params.task]
-    for name in ("image", "mask_image"):
+    needs, may = TASK_IMAGES[params.task]
+    for name in IMAGE_SLUGS:
         given = getattr(params, name) is not None
-        if name in wanted and not given:
+        if name in needs and not given:
             raise InvalidRequest(
                 f"Missing required field '{name}': '{model}' needs it (an http(s) URL, a data "
                 "URI or base64 of a PNG, JPEG or WebP image).",
                 field=name,
             )
-        if given and name not in wanted:
-            slug = f"{MODEL_SLUG}-inpaint" if name == "mask_image" else f"{MODEL_SLUG}-img2img"
+        if given and name not in needs + may:
             raise InvalidRequest(
-                f"Invalid '{name}': '{model}' takes no {name}; use '{slug}'.", field=name
+                f"Invalid '{name}': '{model}' takes no {name}; use '{IMAGE_SLUGS[name]}'.",
+                field=name,
             )
-    check_strength(params)
+    if params.task == "controlnet":
+        check_controlnet_fields(params, model)
+    else:
+        check_strength(params)
+        extra = [name for name in CONTROL_FIELDS if name in params.model_fields_set]
+        if extra:
+            raise InvalidRequest(
+                f"Invalid '{extra[0]}': '{model}' takes no {extra[0]}; use "
+                f"'{IMAGE_SLUGS['control_image']}'.",
+                field=extra[0],
+            )
+
+
+def check_controlnet_fields(params: GenerationParams, model: str) -> None:
+    """ControlNet inpainting takes ``image`` and ``mask_image`` together; no strength (its
+    pipelines start from noise)."""
+    if (params.image is None) != (params.mask_image is None):
+        missing = "mask_image" if params.image is not None else "image"
+        raise InvalidRequest(
+            f"Missing required field '{missing}': ControlNet inpainting on '{model}' takes "
+            "'image' and 'mask_image' together (or neither, for plain ControlNet).",
+            field=missing,
+        )
+    if params.strength is not None:
+        raise InvalidRequest(
+            f"Invalid 'strength': '{model}' takes no strength (its pipelines start from noise; "
+            "'controlnet_conditioning_scale' sets how much the control image steers).",
+            field="strength",
+        )
+
+
+def engine_task(params: GenerationParams) -> str:
+    """The pipeline a render runs: the slug's task, or ControlNet inpainting when a
+    ControlNet request brings a mask."""
+    if params.task == "controlnet" and params.mask_image is not None:
+        return "controlnet-inpaint"
+    return params.task
 
 
 def check_strength(params: GenerationParams) -> None:
@@ -143,6 +198,21 @@ def check_strength(params: GenerationParams) -> None:
             f"got {params.effective_strength:g}).",
             field="strength",
         )
+
+
+def stored_form(submit: SubmitRequest, inputs: InputImages) -> SubmitRequest:
+    """A v2 job's params with its images as they render (``stored_inputs`` reads them):
+    decoded once, at submit, so a run never fetches a URL or decodes an upload again."""
+    size = (round_up_16(inputs.width), round_up_16(inputs.height))
+    update: dict[str, Any] = {
+        "width": inputs.width,
+        "height": inputs.height,
+        "image": pack_png(inputs.image, "RGB", size),
+        "mask_image": pack_png(inputs.mask, "L", size),
+        "control_image": pack_png(inputs.control, "RGB", size),
+        "control_type": "none",  # already applied
+    }
+    return submit.model_copy(update=update)
 
 
 async def _all_or_none(renders: Iterable[Coroutine[Any, Any, Generated]]) -> list[Generated]:
@@ -187,6 +257,14 @@ class GenerationService:
         if slug not in TASK_SLUGS:
             served = ", ".join(f"'{name}'" for name in TASK_SLUGS)
             raise UnknownModel(f"Unknown model '{slug[:80]}'. This server serves {served}.")
+        if TASK_SLUGS[slug] == "controlnet" and self.settings.controlnet is None:
+            raise TaskNotConfigured(
+                f"'{slug}' needs ControlNet weights, and this server was started without "
+                "them: the operator sets ZIMAGE_CONTROLNET to a folder (or a hub id in the "
+                "local Hugging Face cache) holding a ZImageControlNetModel in diffusers "
+                "format, such as the Z-Image-Turbo-Fun-Controlnet-Union weights, and "
+                "restarts the server."
+            )
 
     async def validate(self, body: object, model: str = MODEL_SLUG) -> GenerationParams:
         """A v1 body as the route received it (parsed JSON, or raw bytes), for the task
@@ -199,33 +277,61 @@ class GenerationService:
         return params
 
     async def validate_submit(self, body: object, model: str = MODEL_SLUG) -> SubmitRequest:
-        """A v2 body as the route received it (parsed JSON, or raw bytes). Input-image
-        tasks are v1's for now: a job would have to store its decoded images."""
-        if TASK_SLUGS[model] != "text-to-image":
-            raise UnknownModel(
-                f"'{model}' is served synchronously only, by POST /v1/{model}; v2 jobs "
-                f"serve '{MODEL_SLUG}'."
-            )
+        """A v2 body as the route received it (parsed JSON, or raw bytes). An input-image
+        task's images are fetched and decoded now (a bad one is a 400, before anything is
+        held) and stored in the job's params as they will render: PNGs at render size,
+        the control image already pre-processed, the output size exact."""
         data = json_value(body)
-        return with_webhook(await self.validate(data, model), data)
+        params = await self.validate(data, model)
+        inputs = await self.load_inputs(params)  # sees which fields the body set
+        submit = with_webhook(params, data)
+        if inputs is None:
+            return submit
+        return await asyncio.to_thread(stored_form, submit, inputs)
+
+    def stored_inputs(self, params: GenerationParams) -> InputImages | None:
+        """A v2 job's images, back from the PNGs ``validate_submit`` stored."""
+        if params.task == "text-to-image":
+            return None
+        size = (round_up_16(params.width), round_up_16(params.height))
+        return InputImages(
+            params.width,
+            params.height,
+            unpack_png(params.image, "RGB", size, "image"),
+            unpack_png(params.mask_image, "L", size, "mask_image"),
+            unpack_png(params.control_image, "RGB", size, "control_image"),
+        )
 
     async def load_inputs(self, params: GenerationParams) -> InputImages | None:
         """Fetch and decode the request's images (400 naming the field for anything
         refused), before anything is billed; None for text-to-image. The pixel work runs
         in a thread: a 4096-pixel input takes ~0.6 s that the event loop must not wait."""
-        if params.image is None:
+        if params.task == "text-to-image":
             return None
-        image = await load_image(params.image, "image", self.fetcher)
-        mask = None
-        if params.mask_image is not None:
-            mask = await load_image(params.mask_image, "mask_image", self.fetcher)
+        loaded = {}
+        for name in IMAGE_SLUGS:
+            value = getattr(params, name)
+            if value is not None:
+                loaded[name] = await load_image(value, name, self.fetcher)
+        return await asyncio.to_thread(self._prepare, params, loaded)
 
-        def prepare() -> InputImages:
-            return self.fit_inputs(
-                params, to_rgb(image), mask_from_luma(mask) if mask else None, "mask_image"
-            )
-
-        return await asyncio.to_thread(prepare)
+    def _prepare(self, params: GenerationParams, loaded: dict[str, Any]) -> InputImages:
+        """Decoded images at render size: the size is the request's, or else that of the
+        control image (ControlNet) or of the input image."""
+        mask = loaded.get("mask_image")
+        mask = mask_from_luma(mask) if mask is not None else None
+        control = loaded.get("control_image")
+        if control is None:
+            return self.fit_inputs(params, to_rgb(loaded["image"]), mask, "mask_image")
+        control = to_rgb(control)
+        size_given = bool({"width", "height"} & params.model_fields_set)
+        size = (params.width, params.height) if size_given else default_size(control.size)
+        render = (round_up_16(size[0]), round_up_16(size[1]))
+        fitted = preprocess(fit_control(control, render), params.control_type).tobytes()
+        if "image" not in loaded:
+            return InputImages(size[0], size[1], b"", b"", fitted)
+        images = to_render_size(to_rgb(loaded["image"]), mask, size, render, "mask_image")
+        return replace(images, control=fitted)
 
     async def edit_inputs(self, image: bytes, mask: bytes | None) -> EditInputs:
         """OpenAI's edit uploads: the mask's transparent pixels are edited; without a mask,
@@ -287,7 +393,13 @@ class GenerationService:
     def price(self, params: GenerationParams, inputs: InputImages | None = None) -> int:
         """By size and the steps that run (an input image's strength skips the first)."""
         width, height = (inputs.width, inputs.height) if inputs else (params.width, params.height)
-        return self.pricing.price(width, height, params.steps_run, loras=bool(params.loras))
+        return self.pricing.price(
+            width,
+            height,
+            params.steps_run,
+            loras=bool(params.loras),
+            controlnet=params.task == "controlnet",
+        )
 
     async def generate(
         self,
@@ -471,10 +583,14 @@ class GenerationService:
             tenant=tenant,
             preview_size=params.preview_pixels,
             loras=await self.check_loras(params) if params.loras else (),
-            task=params.task,
+            task=engine_task(params),
             strength=params.effective_strength,
             image=inputs.image if inputs else b"",
             mask=inputs.mask if inputs else b"",
+            control=inputs.control if inputs else b"",
+            control_scale=params.controlnet_conditioning_scale
+            if params.task == "controlnet"
+            else 0.0,
         )
         render_id = job_id or stream_id
         result = await self.engine.render(spec, timeout, render_id, admitted=job_id is not None)

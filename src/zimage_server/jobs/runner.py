@@ -337,6 +337,7 @@ class JobRunner:
                     job.deadline_at - time.time(),
                     job_id=job.id,
                     tenant=job.owner,
+                    inputs=await asyncio.to_thread(self.generation.stored_inputs, params),
                 )
             except WorkerDied as exc:
                 if attempt < self.settings.job_retries:

@@ -27,14 +27,21 @@ _JSON_LIMITS = {
     "hex escape": " (escapes from \\ud800 to \\udfff must form UTF-16 surrogate pairs)",
 }
 MODEL_SLUG = "z-image-turbo"
-Task = Literal["text-to-image", "img2img", "inpaint"]
+Task = Literal["text-to-image", "img2img", "inpaint", "controlnet"]
 # Each task's slug, beside the text-to-image one (Segmind names tasks this way).
 TASK_SLUGS: dict[str, Task] = {
     MODEL_SLUG: "text-to-image",
     f"{MODEL_SLUG}-img2img": "img2img",
     f"{MODEL_SLUG}-inpaint": "inpaint",
+    f"{MODEL_SLUG}-controlnet": "controlnet",
 }
-DEFAULT_STRENGTH: dict[Task, float] = {"text-to-image": 1.0, "img2img": 0.6, "inpaint": 1.0}
+DEFAULT_STRENGTH: dict[Task, float] = {
+    "text-to-image": 1.0,
+    "img2img": 0.6,
+    "inpaint": 1.0,
+    "controlnet": 1.0,  # the ControlNet pipelines start from noise
+}
+ControlType = Literal["none", "canny"]
 MAX_IMAGE_FIELD_CHARS = 64 * 2**20  # the server's own byte limit is checked after decoding
 DEFAULT_PREVIEW_SIZE = 256
 JobState = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
@@ -120,8 +127,9 @@ class GenerationParams(BaseModel):
     image: str | None = Field(
         None,
         max_length=MAX_IMAGE_FIELD_CHARS,
-        description="Input image (img2img and inpaint slugs): an http(s) URL, a data URI or "
-        "raw base64 of a PNG, JPEG or WebP. Without width and height, the output has its size.",
+        description="Input image (img2img and inpaint slugs; with `mask_image`, ControlNet "
+        "inpainting): an http(s) URL, a data URI or raw base64 of a PNG, JPEG or WebP. "
+        "Without width and height, the output has its size.",
     )
     mask_image: str | None = Field(
         None,
@@ -133,7 +141,23 @@ class GenerationParams(BaseModel):
         ge=0,
         le=1,
         description="How far to move from the input image: 1 ignores it. Default 0.6 for "
-        "img2img, 1 for inpaint; steps x strength steps run (at least one).",
+        "img2img, 1 for inpaint; steps x strength steps run (at least one). Not for "
+        "ControlNet.",
+    )
+    control_image: str | None = Field(
+        None,
+        max_length=MAX_IMAGE_FIELD_CHARS,
+        description="ControlNet slug: the control image (edges, depth, pose...; or a photo "
+        "with `control_type: canny`), as `image` takes it. Without width and height, the "
+        "output has its size.",
+    )
+    controlnet_conditioning_scale: Number = Field(
+        0.75, ge=0, le=2, description="How strongly the control image steers; 0 ignores it."
+    )
+    control_type: ControlType = Field(
+        "none",
+        description="Pre-processing of `control_image`: none (use it as is) or canny (its "
+        "Canny edges, from an ordinary photo).",
     )
     # Set from the slug by the service, never read from a body; kept in v2's stored params.
     task: SkipJsonSchema[Task] = "text-to-image"
