@@ -1,9 +1,12 @@
-"""The engine: a ``Scheduler`` feeding one dispatcher per worker. Never imports torch.
+"""The engine: a ``Scheduler`` feeding each worker's dispatchers. Never imports torch.
 
 Each dispatcher waits for its worker to be ready, takes a batch, has the worker render it
-and settles the batch's tickets. A worker that dies fails its batch with ``WorkerDied``
-and is restarted by its handle; queued renders wait for it. A batch taken while its
-worker became unavailable goes back to the front of the queue.
+and settles the batch's tickets. A worker has ``1 + dispatch_ahead`` dispatchers, so the
+next batch is already queued in the worker while one renders: the device never waits for
+the API (result transfer, settling, the next ``next_batch``) between batches. A worker
+that dies fails its batch with ``WorkerDied`` and is restarted by its handle; queued
+renders wait for it. A batch taken while its worker became unavailable goes back to the
+front of the queue.
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ class Engine:
             clock=clock,
         )
         self._workers = {worker.name: worker for worker in workers}
+        self._dispatchers = 1 + settings.dispatch_ahead  # per worker
         self._busy_since: dict[str, float] = {}
+        self._running: dict[str, int] = {}  # batches each worker holds
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._listeners: list[RenderListener] = []
@@ -100,7 +105,8 @@ class Engine:
         """Spawn the workers and return at once; readiness is reported by ``state``."""
         for worker in self._workers.values():
             worker.start()
-            self._tasks.append(asyncio.create_task(self._dispatch_forever(worker)))
+            for _ in range(self._dispatchers):
+                self._tasks.append(asyncio.create_task(self._dispatch_forever(worker)))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -240,7 +246,7 @@ class Engine:
     async def _dispatch_forever(self, worker: WorkerLike) -> None:
         while await worker.wait_ready():
             batch = await self.scheduler.next_batch()
-            if worker.state != WorkerState.READY:  # it died while we waited for work
+            if not worker.accepting:  # it died (or took another batch) while we waited
                 self.scheduler.requeue(batch)
                 continue
             await self._run(worker, batch)
@@ -251,7 +257,8 @@ class Engine:
 
     async def _run(self, worker: WorkerLike, batch: Batch) -> None:
         self.scheduler.start(batch, worker.name)
-        self._busy_since[worker.name] = time.monotonic()
+        self._busy_since.setdefault(worker.name, time.monotonic())
+        self._running[worker.name] = self._running.get(worker.name, 0) + 1
         self._hint_next(worker)
         total = batch.key.steps_run  # fewer than ``steps`` for an input image
         for ticket in batch.tickets:
@@ -270,7 +277,9 @@ class Engine:
         else:
             self.scheduler.complete(batch, _results(done, worker.name))
         finally:
-            self._busy_since.pop(worker.name, None)
+            self._running[worker.name] -= 1
+            if not self._running[worker.name]:
+                self._busy_since.pop(worker.name, None)
 
     def _hint_next(self, worker: WorkerLike) -> None:
         """A batch just went to ``worker``: let it encode the next batch's prompts meanwhile."""
