@@ -130,12 +130,27 @@ def preview_table(report: Mapping[str, Any]) -> Table:
     return table
 
 
+def dispatch_lines(figures: Mapping[str, Any]) -> list[str]:
+    """``--dispatch``: per arm and size, images/s and their share of ``1 / render_s``."""
+    return [
+        f"dispatch {arm} {size}: {entry['images_s']:.3f} img/s at concurrency "
+        f"{figures['concurrency']}, {entry['efficiency']:.3f} of 1/render_time"
+        f" ({figures['render_s']:g} s)"
+        for arm, sizes in figures["arms"].items()
+        for size, entry in sizes.items()
+    ]
+
+
 def show(report: Mapping[str, Any], console: Console) -> None:
     if report.get("benchmark") == "overhead":
         console.print(overhead_table(report))
         return
     if report.get("benchmark") == "preview":
         console.print(preview_table(report))
+        return
+    if report.get("benchmark") == "dispatch":
+        for line in dispatch_lines(report["dispatch"]):
+            console.print(line)
         return
     console.print(variants_table(report))
     for line in summary_lines(report):

@@ -1,0 +1,69 @@
+"""``--dispatch``: does a worker ever wait for the API between batches?
+
+The null generator with a synthetic render time (``ZIMAGE_DEBUG_STEP_DELAY_S`` times the
+steps) stands in for the device, so a worker that never idles serves exactly
+``1 / render_s`` images per second; what falls short is time the worker spent waiting for
+the API (result transfer, settling, the next batch's dispatch). At concurrency 8, at
+1024x1024 and 2048x2048, one server after the other on this machine: ``before`` (one batch
+at a time, images pickled through the pipe: the engine before dispatch-ahead), ``ahead_pipe``
+(the next batch sent ahead, images still pickled) and ``ahead`` (the defaults: ahead, images
+in shared memory). ``efficiency`` is images/s times ``render_s``; the target is >= 0.95.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zimage_server.bench.environment import resolve_device
+from zimage_server.bench.overhead import _null_server
+from zimage_server.bench.runner import BenchConfig, _data_dir, base_report, size_key
+from zimage_server.bench.server import Client
+from zimage_server.bench.stats import summarize
+
+SIZES = (1024, 2048)
+CONCURRENCY = 8
+STEPS = 4
+STEP_DELAY_S = 0.1  # a render is STEPS x this
+RENDER_S = STEPS * STEP_DELAY_S
+REQUESTS = 4 * CONCURRENCY
+ARMS: dict[str, dict[str, str]] = {
+    "before": {"ZIMAGE_DISPATCH_AHEAD": "0", "ZIMAGE_SHARED_MEMORY_RESULTS": "false"},
+    "ahead_pipe": {"ZIMAGE_DISPATCH_AHEAD": "1", "ZIMAGE_SHARED_MEMORY_RESULTS": "false"},
+    "ahead": {},  # the defaults
+}
+
+
+def run_dispatch(config: BenchConfig) -> dict[str, Any]:
+    """Throughput against ``1 / render_s`` for each arm and size."""
+    report = base_report(config, resolve_device("cpu"), "dispatch")
+    arms = {}
+    with _data_dir(config) as data:
+        for arm, env in ARMS.items():
+            settings = {**env, "ZIMAGE_DEBUG_STEP_DELAY_S": str(STEP_DELAY_S)}
+            with _null_server(config, data / arm, settings) as server:
+                client = Client(server.url, None)
+                try:
+                    arms[arm] = {size_key(s): _measure(client, config, s) for s in SIZES}
+                finally:
+                    client.close()
+    report["dispatch"] = {
+        "render_s": RENDER_S,
+        "ideal_images_s": 1 / RENDER_S,
+        "concurrency": CONCURRENCY,
+        "requests": REQUESTS,
+        "arms": arms,
+    }
+    return report
+
+
+def _measure(client: Client, config: BenchConfig, size: int) -> dict[str, Any]:
+    body = {**config.body(size), "steps": STEPS}
+    client.throughput(body, CONCURRENCY, CONCURRENCY)  # warm: every slot and connection
+    rate, samples = client.throughput(body, CONCURRENCY, REQUESTS)
+    summary = summarize(samples)
+    return {
+        "images_s": rate,
+        "efficiency": rate * RENDER_S,
+        "e2e_p50_s": summary["e2e_p50_s"],
+        "image_encode_p50_s": summary["stages_p50_s"].get("image_encode", 0.0),
+    }
