@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu-session.sh                    # main overhead lossy preview ablation1 ablation2
 #   bash benchmarks/gpu-session.sh ablation1 ablation2 # or some of them (a second command)
 #   BENCH_SKIP="lossy preview" bash benchmarks/gpu-session.sh
+#   bash benchmarks/gpu-session.sh dispatch           # on request only: host CPU, ~3 minutes
 #
 # On a box without diffusers, FastAPI, ... it first installs the wheels that
 # scripts/gpu-wheels downloaded into .whl/ (see benchmarks/README.md). Results land in
@@ -73,6 +74,7 @@ for step in "${steps[@]}"; do
             --warmup 20 ;;
         lossy) run lossy "${common[@]}" --sizes "$SIZE" --skip-stock --lossy --concurrency 1 ;;
         preview) run preview "${common[@]}" --sizes "$SIZE" --preview-overhead ;;
+        dispatch) DEVICE=cpu run dispatch --dispatch ;;
         ablation1|ablation2)  # two halves, so each fits a command on its own
             if [[ $step == ablation1 ]]; then
                 names=eager,compile_static,vae_eager,complex_rope,cudagraphs,pad512
@@ -81,7 +83,7 @@ for step in "${steps[@]}"; do
             fi
             run "$step" "${common[@]}" --sizes "$SIZE" --skip-stock --no-lossy \
                 --ablation "$names" --concurrency 4 ;;
-        *) echo "unknown step $step (main | overhead | lossy | preview | ablation1 | ablation2)"
+        *) echo "unknown step $step (main | overhead | lossy | preview | ablation1 | ablation2 | dispatch)"
            exit 2 ;;
     esac
 done

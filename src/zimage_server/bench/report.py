@@ -16,8 +16,9 @@ STAGES = ("queue_wait", "text_encode", "denoise", "vae_decode", "image_encode", 
 
 
 def result_path(report: Mapping[str, Any], results_dir: Path) -> Path:
-    """``<date>-<device>.json``, or ``-overhead.json`` / ``-preview.json``."""
-    suffix = {"overhead": "-overhead", "preview": "-preview"}.get(str(report.get("benchmark")), "")
+    """``<date>-<device>.json``, or ``-overhead.json`` / ``-preview.json`` / ``-dispatch.json``."""
+    kinds = {"overhead": "-overhead", "preview": "-preview", "dispatch": "-dispatch"}
+    suffix = kinds.get(str(report.get("benchmark")), "")
     return results_dir / f"{report['date']}-{slug(str(report['device']))}{suffix}.json"
 
 
