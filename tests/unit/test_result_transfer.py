@@ -90,6 +90,9 @@ def test_a_slot_carries_every_byte_and_is_lent_to_one_batch_at_a_time() -> None:
         (grown,) = pool.lend(big)
         assert grown.capacity >= 1024 * 1024 * 3 and grown.name not in {s.name for s in slots}
         assert len(segments()) == 4 and grown.name in segments()  # the outgrown one unlinked
+        another = SlotPool("worker-0")  # a second engine in this process: its own names
+        assert len(another.lend(small)) == 2 and len(segments()) == 6
+        another.close()
     finally:
         pool.close()
     assert segments() == []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -29,7 +30,8 @@ from typing import NamedTuple
 from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch
 
 log = logging.getLogger("zimage.engine")
-SEGMENT_PREFIX = "zimage-"  # /dev/shm/zimage-<API pid>-<worker>-<slot>.<generation>
+SEGMENT_PREFIX = "zimage-"  # /dev/shm/zimage-<API pid>-<worker>-<pool>-<slot>.<generation>
+_pools = itertools.count()  # several engines in one process (tests) have a worker-0 each
 ROUND_TO = 1 << 20  # slots grow in whole MiB, so nearby sizes reuse one slot
 
 
@@ -88,7 +90,7 @@ class SlotPool:
     """The API side: create, lend, read and unlink one worker's segments."""
 
     def __init__(self, worker: str) -> None:
-        self._prefix = segment_prefix(worker)
+        self._prefix = f"{segment_prefix(worker)}{next(_pools)}-"
         self._blocks: dict[int, SharedMemory] = {}
         self._free: set[int] = set()
         self._generation = 0
