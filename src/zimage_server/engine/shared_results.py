@@ -75,9 +75,9 @@ class TransferTime(NamedTuple):
     total_s: float
 
 
-def segment_prefix(worker: str, pid: int | None = None) -> str:
-    """Names of one worker's segments, in this API process (or ``pid``)."""
-    return f"{SEGMENT_PREFIX}{os.getpid() if pid is None else pid}-{worker}-"
+def segment_prefix(worker: str) -> str:
+    """What the names of a worker's segments made by this process start with."""
+    return f"{SEGMENT_PREFIX}{os.getpid()}-{worker}-"
 
 
 def _buffer(block: SharedMemory) -> memoryview:
@@ -96,11 +96,6 @@ class SlotPool:
         self._generation = 0
         self._lock = threading.Lock()  # the pipe's reader thread reads blocks
         self._warned = False
-
-    @property
-    def names(self) -> list[str]:
-        with self._lock:
-            return sorted(block.name for block in self._blocks.values())
 
     def lend(self, batch: RenderBatch) -> tuple[Slot, ...]:
         """A slot per image of ``batch``, or none at all when shared memory is too small."""
@@ -121,7 +116,7 @@ class SlotPool:
         elif self._free:
             index = max(self._free, key=lambda i: self._blocks[i].size)  # grow it
         else:
-            index = len(self._blocks)
+            index = max(self._blocks, default=-1) + 1  # never one in use
         self._free.discard(index)
         block = self._blocks.get(index)
         if block is None or block.size < need:
@@ -138,23 +133,31 @@ class SlotPool:
         if old is not None:
             _unlink(old)
         self._generation += 1
-        block = SharedMemory(f"{self._prefix}{index}.{self._generation}", create=True, size=size)
+        name = f"{self._prefix}{index}.{self._generation}"
+        try:
+            block = SharedMemory(name, create=True, size=size)
+        except OSError as exc:
+            self._warn(size, exc)
+            return None
         try:
             _reserve(block)
         except OSError as exc:
             _unlink(block)
-            if not self._warned:
-                self._warned = True
-                log.warning(
-                    "shared memory cannot hold %d bytes more (%s): results go through the "
-                    "pipe; give /dev/shm more room (docker: --shm-size)",
-                    size,
-                    exc,
-                )
+            self._warn(size, exc)
             return None
         with self._lock:
             self._blocks[index] = block
         return block
+
+    def _warn(self, size: int, exc: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "shared memory cannot hold %d bytes more (%s): results go through the pipe; "
+                "give /dev/shm more room (docker: --shm-size)",
+                size,
+                exc,
+            )
 
     def give_back(self, slots: tuple[Slot, ...] | list[Slot]) -> None:
         """Free ``slots`` again; those of a closed pool (a worker that died) are gone."""
