@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,7 +26,12 @@ from zimage_server.engine.null import NULL_MODEL, seed_colour
 from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch, RenderItem, WorkerSpec
 from zimage_server.engine.render import RenderUpdate
 from zimage_server.engine.scheduler import Batch, Scheduler
-from zimage_server.engine.shared_results import SlotPool, SlotWriter, segment_prefix
+from zimage_server.engine.shared_results import (
+    SlotPool,
+    SlotWriter,
+    segment_prefix,
+    sweep_orphans,
+)
 
 T = TypeVar("T")
 SHM = Path("/dev/shm")  # noqa: S108 - where POSIX shared memory lives, not a temporary file
@@ -216,3 +222,20 @@ def test_a_batch_cancelled_while_it_waits_in_the_worker_is_never_rendered() -> N
         await engine.stop()
 
     run(scenario)
+
+
+def test_segments_of_an_api_process_killed_with_its_resource_tracker_are_swept() -> None:
+    """Killed as a process group (Ray does), nobody unlinked them: the next pool made on
+    the machine does, and leaves those of live processes alone."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = SHM / f"zimage-{gone.pid}-worker-0-0-0.1"
+    orphan.write_bytes(b"left behind")
+    pool = SlotPool("worker-0")
+    try:
+        pool.lend(RenderBatch("b", (RenderItem("job", "p", 1),), 16, 16, 1, 1.0))
+        sweep_orphans()  # what the first pool of a process does
+        assert not orphan.exists()
+        assert len(segments()) == 1  # this live process's own
+    finally:
+        pool.close()

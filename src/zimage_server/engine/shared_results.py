@@ -8,8 +8,10 @@ API copies them out and takes the slots back once the worker has answered. A slo
 never lent to two batches at once, so nothing is overwritten before it is read.
 
 Only the API process creates and unlinks segments: a worker that dies leaks nothing, and
-the pool is unlinked when the worker exits or the handle stops (if the API process itself
-is killed, multiprocessing's resource tracker unlinks them). When ``/dev/shm`` cannot hold
+the pool is unlinked when the worker exits or the handle stops. If the API process itself
+is killed, multiprocessing's resource tracker unlinks them; if that is killed with it (a
+process group killed at once, as Ray does), the next pool made on this machine unlinks
+the segments of API processes that no longer exist. When ``/dev/shm`` cannot hold
 a batch (a container's 64 MB default), or ``ZIMAGE_SHARED_MEMORY_RESULTS=false``, the
 images go through the pipe as before.
 """
@@ -21,6 +23,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch
 log = logging.getLogger("zimage.engine")
 SEGMENT_PREFIX = "zimage-"  # /dev/shm/zimage-<API pid>-<worker>-<pool>-<slot>.<generation>
 _pools = itertools.count()  # several engines in one process (tests) have a worker-0 each
+SHM_DIR = "/dev/shm"  # noqa: S108 - where POSIX shared memory lives, not a temporary file
+_OWNER = re.compile(rf"{SEGMENT_PREFIX}(\d+)-")
 ROUND_TO = 1 << 20  # slots grow in whole MiB, so nearby sizes reuse one slot
 
 
@@ -90,7 +95,10 @@ class SlotPool:
     """The API side: create, lend, read and unlink one worker's segments."""
 
     def __init__(self, worker: str) -> None:
-        self._prefix = f"{segment_prefix(worker)}{next(_pools)}-"
+        number = next(_pools)
+        if number == 0:  # the first in this process: clear what killed ones left
+            sweep_orphans()
+        self._prefix = f"{segment_prefix(worker)}{number}-"
         self._blocks: dict[int, SharedMemory] = {}
         self._free: set[int] = set()
         self._generation = 0
@@ -193,9 +201,37 @@ class SlotPool:
             _unlink(block)
 
 
+def sweep_orphans() -> list[str]:
+    """Unlink the segments of API processes that are gone; returns their names."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:  # no /dev/shm: nothing of ours can be there
+        return []
+    swept = []
+    for name in names:
+        owner = _OWNER.match(name)
+        if owner and not _alive(int(owner[1])):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(SHM_DIR, name))
+                swept.append(name)
+    if swept:
+        log.info("unlinked %d shared-memory segments of API processes gone", len(swept))
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _reserve(block: SharedMemory) -> None:
     """Allocate the segment's pages (Linux: its file in /dev/shm); elsewhere, nothing."""
-    path = f"/dev/shm/{block.name}"  # noqa: S108 - where POSIX shared memory lives
+    path = os.path.join(SHM_DIR, block.name)
     if not hasattr(os, "posix_fallocate") or not os.path.exists(path):
         return
     fd = os.open(path, os.O_RDWR)
