@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu-session.sh             # main overhead lossy preview lora ablation1 ablation2
 #   bash benchmarks/gpu-session.sh lora ablation1 ablation2  # or some (a second command)
 #   BENCH_SKIP="lossy preview" bash benchmarks/gpu-session.sh
+#   bash benchmarks/gpu-session.sh dispatch           # on request only: host CPU, ~3 minutes
 #
 # On a box without diffusers, FastAPI, ... it first installs the wheels that
 # scripts/gpu-wheels downloaded into .whl/ (see benchmarks/README.md). Results land in
@@ -78,6 +79,7 @@ for step in "${steps[@]}"; do
         preview) run preview "${common[@]}" --sizes "$SIZE" --preview-overhead ;;
         lora) run lora "${common[@]}" --sizes "$SIZE" --lora-switch --loras "$LORAS" \
             --lora-rank "$LORA_RANK" --concurrency "$LORA_CONCURRENCY" ;;
+        dispatch) DEVICE=cpu run dispatch --dispatch ;;
         ablation1|ablation2)  # two halves, so each fits a command on its own
             if [[ $step == ablation1 ]]; then
                 names=eager,compile_static,vae_eager,complex_rope,cudagraphs,pad512
@@ -86,7 +88,7 @@ for step in "${steps[@]}"; do
             fi
             run "$step" "${common[@]}" --sizes "$SIZE" --skip-stock --no-lossy \
                 --ablation "$names" --concurrency 4 ;;
-        *) echo "unknown step $step (main | overhead | lossy | preview | lora | ablation1 | ablation2)"
+        *) echo "unknown step $step (main | overhead | lossy | preview | lora | ablation1 | ablation2 | dispatch)"
            exit 2 ;;
     esac
 done

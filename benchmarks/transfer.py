@@ -1,13 +1,18 @@
 """What moving a rendered image from the worker process to the API process costs.
 
-Today the worker sends ``BatchDone`` (RGB bytes inside) through a ``multiprocessing`` pipe:
-pickled, written to the pipe, read and unpickled, and the next batch is dispatched only
-once it has arrived, so the GPU idles for that long. The alternative measured beside it:
-the worker writes the RGB into a ``multiprocessing.shared_memory`` block made once (sized
-for the largest image) and sends a small descriptor; the API reads the block in place.
+``engine``: the real path, a ``WorkerHandle`` and its worker process (the null generator),
+one image per batch, two workers side by side and requests alternated between them: one
+with ``ZIMAGE_SHARED_MEMORY_RESULTS=false`` (``BatchDone`` pickled through the pipe, as
+before) and one with the default (pixels written into a shared-memory slot the API lent
+with the batch, a small descriptor through the pipe, copied out on the API's reader
+thread). Each is timed by the handle (``WorkerHandle.transfer``): from the generator's
+return in the worker to the ``BatchDone`` on the API's event loop, and the part the worker
+spent writing (the only part that delays its next batch).
 
-Both are timed as a round trip from a child process (``go`` -> image ready in the parent),
-minus the round trip of an empty message, so what is left is the transfer itself.
+``synthetic``: the mechanisms alone, as a round trip from a bare child process (``go`` ->
+image ready in the parent) minus the round trip of an empty message: pickled through the
+pipe, or written into one shared block and read in place (no copy out).
+
 ``PYTHONPATH=src python benchmarks/transfer.py [--sizes 1024,2048] [--repeats 30]``
 writes ``results/<date>-cpu-transfer.json``.
 """
@@ -15,6 +20,7 @@ writes ``results/<date>-cpu-transfer.json``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing as mp
 import statistics
@@ -25,7 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from zimage_server.bench.environment import host_info, today
-from zimage_server.engine.protocol import BatchDone, RawImage
+from zimage_server.core.config import SpeedupSettings, WorkerSettings
+from zimage_server.engine.handle import WorkerHandle
+from zimage_server.engine.null import NULL_MODEL
+from zimage_server.engine.protocol import BatchDone, RawImage, WorkerSpec
+from zimage_server.engine.render import RenderSpec
+from zimage_server.engine.scheduler import Batch, Scheduler
 
 
 def shared_buffer(block: SharedMemory) -> memoryview:
@@ -90,6 +101,53 @@ def measure(sizes: list[int], repeats: int) -> dict[str, Any]:
     return results
 
 
+def engine_worker(shared: bool) -> WorkerHandle:
+    settings = WorkerSettings(warmup=False, shared_memory_results=shared)
+    name = "shared" if shared else "pipe"
+    spec = WorkerSpec(
+        name=name, model_path=NULL_MODEL, device="cpu", worker=settings, speedups=SpeedupSettings()
+    )
+    return WorkerHandle(spec)
+
+
+async def one_image(size: int, seed: int) -> Batch:
+    scheduler = Scheduler(max_queue=1, max_batch_size=1)
+    scheduler.submit(
+        RenderSpec(prompt="x", seed=seed, width=size, height=size, steps=1, guidance_scale=1.0)
+    )
+    return await scheduler.next_batch()
+
+
+async def measure_engine(sizes: list[int], repeats: int) -> dict[str, Any]:
+    workers = {"pipe": engine_worker(False), "shared_memory": engine_worker(True)}
+    for worker in workers.values():
+        worker.start()
+    results: dict[str, Any] = {}
+    try:
+        for worker in workers.values():
+            if not await worker.wait_ready():
+                raise RuntimeError(f"worker {worker.name} did not start: {worker.failure}")
+        for size in sizes:
+            total: dict[str, list[float]] = {arm: [] for arm in workers}
+            write: list[float] = []
+            for index in range(repeats + 2):  # alternated; the first two warm up
+                for arm, worker in workers.items():
+                    await worker.render(await one_image(size, index), lambda *_: None)
+                    total[arm].append(worker.transfer.total_s)
+                write.append(workers["shared_memory"].transfer.write_s)
+            p50 = {arm: statistics.median(t[2:]) * 1e3 for arm, t in total.items()}
+            results[f"{size}x{size}"] = {
+                "megabytes": size * size * 3 / 1e6,
+                "pipe_pickled_ms": p50["pipe"],
+                "shared_memory_ms": p50["shared_memory"],
+                "shared_memory_worker_write_ms": statistics.median(write[2:]) * 1e3,
+            }
+    finally:
+        for worker in workers.values():
+            await worker.stop()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1024,2048")
@@ -103,12 +161,17 @@ def main() -> None:
         "date": today(),
         "command": f"python benchmarks/transfer.py --sizes {args.sizes} --repeats {args.repeats}",
         "host": host_info(),
-        "sizes": measure(sizes, args.repeats),
+        "engine": asyncio.run(measure_engine(sizes, args.repeats)),
+        "synthetic": measure(sizes, args.repeats),
     }
-    for size, figures in report["sizes"].items():
-        pipe, shared = figures["pipe_pickled_ms"], figures["shared_memory_ms"]
-        print(f"{size} ({figures['megabytes']:.1f} MB): pipe, pickled {pipe:.2f} ms; ", end="")
-        print(f"shared memory {shared:.2f} ms")
+    for part in ("engine", "synthetic"):
+        for size, figures in report[part].items():
+            pipe, shared = figures["pipe_pickled_ms"], figures["shared_memory_ms"]
+            print(
+                f"{part} {size} ({figures['megabytes']:.1f} MB): pipe, pickled {pipe:.2f} ms; ",
+                end="",
+            )
+            print(f"shared memory {shared:.2f} ms")
     output = args.output or Path(__file__).parent / "results" / f"{today()}-cpu-transfer.json"
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import ROOT
+from zimage_server.bench.dispatch import Plan, run_dispatch
+from zimage_server.bench.report import dispatch_lines
+from zimage_server.bench.runner import BenchConfig
 
 SCRIPT = ROOT / "benchmarks" / "run.py"
 
@@ -164,3 +167,18 @@ def check_lora_switch(report: dict[str, Any]) -> None:
     ratio = level["mixed"]["img_s"] / level["plain"]["img_s"]
     assert abs(level["ratio_img_s"] - ratio) < 1e-9
     assert level["mixed_lora_requests"]["e2e_p50_s"] > level["lora_load_p50_s"]
+
+
+def test_dispatch_benchmark_measures_each_arm(tmp_path: Path) -> None:
+    """``--dispatch``'s three servers (before, ahead_pipe, ahead), small: the JSON's shape
+    and figures that make sense (the recorded run's are in benchmarks/results)."""
+    plan = Plan(sizes=(256,), requests=12, step_delay_s=0.02)
+    report = run_dispatch(BenchConfig(model="null", data_dir=tmp_path), plan)
+    figures = report["dispatch"]
+    assert report["benchmark"] == "dispatch" and figures["render_s"] == plan.render_s
+    assert set(figures["arms"]) == {"before", "ahead_pipe", "ahead"}
+    for sizes in figures["arms"].values():
+        entry = sizes["256x256"]
+        assert entry["images_s"] > 0 and 0 < entry["efficiency"] < 1.2
+        assert entry["efficiency"] == entry["images_s"] * plan.render_s
+    assert dispatch_lines(figures)[-1].startswith("dispatch ahead 256x256: ")

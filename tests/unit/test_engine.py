@@ -57,6 +57,10 @@ class FakeWorker:
     def prefetches(self) -> bool:
         return self._prefetches
 
+    @property
+    def accepting(self) -> bool:
+        return self._state == WorkerState.READY  # one batch at a time
+
     def set(self, state: WorkerState) -> None:
         self._state = state
         self._changed.set()

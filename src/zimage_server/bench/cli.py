@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from zimage_server.bench.dispatch import run_dispatch
 from zimage_server.bench.environment import resolve_device
 from zimage_server.bench.loras import run_lora_switch
 from zimage_server.bench.overhead import run_overhead
@@ -132,6 +133,13 @@ def bench(
         bool, typer.Option("--overhead", help="Measure the server's own overhead instead.")
     ] = False,
     overhead_requests: Annotated[int, typer.Option(min=10)] = 500,
+    dispatch: Annotated[
+        bool,
+        typer.Option(
+            "--dispatch",
+            help="Measure whether a worker waits for the API between batches instead.",
+        ),
+    ] = False,
     preview_overhead: Annotated[
         bool,
         typer.Option(
@@ -189,6 +197,8 @@ def bench(
     try:
         if overhead:
             report = run_overhead(config)
+        elif dispatch:
+            report = run_dispatch(config)
         elif preview_overhead:
             report = run_preview_overhead(config)
         elif lora_switch:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from zimage_server.bench.report import summary_lines
+from zimage_server.bench.report import dispatch_lines, summary_lines
 
 
 def key_lines(report: Mapping[str, Any]) -> list[str]:
@@ -25,6 +25,8 @@ def key_lines(report: Mapping[str, Any]) -> list[str]:
         return _preview(report["preview_overhead"])
     if kind == "lora":
         return _lora(report["lora_switch"])
+    if kind == "dispatch":
+        return dispatch_lines(report["dispatch"])
     return _model(report)
 
 

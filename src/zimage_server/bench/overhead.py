@@ -142,11 +142,13 @@ def _started(server: ServerProcess) -> Iterator[ServerProcess]:
         raise BenchError(str(exc)) from exc
 
 
-def _null_server(config: BenchConfig, data: Path, env: Mapping[str, str]) -> BenchServer:
+def _null_server(
+    config: BenchConfig, data: Path, env: Mapping[str, str], name: str | None = None
+) -> BenchServer:
     data.mkdir(parents=True, exist_ok=True)
     model = ModelChoice("null", data)
     settings = {**server_env(config, data, Variant("null")), "ZIMAGE_MAX_QUEUE": "128", **env}
-    name = "keyed" if env else "plain"
+    name = name or ("keyed" if env else "plain")
     return BenchServer(
         [*model.server_args, "--device", "cpu"], settings, data / f"server-{name}.log"
     )

@@ -16,8 +16,13 @@ STAGES = ("queue_wait", "text_encode", "denoise", "vae_decode", "image_encode", 
 
 
 def result_path(report: Mapping[str, Any], results_dir: Path) -> Path:
-    """``<date>-<device>.json``, or ``-overhead.json`` / ``-preview.json`` / ``-lora.json``."""
-    suffixes = {"overhead": "-overhead", "preview": "-preview", "lora": "-lora"}
+    """``<date>-<device>.json``, or ``-overhead`` / ``-preview`` / ``-lora`` / ``-dispatch``."""
+    suffixes = {
+        "overhead": "-overhead",
+        "preview": "-preview",
+        "lora": "-lora",
+        "dispatch": "-dispatch",
+    }
     suffix = suffixes.get(str(report.get("benchmark")), "")
     return results_dir / f"{report['date']}-{slug(str(report['device']))}{suffix}.json"
 
@@ -157,11 +162,26 @@ def lora_table(report: Mapping[str, Any]) -> Table:
     return table
 
 
+def dispatch_lines(figures: Mapping[str, Any]) -> list[str]:
+    """``--dispatch``: per arm and size, images/s and their share of ``1 / render_s``."""
+    return [
+        f"dispatch {arm} {size}: {entry['images_s']:.3f} img/s at concurrency "
+        f"{figures['concurrency']}, {entry['efficiency']:.3f} of 1/render_time"
+        f" ({figures['render_s']:g} s)"
+        for arm, sizes in figures["arms"].items()
+        for size, entry in sizes.items()
+    ]
+
+
 def show(report: Mapping[str, Any], console: Console) -> None:
     tables = {"overhead": overhead_table, "preview": preview_table, "lora": lora_table}
     table = tables.get(str(report.get("benchmark")))
     if table is not None:
         console.print(table(report))
+        return
+    if report.get("benchmark") == "dispatch":
+        for line in dispatch_lines(report["dispatch"]):
+            console.print(line)
         return
     console.print(variants_table(report))
     for line in summary_lines(report):

@@ -41,6 +41,9 @@ class EngineSettings(BaseModel):
     max_queue: int = Field(16, ge=1, description="Renders waiting or running before 429.")
     max_batch_size: int = Field(1, ge=1, le=16, description="Compatible renders per batch.")
     batch_wait_ms: int = Field(0, ge=0, le=1000, description="How long to wait to fill a batch.")
+    dispatch_ahead: int = Field(
+        1, ge=0, le=4, description="Batches a worker queues behind the one it renders."
+    )
 
 
 class WorkerSettings(BaseModel):
@@ -54,6 +57,9 @@ class WorkerSettings(BaseModel):
     )
     worker_start_timeout_s: float = Field(
         900.0, gt=0, description="A worker not ready by then is ended and started again."
+    )
+    shared_memory_results: bool = Field(
+        True, description="Images reach the API through /dev/shm, not pickled through the pipe."
     )
     # Fault-injection seams for tests and chaos drills; harmless at their defaults.
     debug_step_delay_s: float = Field(0.0, ge=0, description="Sleep after each denoising step.")

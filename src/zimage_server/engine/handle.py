@@ -1,12 +1,15 @@
 """The API side of one worker process: it owns the process's whole life.
 
 ``WorkerHandle`` spawns the process, watches its pipe, restarts it when it dies, gives up
-after repeated failed loads, and renders one batch at a time: ``render`` sends the batch
-and returns the worker's ``BatchDone`` or raises the typed error it ended with. Its state
-is one enum with checked transitions; the engine never reads anything else of it.
+after repeated failed loads, and renders batches: ``render`` sends the batch and returns
+the worker's ``BatchDone`` or raises the typed error it ended with. It takes a batch while
+another renders (BUSY): the worker queues it, so the device never waits for the API between
+batches. Its state is one enum with checked transitions; the engine never reads anything
+else of it.
 
-The pipe is read by a thread rather than ``loop.add_reader``: an image is megabytes, and
-receiving and unpickling it there keeps that copy off the event loop.
+Images come back in shared-memory slots lent with each batch (``shared_results``). The
+pipe is read by a thread rather than ``loop.add_reader``: copying an image out of its slot
+(or unpickling it, without slots) there keeps that copy off the event loop.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ from zimage_server.engine.protocol import (
     WorkerSpec,
 )
 from zimage_server.engine.scheduler import Batch
+from zimage_server.engine.shared_results import (
+    RenderInto,
+    ResultsReady,
+    Slot,
+    SlotPool,
+    TransferTime,
+)
 from zimage_server.engine.worker import worker_main
 
 log = logging.getLogger("zimage.engine")
@@ -79,7 +89,7 @@ STOP_TIMEOUT_S = 10.0
 class WorkerState(StrEnum):
     STARTING = "STARTING"  # process spawned, model loading
     READY = "READY"  # idle: can take a batch
-    BUSY = "BUSY"  # rendering a batch
+    BUSY = "BUSY"  # rendering a batch; takes the next one ahead
     FAILED = "FAILED"  # gave up after MAX_LOAD_FAILURES failed loads
     STOPPED = "STOPPED"
 
@@ -119,6 +129,10 @@ class WorkerLike(Protocol):
     @property
     def load_s(self) -> float: ...
 
+    @property
+    def accepting(self) -> bool:
+        """Whether it takes a batch now (a worker that queues batches: also while BUSY)."""
+
     def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -134,11 +148,12 @@ class WorkerLike(Protocol):
 
 @dataclass(eq=False)
 class _InFlight:
-    """The batch the worker is rendering, and where its outcome goes."""
+    """A batch sent to the worker (rendering, or queued there), and where its outcome goes."""
 
     batch: Batch
     outcome: asyncio.Future[BatchDone]
     on_step: StepCallback
+    slots: tuple[Slot, ...] = ()  # lent until the worker answers for the batch
 
 
 class WorkerHandle:
@@ -157,7 +172,10 @@ class WorkerHandle:
         self._load_s = 0.0
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
-        self._in_flight: _InFlight | None = None
+        self._in_flight: dict[str, _InFlight] = {}  # by batch id, in the order sent
+        shared = spec.worker.shared_memory_results
+        self._pool = SlotPool(spec.name) if shared else None
+        self._transfer = TransferTime(0.0, 0.0)
         self._start_timer: asyncio.TimerHandle | None = None
         self._restart_timer: asyncio.TimerHandle | None = None
         self._exit_streak = 0
@@ -184,6 +202,15 @@ class WorkerHandle:
     def load_s(self) -> float:
         return self._load_s
 
+    @property
+    def accepting(self) -> bool:
+        return self._state in (WorkerState.READY, WorkerState.BUSY)
+
+    @property
+    def transfer(self) -> TransferTime:
+        """What moving the last batch's images from the worker took (benchmarks read it)."""
+        return self._transfer
+
     def _move(self, new: WorkerState) -> None:
         if new not in _MOVES[self._state]:
             raise RuntimeError(f"worker {self.name}: {self._state} -> {new} is not allowed")
@@ -192,10 +219,11 @@ class WorkerHandle:
         self._state_changed = asyncio.Event()
 
     async def wait_ready(self) -> bool:
-        """Wait until the worker can take a batch; False when it never will again."""
-        while self._state in (WorkerState.STARTING, WorkerState.BUSY):
+        """Wait until the worker can take a batch (idle, or busy and queueing the next);
+        False when it never will again."""
+        while self._state == WorkerState.STARTING:
             await self._state_changed.wait()
-        return self._state == WorkerState.READY
+        return self.accepting
 
     # -- process lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -230,10 +258,26 @@ class WorkerHandle:
                 break
             if isinstance(event, logging.LogRecord):
                 loop.call_soon_threadsafe(self._relog, event)
+            elif isinstance(event, ResultsReady):
+                loop.call_soon_threadsafe(self._on_results, self._collect(event), event)
             else:
                 loop.call_soon_threadsafe(self._on_event, event)
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             loop.call_soon_threadsafe(self._on_exit, conn)
+
+    def _collect(self, ready: ResultsReady) -> BatchDone | BatchFailed:
+        """The images copied out of their slots (on the reader thread)."""
+        if self._pool is None or not any(ready.slots):
+            return ready.done
+        try:
+            return self._pool.collect(ready)
+        except RuntimeError as exc:  # the pool was closed under it (stopping)
+            return BatchFailed(ready.done.batch_id, "error", str(exc))
+
+    def _on_results(self, done: BatchDone | BatchFailed, ready: ResultsReady) -> None:
+        now = time.perf_counter()
+        self._transfer = TransferTime(ready.placed_at - ready.ready_at, now - ready.ready_at)
+        self._on_event(done)
 
     def _relog(self, record: logging.LogRecord) -> None:
         """A worker's record, logged here in the run's one format, named after its worker."""
@@ -244,7 +288,7 @@ class WorkerHandle:
             record.threadName = threading.current_thread().name  # handled on this loop
             logger.handle(record)
 
-    def _send(self, command: Command) -> bool:
+    def _send(self, command: Command | RenderInto) -> bool:
         if self._conn is None:
             return False
         try:
@@ -272,12 +316,14 @@ class WorkerHandle:
         if self._start_timer is not None:
             self._start_timer.cancel()
         code = self._reap()
-        self._fail_in_flight(
-            WorkerDied(
-                "The worker process died while rendering this request "
-                f"({_describe_exit(code)}); it is being restarted. Retry the request."
-            )
+        if self._pool is not None:  # the worker is gone: nothing writes to them now
+            self._pool.close()
+        died = WorkerDied(
+            "The worker process died while rendering this request "
+            f"({_describe_exit(code)}); it is being restarted. Retry the request."
         )
+        if self._in_flight:  # the one rendering; those queued behind it go to the next process
+            self._fail(next(iter(self._in_flight)), died)
         loaded = self._state != WorkerState.STARTING
         self._exited(f"the worker {_describe_exit(code)}", loaded)
 
@@ -293,6 +339,7 @@ class WorkerHandle:
             self._failure = f"{self._failure} ({self._load_failures} failed starts)"
             log.error("worker %s gave up: %s", self.name, self._failure)
             self._move(WorkerState.FAILED)
+            self._fail_all(WorkerDied(f"The worker cannot start: {self._failure}."))
             return
         stable = self._ready_at is not None and time.monotonic() - self._ready_at >= STABLE_RUN_S
         self._exit_streak = 1 if stable else self._exit_streak + 1
@@ -331,6 +378,10 @@ class WorkerHandle:
             await asyncio.to_thread(process.join, STOP_TIMEOUT_S)
             if process.is_alive():
                 process.kill()
+                await asyncio.to_thread(process.join, 1)
+        self._fail_all(WorkerDied("The worker was stopped."))
+        if self._pool is not None:
+            self._pool.close()
 
     # -- events --------------------------------------------------------------------------
     def _on_event(self, event: Event) -> None:
@@ -341,16 +392,16 @@ class WorkerHandle:
         elif isinstance(event, LoadFailed):
             self._failure = self._load_error = event.error
             log.error("worker %s failed to load the model: %s", self.name, event.error)
-        elif self._in_flight is None or self._in_flight.batch.id != event.batch_id:
+        elif (flight := self._in_flight.get(event.batch_id)) is None:
             return  # about a batch that was already given up on
         elif isinstance(event, StepProgress):
-            self._in_flight.on_step(event.step, event.total, event.previews)
+            flight.on_step(event.step, event.total, event.previews)
         elif isinstance(event, BatchDone):
-            outcome = self._end_batch()
+            outcome = self._end_batch(event.batch_id)
             if not outcome.done():  # its awaiter may be gone (cancelled at shutdown)
                 outcome.set_result(event)
         else:
-            self._fail_in_flight(_batch_error(event, self._in_flight.batch))
+            self._fail(event.batch_id, _batch_error(event, flight.batch))
 
     def _on_ready(self, event: Ready) -> None:
         log.info(
@@ -366,37 +417,63 @@ class WorkerHandle:
         self._ready_at = time.monotonic()
         if self._state == WorkerState.STARTING:
             self._move(WorkerState.READY)
+            self._resend()
         self._progress("ready", 1, 1)
 
     def _progress(self, stage: str, step: int, total: int) -> None:
         if self._on_progress is not None:
             self._on_progress(self.name, stage, step, total)
 
-    def _end_batch(self) -> asyncio.Future[BatchDone]:
-        assert self._in_flight is not None  # noqa: S101 - callers checked
-        outcome = self._in_flight.outcome
-        self._in_flight = None
-        return outcome
+    def _end_batch(self, batch_id: str) -> asyncio.Future[BatchDone]:
+        """Forget a batch the worker answered for (or that died with it): its slots are
+        free again, and with nothing left in flight the worker is READY."""
+        flight = self._in_flight.pop(batch_id)
+        if self._pool is not None:
+            self._pool.give_back(flight.slots)
+        if not self._in_flight and self._state == WorkerState.BUSY:
+            self._move(WorkerState.READY)
+        return flight.outcome
 
-    def _fail_in_flight(self, error: ZImageError) -> None:
-        if self._in_flight is not None:
-            outcome = self._end_batch()
-            if not outcome.done():
-                outcome.set_exception(error)
+    def _fail(self, batch_id: str, error: ZImageError) -> None:
+        outcome = self._end_batch(batch_id)
+        if not outcome.done():
+            outcome.set_exception(error)
+
+    def _fail_all(self, error: ZImageError) -> None:
+        for batch_id in list(self._in_flight):
+            self._fail(batch_id, error)
 
     # -- rendering -----------------------------------------------------------------------
     async def render(self, batch: Batch, on_step: StepCallback) -> BatchDone:
-        """Render ``batch``; raises ``WorkerDied``, ``GenerationFailed`` or ``Cancelled``."""
+        """Render ``batch`` (queued behind the one rendering, if any); raises
+        ``WorkerDied``, ``GenerationFailed`` or ``Cancelled``."""
+        if self._state != WorkerState.BUSY:
+            self._move(WorkerState.BUSY)
+        flight = _InFlight(batch, asyncio.get_running_loop().create_future(), on_step)
+        self._in_flight[batch.id] = flight
+        self._dispatch(flight)
+        return await flight.outcome
+
+    def _dispatch(self, flight: _InFlight) -> None:
+        """Lend the batch its slots and send it."""
+        command = _render_command(flight.batch)
+        flight.slots = self._pool.lend(command) if self._pool is not None else ()
+        if not self._send(RenderInto(command, flight.slots)):
+            self._fail(
+                flight.batch.id, WorkerDied("The worker process is gone; retry the request.")
+            )
+
+    def _resend(self) -> None:
+        """A restarted worker gets the batches that were queued in the one that died, in
+        order (they never started); those nobody waits for any more end as cancelled."""
+        if not self._in_flight:
+            return
         self._move(WorkerState.BUSY)
-        outcome: asyncio.Future[BatchDone] = asyncio.get_running_loop().create_future()
-        self._in_flight = _InFlight(batch, outcome, on_step)
-        try:
-            if not self._send(_render_command(batch)):
-                self._fail_in_flight(WorkerDied("The worker process is gone; retry the request."))
-            return await outcome
-        finally:
-            if self._state == WorkerState.BUSY:
-                self._move(WorkerState.READY)
+        for flight in list(self._in_flight.values()):
+            if flight.batch.live():
+                self._dispatch(flight)
+            else:
+                self._fail(flight.batch.id, Cancelled("The request was cancelled."))
 
     def cancel(self, ticket_id: str) -> None:
         """Ask the worker to stop between steps once every image of its batch is cancelled."""

@@ -1,9 +1,14 @@
-"""The engine: a ``Scheduler`` feeding one dispatcher per worker. Never imports torch.
+"""The engine: a ``Scheduler`` feeding each worker's dispatchers. Never imports torch.
 
 Each dispatcher waits for its worker to be ready, takes a batch, has the worker render it
-and settles the batch's tickets. A worker that dies fails its batch with ``WorkerDied``
-and is restarted by its handle; queued renders wait for it. A batch taken while its
-worker became unavailable goes back to the front of the queue.
+and settles the batch's tickets. A worker has ``1 + dispatch_ahead`` dispatchers, so the
+next batch is already queued in the worker while one renders: the device never waits for
+the API (result transfer, settling, the next ``next_batch``) between batches. They form
+batches one at a time, and the one sent ahead only once the batch before it has begun its
+last step, so renders that arrive meanwhile still join it. A worker
+that dies fails its batch with ``WorkerDied`` and is restarted by its handle; queued
+renders wait for it. A batch taken while its worker became unavailable goes back to the
+front of the queue.
 """
 
 from __future__ import annotations
@@ -40,6 +45,42 @@ AdapterListener = Callable[[str, AdapterStats], None]
 log = logging.getLogger("zimage.engine")
 
 
+class _Lane:
+    """One worker's dispatchers: one forms a batch at a time (``forming``), and the next
+    is formed once the latest batch sent has begun its last step (or ended)."""
+
+    def __init__(self) -> None:
+        self.forming = asyncio.Lock()
+        self.running = 0  # batches sent and not yet answered
+        self.busy_since: float | None = None
+        self._latest: str | None = None
+        self._last_step = asyncio.Event()
+        self._last_step.set()
+
+    async def turn(self) -> None:
+        if self.running:
+            await self._last_step.wait()
+
+    def begin(self, batch: Batch) -> None:
+        self.running += 1
+        if self.busy_since is None:
+            self.busy_since = time.monotonic()
+        self._latest = batch.id
+        if batch.key.steps_run > 1:
+            self._last_step.clear()
+
+    def stepped(self, batch: Batch, step: int, total: int) -> None:
+        if batch.id == self._latest and step >= total - 1:
+            self._last_step.set()
+
+    def end(self, batch: Batch) -> None:
+        self.running -= 1
+        if not self.running:
+            self.busy_since = None
+        if batch.id == self._latest:
+            self._last_step.set()
+
+
 class EngineState(StrEnum):
     STARTING = "STARTING"
     READY = "READY"
@@ -64,7 +105,8 @@ class Engine:
             clock=clock,
         )
         self._workers = {worker.name: worker for worker in workers}
-        self._busy_since: dict[str, float] = {}
+        self._dispatchers = 1 + settings.dispatch_ahead  # per worker
+        self._lanes = {worker.name: _Lane() for worker in workers}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._listeners: list[RenderListener] = []
@@ -108,7 +150,8 @@ class Engine:
         """Spawn the workers and return at once; readiness is reported by ``state``."""
         for worker in self._workers.values():
             worker.start()
-            self._tasks.append(asyncio.create_task(self._dispatch_forever(worker)))
+            for _ in range(self._dispatchers):
+                self._tasks.append(asyncio.create_task(self._dispatch_forever(worker)))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -259,26 +302,40 @@ class Engine:
 
     # -- dispatch ------------------------------------------------------------------------
     async def _dispatch_forever(self, worker: WorkerLike) -> None:
+        lane = self._lanes[worker.name]
         while await worker.wait_ready():
-            batch = await self.scheduler.next_batch()
-            if worker.state != WorkerState.READY:  # it died while we waited for work
-                self.scheduler.requeue(batch)
-                continue
-            await self._run(worker, batch)
+            await lane.forming.acquire()
+            try:
+                batch = await self._take(worker, lane)
+            finally:
+                # The next dispatcher wakes only once this one awaits its render: sent.
+                lane.forming.release()
+            if batch is not None:
+                await self._run(worker, batch)
         if self.state == EngineState.FAILED:
             self.scheduler.fail_queued(
                 NotReady(f"The model failed to load: {self.failure}", retry_after=60)
             )
 
+    async def _take(self, worker: WorkerLike, lane: _Lane) -> Batch | None:
+        await lane.turn()
+        batch = await self.scheduler.next_batch()
+        if not worker.accepting:  # it died (or took another batch) while we waited
+            self.scheduler.requeue(batch)
+            return None
+        return batch
+
     async def _run(self, worker: WorkerLike, batch: Batch) -> None:
         self.scheduler.start(batch, worker.name)
-        self._busy_since[worker.name] = time.monotonic()
+        lane = self._lanes[worker.name]
+        lane.begin(batch)
         self._hint_next(worker)
         total = batch.key.steps_run  # fewer than ``steps`` for an input image
         for ticket in batch.tickets:
             self._tell(RenderUpdate(render_id=ticket.id, stage="started", total=total))
 
         def on_step(step: int, total: int, previews: tuple[Preview, ...] = ()) -> None:
+            lane.stepped(batch, step, total)
             self._tell_steps(batch, step, total, previews)
 
         try:
@@ -292,7 +349,7 @@ class Engine:
             self.scheduler.complete(batch, _results(done, worker.name))
             self._tell_adapters(worker.name, done.adapters)
         finally:
-            self._busy_since.pop(worker.name, None)
+            lane.end(batch)
 
     def _hint_next(self, worker: WorkerLike) -> None:
         """A batch just went to ``worker``: let it encode the next batch's prompts meanwhile."""
@@ -302,10 +359,13 @@ class Engine:
 
     def _hint_queued(self, ticket: Ticket) -> None:
         """Every worker busy and ``ticket`` in the next round: hint the one that started first."""
-        if not self._busy_since or len(self._busy_since) < len(self._workers):
+        busy = {
+            n: lane.busy_since for n, lane in self._lanes.items() if lane.busy_since is not None
+        }
+        if not busy or len(busy) < len(self._workers):
             return
-        first = self._workers[min(self._busy_since, key=self._busy_since.__getitem__)]
-        next_round = self.scheduler.max_batch_size * len(self._busy_since)
+        first = self._workers[min(busy, key=busy.__getitem__)]
+        next_round = self.scheduler.max_batch_size * len(busy)
         if first.prefetches and len(self.scheduler.peek(next_round + 1)) <= next_round:
             first.prefetch((ticket.spec.cache_key,))
 

@@ -1,7 +1,9 @@
 """The worker process: owns one device and the pipeline on it.
 
 A reader thread takes commands off the pipe (so a ``Cancel`` lands while a batch is
-rendering); the main thread renders batches one at a time and answers with events.
+rendering, and the next batch waits in the inbox: the API sends it ahead, and the device
+never waits for the API between batches); the main thread renders batches one at a time,
+puts their images into the shared-memory slots lent with them and answers with events.
 If the API process goes away the pipe closes and the worker exits. Its log records go
 over the same pipe, for the API process to write in its one format.
 """
@@ -42,6 +44,7 @@ from zimage_server.engine.protocol import (
     StepProgress,
     WorkerSpec,
 )
+from zimage_server.engine.shared_results import RenderInto, ResultsReady, SlotWriter
 
 log = logging.getLogger("zimage.worker")
 ProgressFn = Callable[[str, int, int], None]
@@ -81,7 +84,7 @@ class _Outbox:
         self._conn = conn
         self._lock = threading.Lock()
 
-    def send(self, event: Event | logging.LogRecord) -> None:
+    def send(self, event: Event | ResultsReady | logging.LogRecord) -> None:
         with self._lock:
             self._conn.send(event)
 
@@ -132,7 +135,7 @@ def _quiet_libraries() -> None:
 
 def _read_commands(
     conn: Connection,
-    inbox: queue.Queue[RenderBatch | None],
+    inbox: queue.Queue[RenderInto | None],
     cancelled: set[str],
     prefetches: queue.Queue[Prefetch] | None,
 ) -> None:
@@ -141,8 +144,10 @@ def _read_commands(
             command = conn.recv()
         except (EOFError, OSError):
             break
-        if isinstance(command, RenderBatch):
+        if isinstance(command, RenderInto):
             inbox.put(command)
+        elif isinstance(command, RenderBatch):
+            inbox.put(RenderInto(command))
         elif isinstance(command, Cancel):
             cancelled.add(command.job_id)
         elif isinstance(command, Prefetch) and prefetches is not None:
@@ -206,13 +211,17 @@ def inject_faults(batch: RenderBatch) -> None:
 
 def _render(
     generator: ImageGenerator,
-    batch: RenderBatch,
+    command: RenderInto,
     cancelled: set[str],
     out: _Outbox,
+    writer: SlotWriter,
     faults: bool = False,
 ) -> None:
+    batch = command.batch
     job_ids = {item.job_id for item in batch.items}
     try:
+        if job_ids <= cancelled:  # cancelled while it waited behind the batch before
+            raise Cancelled("every image of the batch was cancelled")
         if faults:
             inject_faults(batch)
         done = generator.generate(
@@ -222,6 +231,7 @@ def _render(
             ),
             is_cancelled=lambda: job_ids <= cancelled,
         )
+        ready = writer.place(done, command.slots)
     except Cancelled:
         out.send(BatchFailed(batch.batch_id, "cancelled", "cancelled"))
     except AdapterError as exc:
@@ -237,7 +247,7 @@ def _render(
             _release_accelerator_memory()
         out.send(BatchFailed(batch.batch_id, kind, f"{type(exc).__name__}: {exc}"))
     else:
-        out.send(done)
+        out.send(ready)
     finally:
         cancelled.difference_update(job_ids)
 
@@ -264,7 +274,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     out = _Outbox(conn)
     _log_to_parent(out)
     _quiet_libraries()
-    inbox: queue.Queue[RenderBatch | None] = queue.Queue()
+    inbox: queue.Queue[RenderInto | None] = queue.Queue()
     prefetches = queue.Queue[Prefetch]() if spec.prefetches else None
     cancelled: set[str] = set()
     reader = threading.Thread(
@@ -277,5 +287,6 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     if prefetches is not None:
         args = (generator, prefetches)
         threading.Thread(target=prefetch_forever, args=args, daemon=True).start()
-    while (batch := inbox.get()) is not None:
-        _render(generator, batch, cancelled, out, spec.worker.debug_faults)
+    writer = SlotWriter()
+    while (command := inbox.get()) is not None:
+        _render(generator, command, cancelled, out, writer, spec.worker.debug_faults)
