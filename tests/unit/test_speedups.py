@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from diffusers import ZImagePipeline
 from pydantic import ValidationError
 
 from zimage_server.core.config import Settings, SpeedupSettings, WorkerSettings
+from zimage_server.core.errors import TaskNotConfigured
 from zimage_server.engine.generator import DiffusersGenerator
 from zimage_server.engine.protocol import (
     BatchDone,
@@ -374,3 +376,32 @@ def test_a_failed_prefetch_is_logged_and_the_next_one_still_runs(
     with torch.inference_mode():
         generator.text.encode(["first", "second"])
     assert generator.text.sources == ["encoded", "prefetch"]
+
+
+def control_batch(steps: int) -> RenderBatch:
+    control = np.random.default_rng(3).integers(0, 256, (256, 256, 3), np.uint8).tobytes()
+    item = RenderItem("job0", PROMPTS[0], 11, control=control)
+    return RenderBatch("b", (item,), 256, 256, steps, 1.0, task="controlnet", control_scale=0.75)
+
+
+def test_step_cache_never_skips_under_a_controlnet(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """diffusers adds the control residuals after each block, outside the cached blocks: a
+    reused residual would add the last step's control again, so no step is skipped."""
+    from tests.e2e.test_controlnet import tiny_controlnet
+
+    folder = tiny_controlnet(tmp_path / "controlnet")
+    worker_spec = spec(tiny_model_dir, SpeedupSettings(step_cache=1.0))
+    generator = DiffusersGenerator(replace(worker_spec, controlnet_path=str(folder)))
+    generator.load(lambda *_: None)
+    done = generator.generate(control_batch(6), lambda *_: None, lambda: False)
+    assert generator.step_cache.skipped == 0 and done.transformer_passes == 6
+    plain = RenderBatch("p", (RenderItem("job1", PROMPTS[0], 11),), 256, 256, 6, 1.0)
+    generator.generate(plain, lambda *_: None, lambda: False)
+    assert generator.step_cache.skipped > 0  # the same cache still skips without one
+
+
+def test_a_worker_without_controlnet_weights_names_the_setting(tiny_model_dir: Path) -> None:
+    generator = DiffusersGenerator(spec(tiny_model_dir))
+    generator.load(lambda *_: None)
+    with pytest.raises(TaskNotConfigured, match="ZIMAGE_CONTROLNET"):
+        generator.generate(control_batch(2), lambda *_: None, lambda: False)

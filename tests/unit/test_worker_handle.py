@@ -189,3 +189,20 @@ def test_a_worker_that_crashes_again_and_again_after_ready_backs_off_each_time()
     downtimes = run(scenario)
     for crash, downtime in enumerate(downtimes):
         assert downtime >= RESTART_DELAY_S * 2**crash, downtimes
+
+
+def test_each_failure_kind_becomes_its_error() -> None:
+    """A worker's failure kinds map to the API's errors: a ControlNet batch on a worker
+    without the weights (a cluster configured unevenly) is the 404 naming the setting."""
+    from zimage_server.core.errors import InvalidRequest, TaskNotConfigured
+    from zimage_server.engine.handle import _batch_error
+    from zimage_server.engine.protocol import BatchFailed
+    from zimage_server.engine.render import BatchKey
+
+    key = BatchKey(width=256, height=256, steps=2, guidance_scale=1.0)
+    batch = Batch(id="b", key=key, tickets=())
+    unconfigured = _batch_error(BatchFailed("b", "unconfigured", "set ZIMAGE_CONTROLNET"), batch)
+    assert isinstance(unconfigured, TaskNotConfigured) and unconfigured.status == 404
+    assert "ZIMAGE_CONTROLNET" in str(unconfigured)
+    assert isinstance(_batch_error(BatchFailed("b", "invalid", "x"), batch), InvalidRequest)
+    assert isinstance(_batch_error(BatchFailed("b", "error", "x"), batch), GenerationFailed)

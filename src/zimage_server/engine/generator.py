@@ -26,7 +26,7 @@ from diffusers import (
 from PIL import Image
 
 from zimage_server.core.denoise import steps_run
-from zimage_server.core.errors import Cancelled
+from zimage_server.core.errors import Cancelled, TaskNotConfigured
 from zimage_server.engine.adapters import AdapterBank, AdapterError
 from zimage_server.engine.preview import LatentPreviewer
 from zimage_server.engine.protocol import (
@@ -281,7 +281,11 @@ class DiffusersGenerator:
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         delay = self.spec.worker.debug_step_delay_s
         if self.step_cache is not None:  # the steps that run: fewer for an input image
-            self.step_cache.begin(steps_run(batch.steps, batch.strength))
+            # Never skip under a ControlNet: diffusers adds the control residuals after
+            # each block, outside the cached ones, so a reused residual would add the last
+            # step's control on top of this step's (double strength on skipped steps).
+            skipping = not batch.task.startswith("controlnet")
+            self.step_cache.begin(steps_run(batch.steps, batch.strength), skipping)
         wanted = [
             (index, item.job_id, item.preview_size)
             for index, item in enumerate(batch.items)
@@ -320,7 +324,10 @@ class DiffusersGenerator:
             kind, extra = TASK_PIPELINES[task], {}
             if task.startswith("controlnet"):
                 if self.controlnet is None:
-                    raise RuntimeError("ControlNet is off on this worker (ZIMAGE_CONTROLNET)")
+                    raise TaskNotConfigured(
+                        "ControlNet is off on this worker: set ZIMAGE_CONTROLNET to a "
+                        "ZImageControlNetModel folder or hub id on every server process."
+                    )
                 # The pipeline lends the transformer's embedders and refiners to the
                 # ControlNet (``from_transformer``): shared modules, not copies.
                 extra["controlnet"] = self.controlnet

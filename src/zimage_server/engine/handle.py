@@ -33,6 +33,7 @@ from zimage_server.core.errors import (
     Cancelled,
     GenerationFailed,
     InvalidRequest,
+    TaskNotConfigured,
     WorkerDied,
     ZImageError,
 )
@@ -546,4 +547,6 @@ def _batch_error(event: BatchFailed, batch: Batch) -> ZImageError:
         )
     if event.kind == "invalid":
         return InvalidRequest(f"Invalid 'loras': {event.message}", field="loras")
+    if event.kind == "unconfigured":
+        return TaskNotConfigured(event.message)
     return GenerationFailed(f"Generation failed: {event.message}")

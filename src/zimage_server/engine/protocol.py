@@ -184,8 +184,9 @@ class BatchDone:
 
 
 # "invalid": the request's input cannot be used with this model (an adapter that does not
-# fit its layers); the API answers 400 and refunds.
-FailureKind = Literal["cancelled", "oom", "error", "invalid"]
+# fit its layers); the API answers 400 and refunds. "unconfigured": this worker cannot
+# serve the task (ControlNet without its weights); the API answers 404 and refunds.
+FailureKind = Literal["cancelled", "oom", "error", "invalid", "unconfigured"]
 
 
 @dataclass(frozen=True, slots=True)

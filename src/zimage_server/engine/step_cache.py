@@ -25,15 +25,18 @@ class CacheState:
     block_input: Any = None  # first block's output at the last full step
     residual: Any = None  # last block's output minus block_input, at the last full step
     skipped: int = 0
+    enabled: bool = True
 
-    def begin(self, total_steps: int) -> None:
-        """Forget the previous render (its tensors and counters)."""
+    def begin(self, total_steps: int, enabled: bool = True) -> None:
+        """Forget the previous render (its tensors and counters); ``enabled`` False runs
+        every step in full (a pipeline that adds to the blocks' output outside them)."""
         self.total_steps, self.step, self.skip, self.skipped = total_steps, -1, False, 0
         self.reference = self.block_input = self.residual = None
+        self.enabled = enabled
 
     def decide(self, residual: Any) -> bool:
         self.step += 1
-        inner = 0 < self.step < self.total_steps - 1
+        inner = self.enabled and 0 < self.step < self.total_steps - 1
         if inner and self.reference is not None and self.residual is not None:
             change = (residual - self.reference).abs().mean() / self.reference.abs().mean()
             if float(change) < self.threshold:

@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol
 
-from zimage_server.core.errors import Cancelled
+from zimage_server.core.errors import Cancelled, TaskNotConfigured
 from zimage_server.engine.adapters import AdapterError
 from zimage_server.engine.null import NULL_MODEL, NullGenerator
 from zimage_server.engine.protocol import (
@@ -234,6 +234,8 @@ def _render(
         ready = writer.place(done, command.slots)
     except Cancelled:
         out.send(BatchFailed(batch.batch_id, "cancelled", "cancelled"))
+    except TaskNotConfigured as exc:
+        out.send(BatchFailed(batch.batch_id, "unconfigured", str(exc)))
     except AdapterError as exc:
         log.warning("batch %s: %s", batch.batch_id, exc)
         out.send(BatchFailed(batch.batch_id, "invalid", str(exc)))
