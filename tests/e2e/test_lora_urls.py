@@ -274,3 +274,25 @@ def test_the_download_cache_evicts_the_least_recently_used_never_a_held_file(
     asyncio.run(scenario())
     assert files.hits["/cache-1.safetensors"] == 2 and files.hits["/cache-2.safetensors"] == 2
     assert files.hits["/cache-0.safetensors"] == 1
+
+
+def test_a_request_holds_its_downloads_while_it_fetches_the_next(
+    server: InProcessServer, files: FileServer, key: str
+) -> None:
+    """With a cache bound below one file, fetching a request's second adapter must not
+    evict its first (before: a false 400 saying the first had not been downloaded)."""
+    downloads = server.app.state.generation.loras.downloads
+    bound, downloads.cache_bytes = downloads.cache_bytes, 1
+    try:
+        before = balance(server, key)
+        loras = [
+            {"path": files.url("/style-a.safetensors")},
+            {"path": files.url("/cache-1.safetensors")},
+        ]
+        r = post(server, key, loras=loras)
+    finally:
+        downloads.cache_bytes = bound
+    assert "has not been downloaded" not in r.text, r.text
+    # Both were on disk at the check; the second is no adapter of this model's layers.
+    assert r.status_code == 400 and "loras" in r.text, r.text
+    assert balance(server, key) == before
