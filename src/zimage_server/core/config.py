@@ -279,7 +279,9 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
     log_prompts: bool = Field(False, description="Include prompts in the access log.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger bodies get 413.")
     input_max_body_bytes: int = Field(
-        48 * 2**20,  # two largest inputs as base64 (4/3 x 16 MiB each) and the JSON around
+        # ControlNet inpainting's three largest inputs as base64 (4/3 x 16 MiB each), and
+        # the JSON around them
+        65 * 2**20,
         ge=1024,
         description="Body limit of the image-input routes (413 above).",
     )
