@@ -14,8 +14,9 @@ entries, previews over ``PREVIEW_MAX_PIXELS`` or ``PREVIEW_MAX_CHARS`` left out,
 expiry that follows the job's deadline, then ``retention_s`` after its end). A reader
 elsewhere first gets what the hub would replay (the latest queued, started and step after
 its id, and every other event, in id order), then follows live. While Redis is away its
-events are dropped, a second at a time: local streams and the render do not notice. The terminal event never depends on Redis: a reader elsewhere also polls the
-store, and makes the terminal event from it when Redis does not bring one.
+events are dropped, a second at a time: local streams and the render do not notice. The
+terminal event never depends on Redis: a reader elsewhere also polls the store, and makes
+the terminal event from it when Redis does not bring one.
 """
 
 from __future__ import annotations
