@@ -29,7 +29,8 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
 
 from zimage_server.core.config import Settings
@@ -216,23 +217,24 @@ class RemoteEvents:
         """The backlog after ``after`` as the hub replays it: the latest queued, started
         and step, and every other event (the terminal one), in id order. Read newest first,
         and no further once all three kinds are found (the hub logs nothing past a terminal
-        event, so nothing older is left to replay): a long render's previews stay put."""
+        event, so nothing older is left to replay): an earlier run's entries stay unread."""
         latest: dict[str, StreamEvent] = {}
         others: list[StreamEvent] = []
-        async for event_id, fields in self._newest_first():
-            name = fields["event"]
-            if name not in LATEST_ONLY:
-                others.append(_event(event_id, fields))
-            elif name not in latest:
-                latest[name] = _event(event_id, fields)
-                if len(latest) == len(LATEST_ONLY):
-                    break
+        async with aclosing(self._newest_first()) as entries:
+            async for event_id, fields in entries:
+                name = fields["event"]
+                if name not in LATEST_ONLY:
+                    others.append(_event(event_id, fields))
+                elif name not in latest:
+                    latest[name] = _event(event_id, fields)
+                    if len(latest) == len(LATEST_ONLY):
+                        break
         events = sorted([*latest.values(), *others], key=lambda event: event.id)
         if events:
             self._last = events[-1].id  # the newest entry, always kept: live follows it
         return events
 
-    async def _newest_first(self) -> AsyncIterator[tuple[int, dict[str, str]]]:
+    async def _newest_first(self) -> AsyncGenerator[tuple[int, dict[str, str]]]:
         """The entries after ``after``, newest first, a page at a time."""
         upper = "+"
         while True:
