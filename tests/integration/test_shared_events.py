@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -143,5 +144,76 @@ def test_publishing_never_waits_when_redis_is_away(tmp_path: Path) -> None:
         hub.finish("job-3", "completed", {"request_id": "job-3"})
         names = [e.name for e in subscription._pending]
         assert names[-1] == "completed"  # local readers never noticed
+    finally:
+        asyncio.run(shared.close())
+
+
+def _ids(events: Iterable[StreamEvent | None]) -> list[tuple[int, str, dict[str, Any]]]:
+    return [(e.id, e.name, e.data) for e in events if e is not None]
+
+
+def test_a_remote_reader_catches_up_like_a_local_one_then_follows_live(
+    redis_server: RedisServer,
+) -> None:
+    """40 queue moves, the start and 30 steps with previews: a new or resuming reader gets
+    the latest of each kind after its id on either side, then each live event as it comes."""
+    shared = SharedEvents(redis_server.url, retention_s=60)
+    hub = _hub(shared)
+    rgb = bytes(range(256)) * 48  # 64 x 64 x 3
+
+    async def never() -> str | None:
+        return None
+
+    async def scenario() -> None:
+        client = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
+
+        async def backlog(after: int) -> tuple[RemoteEvents, list[StreamEvent]]:
+            reader, events = RemoteEvents(client, "job-4", after, never, poll_s=1.0), []
+            while (event := await reader.next(0.15)) is not None:
+                events.append(event)
+            return reader, events
+
+        try:
+            for after in (0, 20, 40, 41, 50, 71):
+                local = hub.subscribe("job-4", after or None)
+                _reader, remote = await backlog(after)
+                assert _ids(remote) == _ids(local._pending), after
+                local.close()
+            reader, remote = await backlog(0)
+            assert [(e.id, e.name) for e in remote] == [
+                (40, "queued"),
+                (41, "started"),
+                (71, "step"),
+            ]
+            assert remote[0].data["queue_position"] == 1 and remote[2].data["step"] == 30
+            assert remote[2].encoded is not None and remote[2].encoded["width"] == 64
+            live = hub.subscribe("job-4", 71)
+            hub.update(RenderUpdate(render_id="job-4", stage="step", step=31, total=31))
+            event = await reader.next(5)
+            assert event is not None and (event.id, event.data["step"]) == (72, 31)
+            hub.finish("job-4", "completed", {"request_id": "job-4"})
+            event = await reader.next(5)
+            assert event is not None and (event.id, event.name) == (73, "completed")
+            assert [e.id for e in live._pending] == [72, 73]  # the same, locally
+            for after in (0, 41, 72):  # ended: the terminal event always comes last
+                local = hub.subscribe("job-4", after or None)
+                _reader, remote = await backlog(after)
+                assert _ids(remote) == _ids(local._pending) and remote[-1].terminal, after
+        finally:
+            await client.aclose()
+
+    try:
+        shared.track("job-4", time.time() + 30)
+        hub.open("job-4")
+        for position in range(40, 0, -1):  # ids 1..40, the last at queue position 1
+            hub.update(RenderUpdate(render_id="job-4", stage="queued", position=position - 1))
+        hub.update(RenderUpdate(render_id="job-4", stage="started", total=31))  # id 41
+        for step in range(1, 31):  # ids 42..71
+            preview = Preview("job-4", 64, 64, rgb, 0)
+            hub.update(
+                RenderUpdate(render_id="job-4", stage="step", step=step, total=31, preview=preview)
+            )
+        _settle(shared)
+        asyncio.run(scenario())
     finally:
         asyncio.run(shared.close())

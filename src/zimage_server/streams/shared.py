@@ -11,10 +11,12 @@ earlier run used; Redis refuses an id that is not above the last, so nothing rep
 Publishing never slows a render: the hub's tap only puts the event in a bounded queue
 (dropped when full), and one thread writes them (``XADD`` trimmed to about ``MAXLEN``
 entries, previews over ``PREVIEW_MAX_PIXELS`` or ``PREVIEW_MAX_CHARS`` left out, and an
-expiry that follows the job's deadline, then ``retention_s`` after its end). While Redis
-is away its events are dropped, a second at a time: local streams and the render do not
-notice. The terminal event never depends on Redis: a reader elsewhere also polls the
-store, and makes the terminal event from it when Redis does not bring one.
+expiry that follows the job's deadline, then ``retention_s`` after its end). A reader
+elsewhere first gets what the hub would replay (the latest queued, started and step after
+its id, and every other event, in id order), then follows live. While Redis is away its
+events are dropped, a second at a time: local streams and the render do not notice. The
+terminal event never depends on Redis: a reader elsewhere also polls the store, and makes
+the terminal event from it when Redis does not bring one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
 
 from zimage_server.core.config import Settings
@@ -45,6 +48,9 @@ PREVIEW_MAX_PIXELS = 512 * 512  # larger ones are not even encoded for Redis
 QUEUE_SIZE = 1024  # events waiting for Redis, all jobs together
 DOWN_RETRY_S = 1.0  # after a failed write, drop events this long before trying again
 Entries = list[tuple[str, list[tuple[str, dict[str, str]]]]] | None  # XREAD's reply
+Range = list[tuple[str, dict[str, str]]]  # XREVRANGE's reply
+LATEST_ONLY = frozenset({"queued", "started", "step"})  # a replay keeps the newest of each
+CATCH_UP_PAGE = 16  # entries a catch-up reads back at a time (steps carry previews)
 Ended = Callable[[], Awaitable[str | None]]  # the terminal event's name, from the store
 
 
@@ -159,9 +165,10 @@ class SharedEvents:
 
 
 class RemoteEvents:
-    """One reader's events of a job another process runs: the Redis entries after
-    ``after``, ending with the terminal event, from Redis or, when Redis does not bring
-    it within ``poll_s`` of the store saying the job ended, made from the store."""
+    """One reader's events of a job another process runs: what the hub would replay of
+    the Redis entries after ``after``, then each new one, ending with the terminal event,
+    from Redis or, when Redis does not bring it within ``poll_s`` of the store saying the
+    job ended, made from the store."""
 
     def __init__(
         self, client: redis.asyncio.Redis, job_id: str, after: int, ended: Ended, poll_s: float
@@ -170,6 +177,7 @@ class RemoteEvents:
         self._ended, self._poll_s = ended, poll_s
         self._pending: deque[StreamEvent] = deque()
         self._checked = time.monotonic()
+        self._caught_up = False
 
     async def next(self, timeout: float) -> StreamEvent | None:
         """The next event, or None after ``timeout`` seconds without one (keep-alive)."""
@@ -189,6 +197,11 @@ class RemoteEvents:
 
         block = None if block_s is None else max(1, int(block_s * 1000))
         try:
+            if not self._caught_up:
+                self._pending.extend(await self._catch_up())
+                self._caught_up = True
+                if self._pending:
+                    return
             stream: dict[KeyT, StreamIdT] = {_key(self._job_id): f"0-{self._last}"}
             reply = cast(Entries, await self._client.xread(stream, 64, block))
         except redis.RedisError:  # away: the store still tells the end
@@ -197,8 +210,41 @@ class RemoteEvents:
             return
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                self._last = int(entry_id.split("-")[1])
+                self._last = _number(entry_id)
                 self._pending.append(_event(self._last, fields))
+
+    async def _catch_up(self) -> list[StreamEvent]:
+        """The backlog after ``after`` as the hub replays it: the latest queued, started
+        and step, and every other event (the terminal one), in id order. Read newest first,
+        and no further once all three kinds are found (the hub logs nothing past a terminal
+        event, so nothing older is left to replay): an earlier run's entries stay unread."""
+        latest: dict[str, StreamEvent] = {}
+        others: list[StreamEvent] = []
+        async with aclosing(self._newest_first()) as entries:
+            async for event_id, fields in entries:
+                name = fields["event"]
+                if name not in LATEST_ONLY:
+                    others.append(_event(event_id, fields))
+                elif name not in latest:
+                    latest[name] = _event(event_id, fields)
+                    if len(latest) == len(LATEST_ONLY):
+                        break
+        events = sorted([*latest.values(), *others], key=lambda event: event.id)
+        if events:
+            self._last = events[-1].id  # the newest entry, always kept: live follows it
+        return events
+
+    async def _newest_first(self) -> AsyncGenerator[tuple[int, dict[str, str]]]:
+        """The entries after ``after``, newest first, a page at a time."""
+        upper = "+"
+        while True:
+            args = (_key(self._job_id), upper, f"0-{self._last + 1}", CATCH_UP_PAGE)
+            page = cast(Range, await self._client.xrevrange(*args))
+            for entry_id, fields in page:
+                yield _number(entry_id), fields
+            if len(page) < CATCH_UP_PAGE:
+                return
+            upper = f"0-{_number(page[-1][0]) - 1}"
 
     async def _check_store(self) -> None:
         self._checked = time.monotonic()
@@ -212,6 +258,11 @@ class RemoteEvents:
 
     def close(self) -> None:
         """Nothing held between reads."""
+
+
+def _number(entry_id: str) -> int:
+    """The event id of a stream entry id (``0-<event id>``)."""
+    return int(entry_id.split("-")[1])
 
 
 def _pixels(event: StreamEvent) -> int:
