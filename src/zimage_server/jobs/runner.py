@@ -339,7 +339,11 @@ class JobRunner:
         return join_inputs(job.params, self.repo.inputs(job.id))
 
     async def _attempts(self, job: Job) -> None:
-        params = await asyncio.to_thread(self._render_params, job)
+        try:
+            params = await asyncio.to_thread(self._render_params, job)
+        except (StoreUnavailable, SQLAlchemyError) as exc:  # its lease runs out: run again
+            log.warning("job %s: its inputs could not be read (%s)", job.id, exc)
+            return
         for attempt in range(self.settings.job_retries + 1):
             try:
                 generated = await self.generation.render(
