@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -20,7 +20,7 @@ from zimage_server.billing.ledger import capture_in, hold_in, release_in
 from zimage_server.core.errors import Conflict, NotFound
 from zimage_server.jobs.states import UNFINISHED, JobStatus
 from zimage_server.store.db import Database
-from zimage_server.store.models import Job, PendingHold, WebhookDelivery
+from zimage_server.store.models import Job, JobInputs, PendingHold, WebhookDelivery
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class NewJob:
     id: str
     owner: str
     key_id: int | None
-    params: str
+    params: str  # without the input images: those are ``inputs``
+    inputs: str | None
     seed: int
     price: int
     webhook_url: str | None
@@ -73,7 +74,8 @@ class JobRepository:
         """Insert the job and hold its price in one transaction.
 
         Returns (job, created). A repeated Idempotency-Key with the same body returns the
-        first job (created False); with another body it is a ``Conflict``.
+        first job (created False); with another body it is a ``Conflict``. The input
+        images go to their own table in the same transaction.
         """
         try:
             with self.db.session() as session:
@@ -96,26 +98,39 @@ class JobRepository:
                         lease_until=new.lease_until,
                     )
                 )
+                if new.inputs is not None:
+                    session.execute(insert(JobInputs).values(job_id=new.id, images=new.inputs))
                 if new.key_id is not None:
                     hold_in(session, new.key_id, new.price, new.id)
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
-            existing = self._by_idempotency_key(new.owner, new.idempotency_key)
-            if existing.body_hash != new.body_hash:
-                raise Conflict(
-                    f"Idempotency-Key '{new.idempotency_key[:60]}' was already used for a "
-                    f"different request body (request {existing.id}). Use a new key for a "
-                    "new request."
-                ) from None
+            existing = self.replay(new.owner, new.idempotency_key, new.body_hash)
+            if existing is None:  # pragma: no cover - the key's row made the insert fail
+                raise
             return existing, False
         return self.get(new.id), True
 
-    def _by_idempotency_key(self, owner: str, key: str) -> Job:
+    def replay(self, owner: str, key: str, body_hash: str) -> Job | None:
+        """The job an Idempotency-Key already made, if the body was the same; None if the
+        key is new; ``Conflict`` if it came with another body."""
+        with self.db.session() as session:
+            existing = session.execute(
+                select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+            ).scalar_one_or_none()
+        if existing is not None and existing.body_hash != body_hash:
+            raise Conflict(
+                f"Idempotency-Key '{key[:60]}' was already used for a different request "
+                f"body (request {existing.id}). Use a new key for a new request."
+            )
+        return existing
+
+    def inputs(self, job_id: str) -> str | None:
+        """A job's input images (JSON), read only to run it; None without any."""
         with self.db.session() as session:
             return session.execute(
-                select(Job).where(Job.owner == owner, Job.idempotency_key == key)
-            ).scalar_one()
+                select(JobInputs.images).where(JobInputs.job_id == job_id)
+            ).scalar_one_or_none()
 
     def get(self, job_id: str, owner: str | None = None) -> Job:
         """The job, if ``owner`` may see it; ``NotFound`` (never 403) otherwise."""
@@ -232,7 +247,8 @@ class JobRepository:
 
         The settlement of its hold (kept if COMPLETED, else given back less ``keep``) and
         the webhook delivery row are written in the same transaction, so a crash can never
-        separate a terminal state from its refund or its notification.
+        separate a terminal state from its refund or its notification. Its input images,
+        needed by no run any more, are deleted in it too.
         """
         now = time.time()
         with self.db.session() as session:
@@ -251,6 +267,7 @@ class JobRepository:
             ).one_or_none()
             if job is None:
                 return False
+            session.execute(delete(JobInputs).where(JobInputs.job_id == job_id))
             if job.key_id is not None:
                 settle_in(session, job_id, status, keep)
             if job.webhook_url and webhook_payload is not None:

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from zimage_server.images import Generated, GenerationService
 from zimage_server.images.service import pick_seed, tenant_of
 from zimage_server.jobs.repository import JobRepository, NewJob, QueueView
 from zimage_server.jobs.states import JobStatus
+from zimage_server.jobs.stored import join_inputs, split_inputs
 from zimage_server.jobs.webhooks import WebhookPolicy
 from zimage_server.protocol import GenerationParams, JobMetrics, JobResult, wire
 from zimage_server.store import Outputs
@@ -74,17 +74,15 @@ owner_of = tenant_of  # a job's owner is the tenant its renders run for
 
 @dataclass(frozen=True)
 class Submission:
+    """``body_hash``: of the body as received (``request_hash``), not of ``params``, whose
+    images were fetched and decoded since: a retry must not depend on fetching again."""
+
     params: GenerationParams
     webhook_url: str | None
     idempotency_key: str | None
     deadline_s: float | None
     base_url: str
-
-    def body_hash(self) -> str:
-        canonical = json.dumps(
-            {"params": self.params.model_dump(), "webhook_url": self.webhook_url}, sort_keys=True
-        )
-        return hashlib.sha256(canonical.encode()).hexdigest()
+    body_hash: str
 
 
 class JobRunner:
@@ -191,9 +189,8 @@ class JobRunner:
         job_id = secrets.token_hex(16)
         self.engine.admit(reserve=job_id)  # the place is held across the awaits below
         try:
-            job, created = await asyncio.to_thread(
-                self.repo.create, self._new(job_id, sub, admission)
-            )
+            # Off the loop: splitting out megabytes of images is not free.
+            job, created = await asyncio.to_thread(self._create, job_id, sub, admission)
         except BaseException:
             self.engine.unreserve(job_id)
             raise
@@ -204,19 +201,29 @@ class JobRunner:
         self._spawn(job)  # its render takes the reserved place
         return job, created
 
+    def _create(self, job_id: str, sub: Submission, admission: Admission) -> tuple[Job, bool]:
+        return self.repo.create(self._new(job_id, sub, admission))
+
+    async def replay(self, owner: str, idempotency_key: str, body_hash: str) -> Job | None:
+        """The job an Idempotency-Key already made with this body (None for a new key),
+        found before the request's images are fetched again."""
+        return await asyncio.to_thread(self.repo.replay, owner, idempotency_key, body_hash)
+
     def _new(self, job_id: str, sub: Submission, admission: Admission) -> NewJob:
         timeout = sub.deadline_s or self.settings.job_timeout_s
+        params, inputs = split_inputs(sub.params)
         return NewJob(
             id=job_id,
             owner=owner_of(admission),
             key_id=admission.principal.key_id if admission.principal else None,
-            params=sub.params.model_dump_json(),
+            params=params,
+            inputs=inputs,
             seed=pick_seed(sub.params),
             price=self.generation.price(sub.params) if admission.principal else 0,
             webhook_url=sub.webhook_url,
             base_url=sub.base_url,
             idempotency_key=sub.idempotency_key,
-            body_hash=sub.body_hash(),
+            body_hash=sub.body_hash,
             deadline_at=time.time() + timeout,
             claimed_by=self.replica,
             lease_until=time.time() + self.lease_s,
@@ -327,8 +334,16 @@ class JobRunner:
             self.engine.unreserve(job.id)  # if it never reached the engine
             self._vacate(job.id)  # also when stopped, or no longer held
 
+    def _render_params(self, job: Job) -> GenerationParams:
+        """Its params with its images, read only now (a poll never loads them)."""
+        return join_inputs(job.params, self.repo.inputs(job.id))
+
     async def _attempts(self, job: Job) -> None:
-        params = GenerationParams.model_validate_json(job.params)
+        try:
+            params = await asyncio.to_thread(self._render_params, job)
+        except (StoreUnavailable, SQLAlchemyError) as exc:  # its lease runs out: run again
+            log.warning("job %s: its inputs could not be read (%s)", job.id, exc)
+            return
         for attempt in range(self.settings.job_retries + 1):
             try:
                 generated = await self.generation.render(

@@ -86,7 +86,7 @@ class Job(Base):
     owner: Mapped[str] = mapped_column(String(32), index=True)  # key id, or "anonymous"
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
     status: Mapped[str] = mapped_column(String(16), index=True)
-    params: Mapped[str] = mapped_column(Text)  # the validated request body, JSON
+    params: Mapped[str] = mapped_column(Text)  # the validated body, JSON; images in JobInputs
     seed: Mapped[int] = mapped_column(BigInteger)
     price: Mapped[int] = mapped_column(BigInteger, default=0)
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
@@ -103,6 +103,17 @@ class Job(Base):
     metrics: Mapped[str | None] = mapped_column(Text)  # JSON
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[float | None] = mapped_column(Float, index=True)
+
+
+class JobInputs(Base):
+    """A v2 job's input images (PNG data URIs at render size, tens of MB at 2048 px), apart
+    from its row: polls and lists read ``jobs`` and must not carry them. Read only to run
+    the job (at submit or takeover); deleted in the job's terminal transaction."""
+
+    __tablename__ = "job_inputs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    images: Mapped[str] = mapped_column(Text)  # JSON: field name -> data URI
 
 
 class WebhookDelivery(Base):

@@ -21,6 +21,7 @@ from zimage_server.api.sse import Frames, event_frames, event_stream, last_event
 from zimage_server.core.errors import InvalidRequest, ZImageError
 from zimage_server.images import GenerationService
 from zimage_server.jobs import JobRunner, JobStatus, Submission, owner_of, result_body
+from zimage_server.jobs.stored import request_hash
 from zimage_server.protocol import (
     Flavour,
     JobList,
@@ -31,7 +32,7 @@ from zimage_server.protocol import (
     SubmittedJob,
     wire,
 )
-from zimage_server.protocol.segmind import JobProgress
+from zimage_server.protocol.segmind import JobProgress, json_value
 from zimage_server.store.models import MAX_IDEMPOTENCY_KEY, Job
 from zimage_server.streams import StreamEvent
 
@@ -120,17 +121,23 @@ async def submit(
 ) -> Response:
     service: GenerationService = request.app.state.generation
     service.check_model(model)
-    submit = await service.validate_submit(body, model)
+    data, key, runner = json_value(body), idempotency_key(request), _runner(request)
+    # Hashed as received, and a retry answered from its key, before any image is fetched.
+    body_hash = await asyncio.to_thread(request_hash, model, data)
+    job = None if key is None else await runner.replay(owner_of(admission), key, body_hash)
+    created = job is None
     base = public_base(request)
-    submission = Submission(
-        params=submit.generation_params(),
-        webhook_url=submit.webhook_url,
-        idempotency_key=idempotency_key(request),
-        deadline_s=deadline_from(request),
-        base_url=base,
-    )
-    runner = _runner(request)
-    job, created = await runner.submit(submission, admission)
+    if job is None:
+        submit = await service.validate_submit(data, model)
+        submission = Submission(
+            params=submit.generation_params(),
+            webhook_url=submit.webhook_url,
+            idempotency_key=key,
+            deadline_s=deadline_from(request),
+            base_url=base,
+            body_hash=body_hash,
+        )
+        job, created = await runner.submit(submission, admission)
     status = runner.live_status(job)[0].value
     reply = SubmittedJob(request_id=job.id, status=status, **_urls(base, job.id))
     headers = {**admission.headers, **({} if created else {"Idempotent-Replayed": "true"})}
