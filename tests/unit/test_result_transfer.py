@@ -95,8 +95,9 @@ def test_a_slot_carries_every_byte_and_is_lent_to_one_batch_at_a_time() -> None:
         assert collected == done and pool.leased == 2
         others = pool.lend(small)
         assert not {s.index for s in others} & {s.index for s in slots}  # still leased
-        pool.give_back(slots, "b1")  # the batch is over, but its images hold the slots
-        pool.give_back(others, "b1")
+        batch_id = "".join(["b", "1"])  # as the worker's answer names it: equal, not the same
+        pool.give_back(slots, batch_id)  # the batch is over, but its images hold the slots
+        pool.give_back(others, batch_id)
         again = pool.lend(small)
         assert {s.index for s in again} == {s.index for s in others} and pool.leased == 2
         del collected  # the results are dropped: their slots come back
@@ -167,8 +168,12 @@ def test_a_held_result_keeps_its_pixels_while_the_worker_renders_on() -> None:
         assert encoded == piped
         del first, second
         await asyncio.sleep(0)  # the loop's wake-up call held the last batch until now
-        await worker.render(await batch_of("d", "e", "f", width=64, height=48), no_steps)
-        assert len(segments()) == 3  # the released slots served the next batch
+        for prompts in ("def", "g", "h"):  # closed at once (the loop still holds each batch)
+            done = await worker.render(await batch_of(*prompts, width=64, height=48), no_steps)
+            for image in done.images:
+                assert isinstance(image.rgb, SharedPixels)
+                image.rgb.close()
+        assert len(segments()) == 3  # the released slots served the next batches
         await worker.stop()
         assert segments() == []
 

@@ -200,7 +200,7 @@ class SlotPool:
         with self._lock:
             for slot in slots:
                 block = self._blocks.get(slot.index)
-                ours = self._holders.get(slot.index) is holder
+                ours = self._holders.get(slot.index) == holder  # ids come unpickled: equal
                 if ours and block is not None and block.name == slot.name:
                     del self._holders[slot.index]
 
