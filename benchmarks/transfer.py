@@ -1,20 +1,21 @@
 """What moving a rendered image from the worker process to the API process costs.
 
 ``engine``: the real path, a ``WorkerHandle`` and its worker process (the null generator),
-one image per batch, two workers side by side and requests alternated between them: one
-with ``ZIMAGE_SHARED_MEMORY_RESULTS=false`` (``BatchDone`` pickled through the pipe, as
-before) and one with the default (pixels written into a shared-memory slot the API lent
-with the batch, a small descriptor through the pipe, copied out on the API's reader
-thread). Each is timed by the handle (``WorkerHandle.transfer``): from the generator's
-return in the worker to the ``BatchDone`` on the API's event loop, and the part the worker
-spent writing (the only part that delays its next batch).
+one image per batch, three workers side by side and requests alternated between them: one
+with ``ZIMAGE_SHARED_MEMORY_RESULTS=false`` (``BatchDone`` pickled through the pipe), one
+whose slot pool copies each image out of its slot on the API's reader thread (the way
+before results were leased: ``shared_memory_copy``), and the default (``shared_memory``:
+the image is read in place, a lease on its slot). Each is timed from the generator's
+return in the worker to the point the encoder can read the pixels (a buffer over them in
+the API process, its last byte read), and the part the worker spent writing (the only part
+that delays its next batch).
 
 ``synthetic``: the mechanisms alone, as a round trip from a bare child process (``go`` ->
 image ready in the parent) minus the round trip of an empty message: pickled through the
 pipe, or written into one shared block and read in place (no copy out).
 
 ``PYTHONPATH=src python benchmarks/transfer.py [--sizes 1024,2048] [--repeats 30]``
-writes ``results/<date>-cpu-transfer.json``.
+writes ``results/<date>-cpu-transfer-zerocopy.json``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from zimage_server.bench.environment import host_info, today
 from zimage_server.core.config import SpeedupSettings, WorkerSettings
 from zimage_server.engine.handle import WorkerHandle
 from zimage_server.engine.null import NULL_MODEL
+from zimage_server.engine.pixels import SharedPixels, pixel_view
 from zimage_server.engine.protocol import BatchDone, RawImage, WorkerSpec
 from zimage_server.engine.render import RenderSpec
 from zimage_server.engine.scheduler import Batch, Scheduler
+from zimage_server.engine.shared_results import SlotPool
 
 
 def shared_buffer(block: SharedMemory) -> memoryview:
@@ -101,13 +104,29 @@ def measure(sizes: list[int], repeats: int) -> dict[str, Any]:
     return results
 
 
-def engine_worker(shared: bool) -> WorkerHandle:
-    settings = WorkerSettings(warmup=False, shared_memory_results=shared)
-    name = "shared" if shared else "pipe"
+ARMS = ("pipe", "shared_memory_copy", "shared_memory")
+
+
+def engine_worker(arm: str) -> WorkerHandle:
+    settings = WorkerSettings(warmup=False, shared_memory_results=arm != "pipe")
     spec = WorkerSpec(
-        name=name, model_path=NULL_MODEL, device="cpu", worker=settings, speedups=SpeedupSettings()
+        name=arm, model_path=NULL_MODEL, device="cpu", worker=settings, speedups=SpeedupSettings()
     )
-    return WorkerHandle(spec)
+    pool = SlotPool(arm, copy_out=True) if arm == "shared_memory_copy" else None
+    return WorkerHandle(spec, pool=pool)
+
+
+async def to_encoder(worker: WorkerHandle, size: int, seed: int) -> float:
+    """One render; seconds from the generator's return to pixels the encoder can read."""
+    done = await worker.render(await one_image(size, seed), lambda *_: None)
+    pixels = done.images[0].rgb
+    with pixel_view(pixels) as view:
+        if view[len(view) - 1] is None:  # read, as the encoder would
+            raise RuntimeError("no pixels")
+        took = time.perf_counter() - worker.transfer.ready_at
+    if isinstance(pixels, SharedPixels):
+        pixels.close()  # as the service does once encoded: the slot serves the next batch
+    return took
 
 
 async def one_image(size: int, seed: int) -> Batch:
@@ -119,7 +138,7 @@ async def one_image(size: int, seed: int) -> Batch:
 
 
 async def measure_engine(sizes: list[int], repeats: int) -> dict[str, Any]:
-    workers = {"pipe": engine_worker(False), "shared_memory": engine_worker(True)}
+    workers = {arm: engine_worker(arm) for arm in ARMS}
     for worker in workers.values():
         worker.start()
     results: dict[str, Any] = {}
@@ -132,13 +151,13 @@ async def measure_engine(sizes: list[int], repeats: int) -> dict[str, Any]:
             write: list[float] = []
             for index in range(repeats + 2):  # alternated; the first two warm up
                 for arm, worker in workers.items():
-                    await worker.render(await one_image(size, index), lambda *_: None)
-                    total[arm].append(worker.transfer.total_s)
+                    total[arm].append(await to_encoder(worker, size, index))
                 write.append(workers["shared_memory"].transfer.write_s)
             p50 = {arm: statistics.median(t[2:]) * 1e3 for arm, t in total.items()}
             results[f"{size}x{size}"] = {
                 "megabytes": size * size * 3 / 1e6,
                 "pipe_pickled_ms": p50["pipe"],
+                "shared_memory_copy_ms": p50["shared_memory_copy"],
                 "shared_memory_ms": p50["shared_memory"],
                 "shared_memory_worker_write_ms": statistics.median(write[2:]) * 1e3,
             }
@@ -171,8 +190,13 @@ def main() -> None:
                 f"{part} {size} ({figures['megabytes']:.1f} MB): pipe, pickled {pipe:.2f} ms; ",
                 end="",
             )
-            print(f"shared memory {shared:.2f} ms")
-    output = args.output or Path(__file__).parent / "results" / f"{today()}-cpu-transfer.json"
+            copied = figures.get("shared_memory_copy_ms")
+            if copied is not None:
+                print(f"shared memory, copied out {copied:.2f} ms; ", end="")
+            print(f"shared memory, in place {shared:.2f} ms")
+    output = (
+        args.output or Path(__file__).parent / "results" / f"{today()}-cpu-transfer-zerocopy.json"
+    )
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")
 

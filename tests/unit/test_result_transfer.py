@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -23,15 +24,18 @@ from zimage_server.core.errors import Cancelled, WorkerDied
 from zimage_server.engine import Engine, RenderSpec
 from zimage_server.engine.handle import WorkerHandle
 from zimage_server.engine.null import NULL_MODEL, seed_colour
+from zimage_server.engine.pixels import SharedPixels, pixel_view
 from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch, RenderItem, WorkerSpec
 from zimage_server.engine.render import RenderUpdate
 from zimage_server.engine.scheduler import Batch, Scheduler
 from zimage_server.engine.shared_results import (
+    ResultsReady,
     SlotPool,
     SlotWriter,
     segment_prefix,
     sweep_orphans,
 )
+from zimage_server.images.encode import encode_image
 
 T = TypeVar("T")
 SHM = Path("/dev/shm")  # noqa: S108 - where POSIX shared memory lives, not a temporary file
@@ -87,11 +91,18 @@ def test_a_slot_carries_every_byte_and_is_lent_to_one_batch_at_a_time() -> None:
         assert len({slot.index for slot in slots}) == 2 == len(segments())
         ready = writer.place(done, slots)
         assert all(image.rgb == b"" for image in ready.done.images)  # nothing pickled
-        assert pool.collect(ready) == done
+        collected = pool.collect(ready)
+        assert collected == done and pool.leased == 2
         others = pool.lend(small)
-        assert not {s.index for s in others} & {s.index for s in slots}  # still lent
-        pool.give_back(slots)
-        pool.give_back(others)
+        assert not {s.index for s in others} & {s.index for s in slots}  # still leased
+        batch_id = "".join(["b", "1"])  # as the worker's answer names it: equal, not the same
+        pool.give_back(slots, batch_id)  # the batch is over, but its images hold the slots
+        pool.give_back(others, batch_id)
+        again = pool.lend(small)
+        assert {s.index for s in again} == {s.index for s in others} and pool.leased == 2
+        del collected  # the results are dropped: their slots come back
+        assert pool.leased == 0 and len(segments()) == 4
+        pool.give_back(again, "b1")
         big = RenderBatch("b2", items[:1], 1024, 1024, 2, 1.0)
         (grown,) = pool.lend(big)
         assert grown.capacity >= 1024 * 1024 * 3 and grown.name not in {s.name for s in slots}
@@ -102,6 +113,71 @@ def test_a_slot_carries_every_byte_and_is_lent_to_one_batch_at_a_time() -> None:
     finally:
         pool.close()
     assert segments() == []
+
+
+def render_into(pool: SlotPool, batch_id: str, rgb: bytes) -> ResultsReady | None:
+    """One 64x48 image written the way a worker does, or None when no slot was lent."""
+    batch = RenderBatch(batch_id, (RenderItem("job", "p", 1),), 64, 48, 2, 1.0)
+    slots = pool.lend(batch)
+    if not slots:
+        return None
+    return SlotWriter().place(BatchDone(batch_id, (RawImage("job", 64, 48, rgb),)), slots)
+
+
+def test_a_slot_is_not_lent_again_while_any_view_of_its_pixels_lives() -> None:
+    """Pool pressure: two slots at most. A result closed while a view of it is still read
+    keeps its slot; with both slots held the next batch gets none (its images take the
+    pipe); dropping the view frees the slot. Pickled (Ray), a lease is a copy."""
+    pool = SlotPool("worker-0", max_slots=2)
+    first_rgb, second_rgb = os.urandom(64 * 48 * 3), os.urandom(64 * 48 * 3)
+    try:
+        ready = render_into(pool, "b1", first_rgb)
+        assert ready is not None
+        (first,) = pool.collect(ready).images
+        assert isinstance(first.rgb, SharedPixels)
+        view = first.rgb.view()[10:]  # a slice: the encoder's kind of reference
+        first.rgb.close()
+        del first, ready
+        assert pool.leased == 1  # closed, but still read
+        ready = render_into(pool, "b2", second_rgb)
+        assert ready is not None
+        (second,) = pool.collect(ready).images
+        assert render_into(pool, "b3", first_rgb) is None and len(segments()) == 2
+        assert view == first_rgb[10:] and second.rgb == second_rgb  # nothing overwritten
+        copied = pickle.loads(pickle.dumps(second))  # noqa: S301 - our own bytes
+        assert type(copied.rgb) is bytes and copied.rgb == second_rgb
+        del view
+        assert pool.leased == 1 and render_into(pool, "b3", first_rgb) is not None
+    finally:
+        pool.close()
+    assert segments() == []  # unlinked even while ``second`` still reads its mapping
+    assert bytes(pixel_view(second.rgb)) == second_rgb
+
+
+def test_a_held_result_keeps_its_pixels_while_the_worker_renders_on() -> None:
+    async def scenario() -> None:
+        worker = handle()
+        worker.start()
+        await worker.wait_ready()
+        first = await worker.render(await batch_of("a", "b", width=64, height=48), no_steps)
+        second = await worker.render(await batch_of("c", width=64, height=48), no_steps)
+        assert first.images[1].rgb == seed_colour(1) * (64 * 48)  # not overwritten by "c"
+        assert second.images[0].rgb == seed_colour(0) * (64 * 48) and len(segments()) == 3
+        encoded = encode_image(pixel_view(first.images[1].rgb), (64, 48), (60, 40), "png", 90)
+        piped = encode_image(seed_colour(1) * (64 * 48), (64, 48), (60, 40), "png", 90)
+        assert encoded == piped
+        del first, second
+        await asyncio.sleep(0)  # the loop's wake-up call held the last batch until now
+        for prompts in ("def", "g", "h"):  # closed at once (the loop still holds each batch)
+            done = await worker.render(await batch_of(*prompts, width=64, height=48), no_steps)
+            for image in done.images:
+                assert isinstance(image.rgb, SharedPixels)
+                image.rgb.close()
+        assert len(segments()) == 3  # the released slots served the next batches
+        await worker.stop()
+        assert segments() == []
+
+    run(scenario)
 
 
 def test_images_through_shared_memory_are_the_bytes_the_pipe_carries() -> None:
@@ -116,7 +192,8 @@ def test_images_through_shared_memory_are_the_bytes_the_pipe_carries() -> None:
             via_pipe = await piped.render(batch, no_steps)
             assert via_memory == via_pipe
             assert via_memory.images[2].rgb == seed_colour(2) * (width * height)
-        assert len(segments()) == 3 and shared.transfer.total_s > 0
+        # the small images were still held when the big ones were lent slots: three more
+        assert len(segments()) == 6 and shared.transfer.total_s > 0
         await shared.stop()
         await piped.stop()
         assert segments() == []

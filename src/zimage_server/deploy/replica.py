@@ -106,7 +106,7 @@ class EngineReplica:
                     yield update
             for update in updates.take():
                 yield update
-            yield dataclasses.replace(task.result(), worker=self.name)
+            yield _detached(task.result(), self.name)
         finally:
             task.cancel()  # a no-op once done; otherwise the engine withdraws the render
             if self._updates.get(job_id) is updates:
@@ -181,3 +181,13 @@ def _replica_name() -> str:
         return str(serve.get_replica_context().replica_id.unique_id)
     except Exception:  # outside a replica (unit tests): a name is all we need
         return "local"
+
+
+def _detached(result: RenderResult, worker: str) -> RenderResult:
+    """The result with its pixels copied out of their shared-memory slot, which goes back
+    now: Ray pickles the result to send it anyway, so this is the copy pickling would make."""
+    try:
+        rgb = bytes(result.pixels())
+    finally:
+        result.close()
+    return dataclasses.replace(result, rgb=rgb, worker=worker)

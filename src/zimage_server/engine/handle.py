@@ -7,9 +7,10 @@ another renders (BUSY): the worker queues it, so the device never waits for the 
 batches. Its state is one enum with checked transitions; the engine never reads anything
 else of it.
 
-Images come back in shared-memory slots lent with each batch (``shared_results``). The
-pipe is read by a thread rather than ``loop.add_reader``: copying an image out of its slot
-(or unpickling it, without slots) there keeps that copy off the event loop.
+Images come back in shared-memory slots lent with each batch (``shared_results``), each
+as a lease read in place (``SharedPixels``). The pipe is read by a thread rather than
+``loop.add_reader``: unpickling an image sent without a slot there keeps that copy off the
+event loop.
 """
 
 from __future__ import annotations
@@ -160,7 +161,12 @@ class _InFlight:
 class WorkerHandle:
     """One worker process on one device: spawn, watch, restart, render."""
 
-    def __init__(self, spec: WorkerSpec, on_progress: ProgressCallback | None = None) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        on_progress: ProgressCallback | None = None,
+        pool: SlotPool | None = None,  # benchmarks compare pools; None: the default one
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self._on_progress = on_progress
@@ -175,8 +181,8 @@ class WorkerHandle:
         self._conn: Connection | None = None
         self._in_flight: dict[str, _InFlight] = {}  # by batch id, in the order sent
         shared = spec.worker.shared_memory_results
-        self._pool = SlotPool(spec.name) if shared else None
-        self._transfer = TransferTime(0.0, 0.0)
+        self._pool = (pool or SlotPool(spec.name)) if shared else None
+        self._transfer = TransferTime(0.0, 0.0, 0.0)
         self._start_timer: asyncio.TimerHandle | None = None
         self._restart_timer: asyncio.TimerHandle | None = None
         self._exit_streak = 0
@@ -267,7 +273,7 @@ class WorkerHandle:
             loop.call_soon_threadsafe(self._on_exit, conn)
 
     def _collect(self, ready: ResultsReady) -> BatchDone | BatchFailed:
-        """The images copied out of their slots (on the reader thread)."""
+        """The images leased from their slots (on the reader thread)."""
         if self._pool is None or not any(ready.slots):
             return ready.done
         try:
@@ -277,7 +283,8 @@ class WorkerHandle:
 
     def _on_results(self, done: BatchDone | BatchFailed, ready: ResultsReady) -> None:
         now = time.perf_counter()
-        self._transfer = TransferTime(ready.placed_at - ready.ready_at, now - ready.ready_at)
+        write_s, total_s = ready.placed_at - ready.ready_at, now - ready.ready_at
+        self._transfer = TransferTime(write_s, total_s, ready.ready_at)
         self._on_event(done)
 
     def _relog(self, record: logging.LogRecord) -> None:
@@ -427,10 +434,11 @@ class WorkerHandle:
 
     def _end_batch(self, batch_id: str) -> asyncio.Future[BatchDone]:
         """Forget a batch the worker answered for (or that died with it): its slots are
-        free again, and with nothing left in flight the worker is READY."""
+        free again (but those leased to its images), and with nothing left in flight the
+        worker is READY."""
         flight = self._in_flight.pop(batch_id)
         if self._pool is not None:
-            self._pool.give_back(flight.slots)
+            self._pool.give_back(flight.slots, batch_id)
         if not self._in_flight and self._state == WorkerState.BUSY:
             self._move(WorkerState.READY)
         return flight.outcome

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from zimage_server.core.config import LoraSettings, SpeedupSettings, WorkerSettings
+from zimage_server.engine.pixels import Pixels
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,7 +154,7 @@ class RawImage:
     job_id: str
     width: int
     height: int
-    rgb: bytes
+    rgb: Pixels  # bytes from the worker; in the API, a lease on a shared-memory slot
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from zimage_server.core.denoise import steps_run
+from zimage_server.engine.pixels import Pixels, SharedPixels, pixel_view
 from zimage_server.engine.protocol import LoraRef, Preview, Prompt
 
 
@@ -71,9 +72,12 @@ class RenderSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RenderResult:
-    """One rendered image as raw RGB at render size, and how it was made."""
+    """One rendered image as raw RGB at render size, and how it was made.
 
-    rgb: bytes
+    ``rgb`` may be read in place from shared memory: whoever consumes it reads it through
+    ``pixels()`` and calls ``close()`` when done, so its slot serves the next batch."""
+
+    rgb: Pixels
     width: int
     height: int
     timings: dict[str, float] = field(default_factory=dict)
@@ -82,6 +86,15 @@ class RenderResult:
     prompt_tokens: int = 0
     worker: str = ""
     prompt_source: str = ""  # encoded | cache | prefetch ("" from a generator without one)
+
+    def pixels(self) -> memoryview:
+        """The RGB bytes, not copied (valid even after ``close()``, for as long as held)."""
+        return pixel_view(self.rgb)
+
+    def close(self) -> None:
+        """Done with the pixels: a shared-memory slot returns once no view is left."""
+        if isinstance(self.rgb, SharedPixels):
+            self.rgb.close()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -41,14 +41,14 @@ def webp_method(quality: int) -> int:
 
 
 def encode_image(
-    rgb: bytes,
+    rgb: bytes | memoryview,
     render_size: tuple[int, int],
     size: tuple[int, int],
     image_format: str,
     quality: int,
 ) -> bytes:
     """Centre-crop a render to exactly ``size`` and encode it (``quality``: WebP and JPEG;
-    PNG is lossless)."""
+    PNG is lossless). ``rgb`` is read once, by ``frombytes``: it may be shared memory."""
     image = Image.frombytes("RGB", render_size, rgb)
     if render_size != size:
         left = (render_size[0] - size[0]) // 2

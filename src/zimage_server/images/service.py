@@ -596,14 +596,17 @@ class GenerationService:
         render_id = job_id or stream_id
         result = await self.engine.render(spec, timeout, render_id, admitted=job_id is not None)
         encode_start = time.perf_counter()
-        data = await asyncio.to_thread(
-            encode_image,
-            result.rgb,
-            (result.width, result.height),
-            (params.width, params.height),
-            params.image_format,
-            params.quality,
-        )
+        try:  # the encoder reads the pixels in place; its view keeps them until it is done
+            data = await asyncio.to_thread(
+                encode_image,
+                result.pixels(),
+                (result.width, result.height),
+                (params.width, params.height),
+                params.image_format,
+                params.quality,
+            )
+        finally:
+            result.close()
         timings = {**result.timings, "image_encode": time.perf_counter() - encode_start}
         return Generated(
             data,
