@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,45 +54,6 @@ def test_concurrent_holds_never_overdraw(db: Database, sync_holds: bool) -> None
     assert results.count(True) == 5
     usage = ledger.usage(key_id)
     assert usage.balance == 0 and usage.ledger_sum == 0 and usage.images == 5
-
-
-def test_grouped_holds_and_captures_keep_every_rule(db: Database) -> None:
-    """The request path's holds and captures (``hold_soon``, ``capture_soon``): 20 at once
-    against 5 credits take exactly 5, a refusal leaves the rest of its group committed, and
-    on SQLite the 20 that queue behind a running commit share one (one fsync)."""
-    ledger = Ledger(db)
-    keys = KeyService(db, ledger)
-    _, info = keys.create("group", credits=to_micro(5))
-    key_id = keys.key_id(info.prefix)
-    commits = []
-    sa.event.listen(db.engine, "commit", lambda _connection: commits.append(1))
-
-    async def attempt(i: int) -> bool:
-        try:
-            await ledger.hold_soon(key_id, to_micro(1), f"group-{i}", LATER)
-        except InsufficientCredits:
-            return False
-        return await ledger.capture_soon(f"group-{i}")
-
-    async def scenario() -> list[bool]:
-        gate = threading.Event()
-        if ledger._group is not None:  # hold the committer in a commit while 20 queue
-            blocker = ledger._group.submit(lambda _connection: gate.wait(10))
-        attempts = asyncio.gather(*(attempt(i) for i in range(20)))
-        await asyncio.sleep(0.2)
-        gate.set()
-        if ledger._group is not None:
-            assert await asyncio.wrap_future(blocker)
-        return await attempts
-
-    results = asyncio.run(scenario())
-    ledger.close()
-    # The blocker's commit, one for the 20 holds, one to five for the captures (each is
-    # sent when its hold's answer reaches the loop); ungrouped it would be 26.
-    assert db.engine.dialect.name != "sqlite" or 3 <= len(commits) <= 7
-    assert results.count(True) == 5
-    usage = ledger.usage(key_id)
-    assert (usage.balance, usage.ledger_sum, usage.images, usage.pending) == (0, 0, 5, 0)
 
 
 def test_release_is_idempotent_and_restores_the_balance(db: Database) -> None:

@@ -211,7 +211,6 @@ async def _running(services: Services) -> AsyncIterator[None]:
         s.access.limiter.close()
         if s.jobs.shared is not None:
             await s.jobs.shared.close()
-        s.ledger.close()
         s.db.dispose()
 
 

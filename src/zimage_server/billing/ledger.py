@@ -15,7 +15,6 @@ run on a plain connection: the same SQL without the ORM's per-statement work.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from zimage_server.billing.pricing import format_credits
 from zimage_server.core.errors import InsufficientCredits, InvalidRequest
-from zimage_server.store.db import Database, GroupCommit
+from zimage_server.store.db import Database
 from zimage_server.store.models import ApiKey, LedgerEntry, PendingHold
 
 MAX_BALANCE = 2**63 - 1  # the ledger's BIGINT; SQLite would silently go to REAL beyond it
@@ -78,30 +77,6 @@ class Ledger:
     def __init__(self, db: Database, sync_holds: bool = True) -> None:
         self.db = db
         self.sync_holds = sync_holds
-        sqlite = db.engine.dialect.name == "sqlite"
-        self._group = GroupCommit(db) if sqlite else None
-
-    async def hold_soon(self, key_id: int, amount: int, reference: str, expires_at: float) -> int:
-        """``hold`` for a request on the event loop: on SQLite in a group commit with the
-        other requests' holds and captures (see ``GroupCommit``)."""
-        if self._group is None or not self.sync_holds:
-            return await asyncio.to_thread(self.hold, key_id, amount, reference, expires_at)
-        work = self._group.submit(
-            lambda connection: hold_in(connection, key_id, amount, reference, expires_at)
-        )
-        return await asyncio.wrap_future(work)
-
-    async def capture_soon(self, reference: str) -> bool:
-        """``capture``, grouped like ``hold_soon``."""
-        if self._group is None:
-            return await asyncio.to_thread(self.capture, reference)
-        return await asyncio.wrap_future(
-            self._group.submit(lambda connection: capture_in(connection, reference))
-        )
-
-    def close(self) -> None:
-        if self._group is not None:
-            self._group.close()
 
     def hold(self, key_id: int, amount: int, reference: str, expires_at: float) -> int:
         """Take ``amount`` for request ``reference``, pending until settled or

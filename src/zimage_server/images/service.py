@@ -499,7 +499,7 @@ class GenerationService:
             return
         key_id, reference = admission.principal.key_id, secrets.token_hex(16)
         expires_at = time.time() + timeout + self.settings.hold_grace_s
-        remaining = await self.ledger.hold_soon(key_id, price, reference, expires_at)
+        remaining = await asyncio.to_thread(self.ledger.hold, key_id, price, reference, expires_at)
         try:
             yield remaining
         except BaseException as exc:
@@ -518,7 +518,7 @@ class GenerationService:
 
     async def _capture(self, reference: str) -> None:
         try:
-            captured = await self.ledger.capture_soon(reference)
+            captured = await asyncio.to_thread(self.ledger.capture, reference)
         except StoreUnavailable as exc:
             raise StoreUnavailable(
                 self._held_message(None, "the image could not be charged"), retry_after=5

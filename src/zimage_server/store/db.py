@@ -5,13 +5,10 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import queue
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -19,11 +16,9 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from zimage_server.core.errors import StoreUnavailable, ZImageError
+from zimage_server.core.errors import StoreUnavailable
 
 log = logging.getLogger("zimage.store")
-T = TypeVar("T")
-Work = tuple[Callable[[Connection], Any], "Future[Any]"]
 _LOCK_KEY = 0x7A696D6167  # "zimag": the advisory lock that serialises migrations
 
 
@@ -113,79 +108,6 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
         self._unsynced.dispose()
-
-
-class GroupCommit:
-    """Runs short write transactions on one thread, all that queued up while the previous
-    commit ran in one transaction: one fsync for them all. A lone caller waits no longer
-    than before; each caller's ``Future`` resolves only after the commit holding its work,
-    so what it is told is as durable as before. SQLite writers take turns anyway (each
-    commit waits for the previous one's fsync); PostgreSQL already shares WAL flushes
-    between sessions, so it is not given one.
-
-    Work that raises a ``ZImageError`` (e.g. ``InsufficientCredits``) must not have written
-    anything: that caller gets the error and the others still commit. Any other error fails
-    the whole group, which writes nothing."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self._queue: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def submit(self, work: Callable[[Connection], T]) -> Future[T]:
-        future: Future[T] = Future()
-        self._queue.put((work, future))
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
-                self._thread.start()
-        return future
-
-    def close(self) -> None:
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(None)
-            thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while (first := self._queue.get()) is not None:
-            group = [first]
-            while True:
-                try:
-                    work = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if work is None:
-                    self._queue.put(None)  # stop after this group
-                    break
-                group.append(work)
-            # A caller that gave up (cancelled) before its turn has nothing written.
-            group = [work for work in group if work[1].set_running_or_notify_cancel()]
-            if group:
-                self._commit(group)
-
-    def _commit(self, group: list[Work]) -> None:
-        outcomes: list[tuple[bool, Any]] = []
-        try:
-            with self._db.transaction() as connection:
-                for work, _ in group:
-                    try:
-                        outcomes.append((True, work(connection)))
-                    except ZImageError as exc:
-                        if len(group) == 1:
-                            raise
-                        outcomes.append((False, exc))
-        except BaseException as exc:
-            for _, future in group:
-                future.set_exception(exc)
-            return
-        for (_, future), (ok, value) in zip(group, outcomes, strict=True):
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
 
 
 class _WatchedFile:
