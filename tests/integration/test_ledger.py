@@ -35,8 +35,9 @@ def test_migrations_match_the_models(db: Database) -> None:
     assert diff == []
 
 
-def test_concurrent_holds_never_overdraw(db: Database) -> None:
-    ledger = Ledger(db)
+@pytest.mark.parametrize("sync_holds", [True, False])
+def test_concurrent_holds_never_overdraw(db: Database, sync_holds: bool) -> None:
+    ledger = Ledger(db, sync_holds=sync_holds)
     keys = KeyService(db, ledger)
     _, info = keys.create("race", credits=to_micro(5))
     key_id = keys.key_id(info.prefix)
@@ -72,9 +73,10 @@ def test_release_is_idempotent_and_restores_the_balance(db: Database) -> None:
         assert list(kinds) == ["top_up", "hold", "release"]
 
 
-def test_capture_and_release_race_exactly_one_wins(db: Database) -> None:
+@pytest.mark.parametrize("sync_holds", [True, False])
+def test_capture_and_release_race_exactly_one_wins(db: Database, sync_holds: bool) -> None:
     """A completion and a refund of the same hold, at once, 20 times: never both."""
-    ledger = Ledger(db)
+    ledger = Ledger(db, sync_holds=sync_holds)
     keys = KeyService(db, ledger)
     _, info = keys.create("race-settle", credits=to_micro(20))
     key_id = keys.key_id(info.prefix)
@@ -89,6 +91,20 @@ def test_capture_and_release_race_exactly_one_wins(db: Database) -> None:
     charged = sum(captured for captured, _ in outcomes)
     usage = ledger.usage(key_id)
     assert usage.balance == to_micro(20 - charged) == usage.ledger_sum and usage.pending == 0
+
+
+def test_unsynced_commits_skip_only_the_wait_for_the_disk(db: Database) -> None:
+    """``synced=False`` (holds under ``ZIMAGE_LEDGER_SYNC_HOLDS=false``) commits without
+    the fsync; every other transaction keeps it."""
+    setting = {"sqlite": "PRAGMA synchronous", "postgresql": "SHOW synchronous_commit"}
+    query = sa.text(setting[db.engine.dialect.name])
+    with db.transaction() as connection:
+        synced = str(connection.execute(query).scalar_one())
+    with db.transaction(synced=False) as connection:
+        unsynced = str(connection.execute(query).scalar_one())
+    with db.transaction() as connection:
+        after = str(connection.execute(query).scalar_one())
+    assert (synced, unsynced, after) in {("2", "1", "2"), ("on", "off", "on")}
 
 
 def test_partial_release_keeps_what_was_used(db: Database) -> None:

@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,40 @@ def _parsed(text: str) -> RateLimitItem:
     return parse(text)
 
 
+class MemoryWindows:
+    """Fixed windows counted in this process, as ``limits``' ``FixedWindowRateLimiter``
+    counts them (a window opens at a key's first hit and lasts the item's period), without
+    its ``MemoryStorage``, which starts a ``threading.Timer`` thread to expire counters on
+    almost every hit. Expired windows are dropped as they are met, and all at once every
+    ``_PRUNE_EVERY`` hits, so keys that stop calling cost nothing for long."""
+
+    _PRUNE_EVERY = 4096
+
+    def __init__(self) -> None:
+        self._windows: dict[str, list[float]] = {}  # ident: [expires_at, count]
+        self._lock = threading.Lock()
+        self._hits = 0
+
+    def hit(self, item: RateLimitItem, ident: str) -> tuple[bool, int, float]:
+        """Count one request; (allowed, remaining, reset time) like ``limits``'."""
+        name = item.key_for(ident)
+        now = time.time()
+        with self._lock:
+            self._hits += 1
+            if self._hits % self._PRUNE_EVERY == 0:
+                self._prune(now)
+            window = self._windows.get(name)
+            if window is None or window[0] <= now:
+                window = self._windows[name] = [now + item.get_expiry(), 0]
+            window[1] += 1
+            count, reset = int(window[1]), window[0]
+        return count <= item.amount, max(0, item.amount - count), reset
+
+    def _prune(self, now: float) -> None:
+        for name in [name for name, window in self._windows.items() if window[0] <= now]:
+            del self._windows[name]
+
+
 @dataclass(frozen=True)
 class Admission:
     """A caller let in: who, and the rate-limit headers that go on the response."""
@@ -100,10 +135,15 @@ class RateLimiter:
         process: str = "local",
         lifetime_s: float = 10.0,
     ) -> None:
-        self._limiter = strategies.FixedWindowRateLimiter(storage.storage_from_string(storage_url))
         self.default_limit = default_limit
         self.default_in_flight = default_in_flight
         self.shared = storage_url.startswith(("redis://", "rediss://", "redis+unix://"))
+        self._memory = MemoryWindows() if storage_url.startswith("memory://") else None
+        self._limiter = (
+            None
+            if self._memory is not None
+            else strategies.FixedWindowRateLimiter(storage.storage_from_string(storage_url))
+        )
         self.in_flight: InFlight = (
             RedisInFlight(storage_url, process, lifetime_s) if self.shared else MemoryInFlight()
         )
@@ -116,15 +156,13 @@ class RateLimiter:
 
     def _enter(self, principal: Principal) -> Admission:
         item = _parsed(principal.rate_limit or self.default_limit)
-        ident = str(principal.key_id)
-        allowed = self._limiter.hit(item, ident)
-        stats = self._limiter.get_window_stats(item, ident)
-        reset = datetime.fromtimestamp(stats.reset_time, UTC)
+        allowed, remaining, reset_time = self._hit(item, str(principal.key_id))
+        reset = datetime.fromtimestamp(reset_time, UTC)
         headers = {
-            "x-rate-limit-remaining": str(stats.remaining),
+            "x-rate-limit-remaining": str(remaining),
             "x-rate-limit-reset-at-utc": reset.isoformat(timespec="seconds").replace("+00:00", "Z"),
         }
-        retry = max(1, math.ceil(stats.reset_time - time.time()))
+        retry = max(1, math.ceil(reset_time - time.time()))
         if not allowed:
             raise RateLimited(
                 f"Rate limit exceeded for key {principal.prefix}: {item}. Retry after {retry} s.",
@@ -140,6 +178,14 @@ class RateLimiter:
                 headers=headers,
             )
         return Admission(principal, headers, slot)
+
+    def _hit(self, item: RateLimitItem, ident: str) -> tuple[bool, int, float]:
+        if self._memory is not None:
+            return self._memory.hit(item, ident)
+        assert self._limiter is not None  # noqa: S101 (one of the two is set)
+        allowed = self._limiter.hit(item, ident)
+        stats = self._limiter.get_window_stats(item, ident)
+        return allowed, stats.remaining, stats.reset_time
 
     def leave(self, admission: Admission) -> None:
         if admission.principal is not None:

@@ -125,7 +125,7 @@ def build_services(
     outputs_store = output_store(settings, clock)
     db = Database(settings.resolved_database_url)
     db.upgrade()
-    ledger = Ledger(db)
+    ledger = Ledger(db, sync_holds=settings.ledger_sync_holds)
     keys = KeyService(db, ledger)
     replica = replica_name()
     limiter = RateLimiter(

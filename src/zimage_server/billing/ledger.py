@@ -69,13 +69,20 @@ class Usage:
 
 
 class Ledger:
-    def __init__(self, db: Database) -> None:
+    """``sync_holds=False`` lets a request's hold ride on the fsync of the commit that
+    settles it (``ZIMAGE_LEDGER_SYNC_HOLDS``, README): a crash of the machine or the
+    database can then lose the holds of requests in flight (which the sweep would have
+    released), never a settled charge or refund."""
+
+    def __init__(self, db: Database, sync_holds: bool = True) -> None:
         self.db = db
+        self.sync_holds = sync_holds
 
     def hold(self, key_id: int, amount: int, reference: str, expires_at: float) -> int:
         """Take ``amount`` for request ``reference``, pending until settled or
-        ``expires_at``; returns the new balance. Committed (fsynced) before it returns."""
-        with self.db.transaction() as connection:
+        ``expires_at``; returns the new balance. Committed (fsynced, unless
+        ``sync_holds`` is off) before it returns."""
+        with self.db.transaction(synced=self.sync_holds) as connection:
             return hold_in(connection, key_id, amount, reference, expires_at)
 
     def capture(self, reference: str) -> bool:

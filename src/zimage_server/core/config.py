@@ -193,6 +193,11 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
         description="How long past its deadline a request's credit hold is kept before the "
         "sweep returns it (a server killed mid-render, a refund the database refused).",
     )
+    ledger_sync_holds: bool = Field(
+        True,
+        description="Fsync each request's credit hold on its own commit; false lets the "
+        "commit that settles it make it durable (one fsync a request instead of two).",
+    )
     max_prompt_chars: int = Field(10_000, ge=1, description="Longer prompts get a 400.")
     v1_default_response: Literal["json", "binary"] = "json"
 

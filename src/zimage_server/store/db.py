@@ -34,10 +34,15 @@ class Database:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            self._unsynced = self.engine
             if path and path != ":memory:" and "mode=memory" not in url:
                 self._file = _WatchedFile(Path(path.split("?", 1)[0]), self.engine)
+                # Commits that a later fsync makes durable (see ``transaction``).
+                self._unsynced = create_engine(url, connect_args={"timeout": 30})
+                event.listen(self._unsynced, "connect", _sqlite_pragmas_unsynced)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self._unsynced = self.engine
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def problem(self) -> str | None:
@@ -60,12 +65,20 @@ class Database:
             yield session
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def transaction(self, synced: bool = True) -> Iterator[Connection]:
         """The same, as a Core connection: for the per-request statements (key lookup,
         hold), built once and run without the ORM's per-statement work. On SQLite a hold
-        took ~2.5 ms through the ORM session and takes ~0.5 ms so, most of it the fsync."""
+        took ~2.5 ms through the ORM session and takes ~0.5 ms so, most of it the fsync.
+
+        ``synced=False`` commits without waiting for the disk (SQLite ``synchronous=NORMAL``,
+        PostgreSQL ``synchronous_commit=off``): visible at once, durable with the next synced
+        commit of any connection (both logs are written in order), lost by a power cut or
+        an OS (or PostgreSQL) crash before that one."""
         self._check()
-        with _unavailable_as_503(), self.engine.begin() as connection:
+        engine = self.engine if synced else self._unsynced
+        with _unavailable_as_503(), engine.begin() as connection:
+            if not synced and connection.dialect.name == "postgresql":
+                connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
             yield connection
 
     def upgrade(self) -> None:
@@ -94,6 +107,7 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self._unsynced.dispose()
 
 
 class _WatchedFile:
@@ -156,6 +170,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_pragmas_unsynced(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_connection, record)
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def _is_busy(exc: OperationalError) -> bool:
