@@ -58,10 +58,25 @@ def handle(**worker: object) -> WorkerHandle:
     return WorkerHandle(spec)
 
 
-def segments() -> list[str]:
-    """This process's segments for worker-0, as /dev/shm lists them."""
+_OTHERS: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _others_ignored() -> None:
+    """Segments of servers that other test modules left running in this process (a
+    session-scoped in-process server has a worker-0 too) are not this test's."""
+    _OTHERS.clear()
+    _OTHERS.update(_listed())
+
+
+def _listed() -> set[str]:
     prefix = segment_prefix("worker-0")
-    return sorted(name for name in os.listdir(SHM) if name.startswith(prefix))
+    return {name for name in os.listdir(SHM) if name.startswith(prefix)}
+
+
+def segments() -> list[str]:
+    """This process's segments for worker-0 made during this test, as /dev/shm lists them."""
+    return sorted(_listed() - _OTHERS)
 
 
 async def batch_of(*prompts: str, width: int = 32, height: int = 16, steps: int = 2) -> Batch:
