@@ -262,11 +262,14 @@ def test_a_server_killed_mid_render_gives_the_hold_back(kind: str, tmp_path: Pat
     finally:
         first.stop()
     second = Server(tmp_path / "srv", env=env)
+    ready_s = time.monotonic() - killed_at  # a restart takes 5-25 s on a loaded 2-core box
     try:
         wait_for(lambda: settled(second, key, "10"), 30, "the hold to come back")
         back_s = time.monotonic() - killed_at
         record(f"server killed ({kind})", hold_back_after_kill_s=round(back_s, 1))
-        assert back_s < 4 + 0.5 + 20  # its deadline + grace + a restart
+        # Its deadline and grace from the kill, or the sweep at start and every few seconds
+        # once the new server is up, whichever is later.
+        assert back_s < max(4 + 0.5, ready_s) + 10
         assert usage(second, key)["images"] == 0
         quick = {**SLOW, "steps": 1}
         assert second.post(quick, headers={"x-api-key": key}).status_code == 200
