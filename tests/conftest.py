@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.backing import RedisServer
 from zimage_server.launcher import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,6 +318,14 @@ def create_key(server: AnyServer, admin_token: str, credits: float = 10, **extra
     )
     assert r.status_code == 201, r.text
     return str(r.json()["key"])
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real ``redis-server`` on loopback, for the modules that share limits or events."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

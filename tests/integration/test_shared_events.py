@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 import redis.asyncio
 
@@ -19,13 +18,6 @@ from zimage_server.engine import RenderUpdate
 from zimage_server.engine.protocol import Preview
 from zimage_server.streams import ProgressHub, StreamEvent
 from zimage_server.streams.shared import MAXLEN, RemoteEvents, SharedEvents, takeover_id
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 def _hub(shared: SharedEvents) -> ProgressHub:

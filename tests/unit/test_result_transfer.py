@@ -13,19 +13,18 @@ import os
 import pickle
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-from zimage_server.core.config import EngineSettings, SpeedupSettings, WorkerSettings
+from tests.unit.test_worker_handle import handle, run
+from zimage_server.core.config import EngineSettings
 from zimage_server.core.errors import Cancelled, WorkerDied
 from zimage_server.engine import Engine, RenderSpec
 from zimage_server.engine.handle import WorkerHandle
-from zimage_server.engine.null import NULL_MODEL, seed_colour
+from zimage_server.engine.null import seed_colour
 from zimage_server.engine.pixels import SharedPixels, pixel_view
-from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch, RenderItem, WorkerSpec
+from zimage_server.engine.protocol import BatchDone, RawImage, RenderBatch, RenderItem
 from zimage_server.engine.render import RenderUpdate
 from zimage_server.engine.scheduler import Batch, Scheduler
 from zimage_server.engine.shared_results import (
@@ -37,25 +36,8 @@ from zimage_server.engine.shared_results import (
 )
 from zimage_server.images.encode import encode_image
 
-T = TypeVar("T")
 SHM = Path("/dev/shm")  # noqa: S108 - where POSIX shared memory lives, not a temporary file
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="needs /dev/shm")
-
-
-def run(test: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(asyncio.wait_for(test(), 60))  # type: ignore[arg-type]
-
-
-def handle(**worker: object) -> WorkerHandle:
-    settings = WorkerSettings(warmup=False, debug_faults=True, **worker)  # type: ignore[arg-type]
-    spec = WorkerSpec(
-        name="worker-0",
-        model_path=NULL_MODEL,
-        device="cpu",
-        worker=settings,
-        speedups=SpeedupSettings(),
-    )
-    return WorkerHandle(spec)
 
 
 _OTHERS: set[str] = set()

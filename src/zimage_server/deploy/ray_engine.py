@@ -43,6 +43,7 @@ from zimage_server.engine import (
     RenderSpec,
     RenderUpdate,
 )
+from zimage_server.engine.render import tell
 from zimage_server.telemetry import context
 
 log = logging.getLogger("zimage.deploy")
@@ -159,11 +160,7 @@ class RayEngine:
         self._listeners.append(listener)
 
     def _tell(self, update: RenderUpdate) -> None:
-        for listener in self._listeners:
-            try:
-                listener(update)
-            except Exception:  # a listener's bug must not fail the render
-                log.exception("a render listener failed on %s", update.stage)
+        tell(self._listeners, update)
 
     def admit(self, reserve: str | None = None) -> None:
         """Raise ``NotReady`` when the model failed, ``Overloaded`` when the bound is hit;

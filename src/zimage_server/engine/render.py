@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -9,6 +10,8 @@ from typing import Literal
 from zimage_server.core.denoise import steps_run
 from zimage_server.engine.pixels import Pixels, SharedPixels, pixel_view
 from zimage_server.engine.protocol import LoraRef, Preview, Prompt
+
+log = logging.getLogger("zimage.engine")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,3 +114,12 @@ class RenderUpdate:
 
 
 RenderListener = Callable[[RenderUpdate], None]
+
+
+def tell(listeners: list[RenderListener], update: RenderUpdate) -> None:
+    """Hand ``update`` to every listener; one listener's bug never fails the render."""
+    for listener in listeners:
+        try:
+            listener(update)
+        except Exception:
+            log.exception("a render listener failed on %s", update.stage)

@@ -36,7 +36,13 @@ from zimage_server.engine.model_source import (
     resolve_model,
 )
 from zimage_server.engine.protocol import AdapterStats, BatchDone, Preview, WorkerSpec
-from zimage_server.engine.render import RenderListener, RenderResult, RenderSpec, RenderUpdate
+from zimage_server.engine.render import (
+    RenderListener,
+    RenderResult,
+    RenderSpec,
+    RenderUpdate,
+    tell,
+)
 from zimage_server.engine.scheduler import Batch, Clock, Scheduler, Ticket
 from zimage_server.telemetry import context
 
@@ -209,11 +215,7 @@ class Engine:
                 log.exception("an adapter listener failed")
 
     def _tell(self, update: RenderUpdate) -> None:
-        for listener in self._listeners:
-            try:
-                listener(update)
-            except Exception:  # a listener's bug must not fail the render
-                log.exception("a render listener failed on %s", update.stage)
+        tell(self._listeners, update)
 
     def _tell_steps(
         self, batch: Batch, step: int, total: int, previews: tuple[Preview, ...]
