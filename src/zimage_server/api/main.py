@@ -252,7 +252,9 @@ def create_app(
     )
     state.jobs, state.metrics, state.drain = services.jobs, services.metrics, services.drain
     state.events = services.events
-    for module in (health, metrics, outputs, openai_images, v2, v1):
+    # The render routes first: FastAPI matches a request against each included router in
+    # turn, and most requests are renders.
+    for module in (v1, v2, openai_images, outputs, metrics, health):
         app.include_router(module.router)
     # The admin API answers 404 without a token configured: then it is not documented either.
     app.include_router(admin.router, include_in_schema=settings.admin_token is not None)

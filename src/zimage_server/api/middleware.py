@@ -122,14 +122,15 @@ class BodyLimitMiddleware:
             await render_error(PayloadTooLarge(self._message(limit)), scope)(scope, receive, send)
             return
         seen, complete = 0, False
-        deadline = time.monotonic() + self.timeout_s
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def limited() -> Message:
             nonlocal seen, complete
             if complete:
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            try:  # asyncio.timeout, not wait_for: no task per receive
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
             except TimeoutError:
                 raise BodyTooSlow(408, self._slow(), {"Connection": "close"}) from None
             seen += len(message.get("body", b""))

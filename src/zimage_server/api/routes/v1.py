@@ -105,7 +105,9 @@ async def generate(
     params = await service.validate(body, model)
     if service.settings.log_prompts:
         request.state.log_prompt = params.prompt
-    inputs = await unless_disconnected(request, service.load_inputs(params))
+    inputs = None
+    if params.task != "text-to-image":  # fetching images can take long: stop if the client goes
+        inputs = await unless_disconnected(request, service.load_inputs(params))
     if wants_stream(request):
         return await _stream(request, service, params, admission, inputs)
     raw, params = negotiated(request, params, service.settings.v1_default_response)
