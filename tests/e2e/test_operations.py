@@ -71,6 +71,8 @@ def test_metrics_after_a_render(ops: Server) -> None:
     assert 'zimage_requests_total{method="POST",route="/v1/{model}",status="200"}' in text
     for stage in ("queue_wait", "text_encode", "denoise", "vae_decode", "image_encode"):
         assert f'zimage_stage_duration_seconds_count{{stage="{stage}"}}' in text
+    for stage in ("auth", "credits_hold", "credits_capture"):  # what the key's checks cost
+        assert f'zimage_stage_duration_seconds_count{{stage="{stage}"}} 1.0' in text
     assert f'zimage_images_total{{key="{prefix}"}} 1.0' in text
     assert f'zimage_gpu_seconds_total{{key="{prefix}"}}' in text
     for name in (
@@ -82,6 +84,15 @@ def test_metrics_after_a_render(ops: Server) -> None:
     ):
         assert name in text
     assert key not in text
+
+
+def test_a_keyed_render_times_its_key_check_and_ledger_commits(ops: Server) -> None:
+    """``timings`` shows what the key adds to a request (outside ``generation_time``,
+    which starts after the hold): its check, the credit hold's commit, the capture's."""
+    r = ops.post(SMALL, headers={"x-api-key": new_key(ops)})
+    timings = r.json()["timings"]
+    for stage in ("auth", "credits_hold", "credits_capture"):
+        assert 0 < timings[stage] < 5, timings
 
 
 def test_logs_are_json_lines_without_keys_or_prompts(ops: Server) -> None:

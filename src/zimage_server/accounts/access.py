@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import replace
 
 from zimage_server.accounts.keys import KeyService
 from zimage_server.accounts.limits import Admission, RateLimiter
@@ -18,7 +20,9 @@ class AccessControl:
         """Raise ``Unauthenticated``/``Forbidden``/``RateLimited``, or let the caller in."""
         if not self.required:
             return Admission(None, {})
-        return await asyncio.to_thread(self._admit, key, scope)
+        start = time.perf_counter()
+        admission = await asyncio.to_thread(self._admit, key, scope)
+        return replace(admission, auth_s=time.perf_counter() - start)
 
     def _admit(self, key: str | None, scope: str) -> Admission:
         return self.limiter.enter(self.keys.authenticate(key, scope))

@@ -107,6 +107,7 @@ class Admission:
     principal: Principal | None
     headers: dict[str, str]
     slot: str = ""  # names the in-flight slot it holds
+    auth_s: float = 0.0  # the key check's time, thread hop included (``timings.auth``)
 
 
 @contextmanager

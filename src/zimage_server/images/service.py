@@ -234,6 +234,18 @@ def pick_seed(params: GenerationParams) -> int:
     return params.seed if params.seed >= 0 else secrets.randbelow(SEED_RANGE)
 
 
+@dataclass
+class _Bill:
+    """What ``_billed`` tells its block: the balance after the hold, and how long the key
+    check and the ledger's commits took (``timings``: what a key adds to a request)."""
+
+    remaining: int | None
+    timings: dict[str, float]
+
+    def timed(self, generated: Generated) -> Generated:
+        return replace(generated, timings={**generated.timings, **self.timings})
+
+
 class GenerationService:
     def __init__(
         self,
@@ -415,7 +427,7 @@ class GenerationService:
         params = with_size(params, inputs)
         price = self.price(params)
         timeout = timeout or self.settings.request_timeout_s
-        async with self._billed(admission, price, timeout) as remaining:
+        async with self._billed(admission, price, timeout) as bill:
             generated = await self.render(
                 params,
                 pick_seed(params),
@@ -429,10 +441,11 @@ class GenerationService:
                     self.outputs.save, generated.data, params.image_format
                 )
                 generated = replace(generated, output_id=output_id)
+        generated = bill.timed(generated)
         self._record(admission, [generated])
         if admission.principal is None:
             return generated
-        return replace(generated, credits_consumed=price, credits_remaining=remaining)
+        return replace(generated, credits_consumed=price, credits_remaining=bill.remaining)
 
     def _record(self, admission: Admission, images: list[Generated]) -> None:
         key = admission.principal.prefix if admission.principal else None
@@ -456,16 +469,17 @@ class GenerationService:
         price = sum(self.price(params) for params in batch)
         timeout = self.settings.request_timeout_s
         tenant = tenant_of(admission)
-        async with self._billed(admission, price, timeout) as remaining:
+        async with self._billed(admission, price, timeout) as bill:
             results = await _all_or_none(
                 self._render_one(params, timeout, store, tenant, inputs) for params in batch
             )
+        results = [bill.timed(generated) for generated in results]
         self._record(admission, results)
         if admission.principal is None:
             return results
         share = [self.price(g.params) for g in results]
         return [
-            replace(g, credits_consumed=p, credits_remaining=remaining)
+            replace(g, credits_consumed=p, credits_remaining=bill.remaining)
             for g, p in zip(results, share, strict=True)
         ]
 
@@ -487,7 +501,7 @@ class GenerationService:
     @asynccontextmanager
     async def _billed(
         self, admission: Admission, price: int, timeout: float
-    ) -> AsyncIterator[int | None]:
+    ) -> AsyncIterator[_Bill]:
         """Hold ``price`` for the block; keep it if the block succeeds, else give it back.
 
         The hold is pending until settled and expires ``hold_grace_s`` after the deadline,
@@ -496,18 +510,23 @@ class GenerationService:
         if not self.outputs.room_recently_seen():
             await asyncio.to_thread(self.outputs.check_space)  # 507 before anything is held
         if admission.principal is None:
-            yield None
+            yield _Bill(None, {})
             return
         key_id, reference = admission.principal.key_id, secrets.token_hex(16)
         expires_at = time.time() + timeout + self.settings.hold_grace_s
+        start = time.perf_counter()
         remaining = await asyncio.to_thread(self.ledger.hold, key_id, price, reference, expires_at)
+        bill = _Bill(remaining, {"auth": admission.auth_s})
+        bill.timings["credits_hold"] = time.perf_counter() - start
         try:
-            yield remaining
+            yield bill
         except BaseException as exc:
             # shield: a cancelled request (the client left) must still get its refund.
             await asyncio.shield(self._refund(reference, exc))
             raise
+        start = time.perf_counter()
         await asyncio.shield(self._capture(reference))
+        bill.timings["credits_capture"] = time.perf_counter() - start
 
     async def _refund(self, reference: str, cause: BaseException) -> None:
         try:
