@@ -87,6 +87,11 @@ def test_overhead_benchmark_with_the_null_generator(tmp_path: Path) -> None:
     assert overhead["ratio_p50"] == overhead["p50_ms"] / arms["floor"]["p50_ms"]
     assert overhead["ratio_p50_keyed"] == arms["ours_keyed"]["p50_ms"] / arms["floor"]["p50_ms"]
     assert "denoise" not in arms["floor"]["stages_p50_ms"]  # it has no engine at all
+    keyed = arms["ours_keyed"]["stages_p50_ms"]  # what the key costs, timed by the server
+    assert all(keyed[stage] > 0 for stage in ("auth", "credits_hold", "credits_capture"))
+    assert "credits_hold" not in arms["ours"]["stages_p50_ms"]
+    disk = overhead["disk_fsync_ms"]
+    assert 0 < disk["p10"] <= disk["p50"] <= disk["p90"]
     for entry in arms.values():
         assert entry["requests"] == 20 and entry["load"]["concurrency"] == 32
         assert entry["load"]["requests_s"] > 0 and entry["load"]["requests"] >= 128

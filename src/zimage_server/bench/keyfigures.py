@@ -49,6 +49,14 @@ def _overhead(figures: Mapping[str, Any]) -> list[str]:
             f"overhead vs floor (p50): {figures['ratio_p50']:.2f}x without a key, "
             f"{figures['ratio_p50_keyed']:.2f}x with one"
         )
+    keyed = arms.get("ours_keyed", {}).get("stages_p50_ms", {})
+    if "credits_hold" in keyed:
+        disk = figures.get("disk_fsync_ms", {})
+        lines.append(
+            f"a key's cost (p50): check {keyed['auth']:.2f} ms, hold {keyed['credits_hold']:.2f}"
+            f" ms, capture {keyed['credits_capture']:.2f} ms; this disk's fsync p50 "
+            f"{disk.get('p50', float('nan')):.2f} ms"
+        )
     for arm, entry in arms.items():
         load = entry.get("load")
         if load:

@@ -14,6 +14,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from zimage_server.bench.runner import (
     size_key,
 )
 from zimage_server.bench.server import BenchError, BenchServer, Client, absolute_pythonpath
-from zimage_server.bench.stats import Sample, summarize
+from zimage_server.bench.stats import Sample, percentile, summarize
 from zimage_server.bench.stock import ModelChoice
 from zimage_server.launcher import ServerProcess, ServerStartError
 
@@ -44,7 +45,8 @@ def run_overhead(config: BenchConfig) -> dict[str, Any]:
     report = base_report(config, resolve_device(config.device), "overhead")
     body = {**config.body(OVERHEAD_SIZE), "steps": 1}
     requests = config.overhead_requests
-    with _servers(config) as clients:
+    with _servers(config) as (clients, data):
+        disk = fsync_ms(data)
         try:
             sequential = _interleaved(clients, body, config.warmup, requests)
             load = {
@@ -54,8 +56,24 @@ def run_overhead(config: BenchConfig) -> dict[str, Any]:
         finally:
             for client in clients.values():
                 client.close()
-    report["overhead"] = figures(body, sequential, load)
+    report["overhead"] = {**figures(body, sequential, load), "disk_fsync_ms": disk}
     return report
+
+
+def fsync_ms(folder: Path, count: int = 200) -> dict[str, float]:
+    """The keyed arm's floor under its floor: each credit hold and capture is a commit, and
+    a commit waits for one fsync of the database's disk. Timed here, in the same run, on a
+    small append like a WAL commit's, because a shared disk's fsync can swing 0.1 -> 4 ms."""
+    times = []
+    with open(folder / "fsync-probe", "ab") as probe:
+        for _ in range(count):
+            probe.write(b"x" * 512)
+            probe.flush()
+            start = time.perf_counter()
+            os.fsync(probe.fileno())
+            times.append((time.perf_counter() - start) * 1e3)
+    (folder / "fsync-probe").unlink()
+    return {f"p{q}": percentile(times, q) for q in (10, 50, 90)}
 
 
 def figures(
@@ -118,7 +136,7 @@ def _interleaved(
 
 
 @contextlib.contextmanager
-def _servers(config: BenchConfig) -> Iterator[dict[str, Client]]:
+def _servers(config: BenchConfig) -> Iterator[tuple[dict[str, Client], Path]]:
     with _data_dir(config) as data, contextlib.ExitStack() as stack:
         floor = ServerProcess([], {}, data / "server-floor.log", module="zimage_server.bench.floor")
         stack.enter_context(_started(floor))
@@ -126,11 +144,12 @@ def _servers(config: BenchConfig) -> Iterator[dict[str, Client]]:
         keyed_dir = data / "keyed"
         key = _create_key(keyed_dir)
         keyed = stack.enter_context(_null_server(config, keyed_dir, {"ZIMAGE_AUTH": "true"}))
-        yield {
+        clients = {
             "floor": Client(floor.url),
             "ours": Client(plain.url),
             "ours_keyed": Client(keyed.url, key),
         }
+        yield clients, keyed_dir
 
 
 @contextlib.contextmanager

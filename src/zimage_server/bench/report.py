@@ -86,9 +86,12 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
 
 def overhead_table(report: Mapping[str, Any]) -> Table:
     figures = report["overhead"]
-    table = Table(title=f"server overhead, null generator, {figures['size']} ({report['device']})")
+    title = f"server overhead, null generator, {figures['size']} ({report['device']})"
+    if "disk_fsync_ms" in figures:
+        title += f"; this disk's fsync p50 {figures['disk_fsync_ms']['p50']:.2f} ms"
+    table = Table(title=title)
     columns = ("arm", "requests", "p50 ms", "p90 ms", "p99 ms", "vs floor (p50)")
-    for column in (*columns, "encode p50 ms", "c32 req/s", "c32 p99 ms"):
+    for column in (*columns, "encode p50 ms", "key p50 ms", "c32 req/s", "c32 p99 ms"):
         table.add_column(column, justify="left" if column == "arm" else "right")
     floor_p50 = figures.get("arms", {}).get("floor", figures)["p50_ms"]
     for arm, entry in figures.get("arms", {"ours": figures}).items():
@@ -101,10 +104,17 @@ def overhead_table(report: Mapping[str, Any]) -> Table:
             f"{entry['p99_ms']:.2f}",
             f"{entry['p50_ms'] / floor_p50:.2f}x",
             f"{entry['stages_p50_ms'].get('image_encode', 0.0):.2f}",
+            _key_cost(entry["stages_p50_ms"]),
             f"{load['requests_s']:.0f}" if load else "",
             f"{load['p99_ms']:.1f}" if load else "",
         )
     return table
+
+
+def _key_cost(stages: Mapping[str, float]) -> str:
+    """What the key adds, as its request timed it: check + hold + capture."""
+    parts = [stages.get(name) for name in ("auth", "credits_hold", "credits_capture")]
+    return f"{sum(p for p in parts if p is not None):.2f}" if parts[1] is not None else ""
 
 
 def preview_table(report: Mapping[str, Any]) -> Table:
