@@ -117,6 +117,21 @@ def test_the_output_follows_the_control_image_and_scale_zero_is_text_to_image(
     assert off.json()["image"] == plain.json()["image"]
 
 
+def test_warm_up_built_the_controlnet_pipelines_so_no_request_pays_for_them(
+    api: InProcessServer, key: str
+) -> None:
+    """The worker reports ``timings.pipeline_build`` (also a stage on ``/metrics``) when a
+    request builds its task's pipeline; warm-up built them all and rendered a ControlNet
+    image, so neither these requests nor any before them on this server built one."""
+    inpaint = {"image": b64(photo(5)), "mask_image": b64(square_mask())}
+    for reply in (post(api, key, control(5)), post(api, key, control(5, **inpaint))):
+        assert reply.status_code == 200, reply.text
+        assert "pipeline_build" not in reply.json()["timings"], reply.json()["timings"]
+    stages = requests.get(api.url + "/metrics", timeout=10).text
+    assert 'zimage_stage_duration_seconds_count{stage="denoise"}' in stages
+    assert 'stage="pipeline_build"' not in stages
+
+
 def test_same_seed_same_bytes_and_the_price_has_the_surcharge(
     api: InProcessServer, key: str
 ) -> None:

@@ -2,7 +2,8 @@
 and one Redis. A job runs on the process that took it (A); its event stream read on the
 other (B) comes through Redis, complete and in order, previews included; a reader that
 reconnects to either process with ``Last-Event-ID`` resumes without duplicates; and with
-Redis stopped mid-render the render and the owner's own stream carry on."""
+Redis stopped mid-render the render and the owner's own stream carry on, and the owner's
+``/metrics`` count the events it could not write."""
 
 from __future__ import annotations
 
@@ -64,6 +65,26 @@ def read(server: Server, job_id: str, last: int | None = None, until: str = "") 
     return events
 
 
+WRITTEN = "zimage_shared_events_written_total"
+DROPPED = 'zimage_shared_events_dropped_total{reason="redis_unavailable"}'
+
+
+def scrape(server: Server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    pairs = (line.rpartition(" ") for line in text.splitlines() if not line.startswith("#"))
+    return {series: float(value) for series, _, value in pairs if series}
+
+
+def rises(server: Server, series: str, above: float) -> float:
+    """The series once it is above ``above`` (the writer thread counts just after Redis
+    answers), within 10 s."""
+    deadline = time.monotonic() + 10
+    while (value := scrape(server)[series]) <= above:
+        assert time.monotonic() < deadline, (series, value)
+        time.sleep(0.1)
+    return value
+
+
 def ids(events: list[Event]) -> list[int]:
     return [event_id for event_id, _, _ in events if event_id is not None]
 
@@ -112,11 +133,13 @@ def test_with_redis_stopped_mid_render_the_render_and_local_stream_carry_on(
     pair: tuple[Server, Server], redis_server: RedisServer
 ) -> None:
     owner, other = pair
+    before = scrape(owner)
     job_id = submit(owner, steps=8)
     local: list[Event] = []
     reader = threading.Thread(target=lambda: local.extend(read(owner, job_id)), daemon=True)
     reader.start()
     remote = read(other, job_id, until="step")  # through Redis while it is up
+    rises(owner, WRITTEN, before[WRITTEN])
     redis_server.stop()
     try:
         started = time.monotonic()
@@ -130,5 +153,8 @@ def test_with_redis_stopped_mid_render_the_render_and_local_stream_carry_on(
     assert names(rest)[-1] == "completed" and rest[-1][2]["status"] == "COMPLETED"
     assert took < 8 * STEP_DELAY_S + 10, took  # not stalled behind Redis
     assert "Redis is unavailable" in owner.log()  # its events were being dropped meanwhile
-    # Redis back: the next job's events reach the other process again.
+    away = scrape(owner)
+    assert away[DROPPED] > before[DROPPED], (before, away)
+    # Redis back: the next job's events reach the other process again, and are counted.
     assert names(read(other, submit(owner, steps=2)))[-1] == "completed"
+    rises(owner, WRITTEN, away[WRITTEN])

@@ -34,6 +34,15 @@ def _settle(shared: SharedEvents) -> None:
     time.sleep(0.2)  # the last write
 
 
+def _counted(shared: SharedEvents, reason: str = "") -> float:
+    """Its ``/metrics`` counter: events written, or (with a reason) dropped."""
+    registry = shared.metrics.registry
+    if not reason:
+        return registry.get_sample_value("zimage_shared_events_written_total") or 0.0
+    labels = {"reason": reason}
+    return registry.get_sample_value("zimage_shared_events_dropped_total", labels) or 0.0
+
+
 def _read_all(url: str, job: str, after: int = 0) -> list[StreamEvent]:
     """What another process reads back (its own client, on its own loop)."""
 
@@ -91,6 +100,8 @@ def test_a_tracked_jobs_events_reach_redis_under_the_hubs_ids(redis_server: Redi
         (step,) = _read_all(redis_server.url, "job-big")
         assert step.name == "step" and step.data["step"] == 1 and step.encoded is None
         assert 30 < client.ttl("zimage:events:job-big") <= 90  # running: deadline + retention
+        assert _counted(shared) == 4  # job-1's three events and job-big's step
+        assert not any(_counted(shared, r) for r in ("queue_full", "redis_unavailable", "refused"))
     finally:
         asyncio.run(shared.close())
 
@@ -116,6 +127,7 @@ def test_a_taken_over_job_continues_above_the_earlier_runs_ids(
         assert client.xlen("zimage:events:job-2") < MAXLEN + 250
         events = _read_all(redis_server.url, "job-2", after=MAXLEN + 250)
         assert [e.name for e in events] == ["started"] and events[0].id > 10**15
+        assert _counted(shared, "refused") == 1  # the stale run's step
     finally:
         asyncio.run(shared.close())
 
@@ -131,7 +143,13 @@ def test_publishing_never_waits_when_redis_is_away(tmp_path: Path) -> None:
             hub.update(RenderUpdate(render_id="job-3", stage="step", step=step, total=5000))
         took = time.perf_counter() - start
         assert took < 1.0, took  # no Redis round trip on the caller's thread
-        assert shared.dropped > 0  # beyond the bounded queue, or while Redis is away
+        # Beyond the bounded queue, or while Redis is away: each event counted as dropped.
+        deadline = time.monotonic() + 10
+        while _counted(shared, "queue_full") + _counted(shared, "redis_unavailable") < 5000:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert _counted(shared, "queue_full") + _counted(shared, "redis_unavailable") == 5000
+        assert _counted(shared) == 0 and _counted(shared, "refused") == 0
         subscription = hub.subscribe("job-3")
         hub.finish("job-3", "completed", {"request_id": "job-3"})
         names = [e.name for e in subscription._pending]

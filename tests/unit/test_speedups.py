@@ -18,7 +18,7 @@ from diffusers import ZImagePipeline
 from pydantic import ValidationError
 
 from zimage_server.core.config import Settings, SpeedupSettings, WorkerSettings
-from zimage_server.core.errors import TaskNotConfigured
+from zimage_server.core.errors import StartupError, TaskNotConfigured
 from zimage_server.engine.generator import DiffusersGenerator
 from zimage_server.engine.protocol import (
     BatchDone,
@@ -398,6 +398,58 @@ def test_step_cache_never_skips_under_a_controlnet(tiny_model_dir: Path, tmp_pat
     plain = RenderBatch("p", (RenderItem("job1", PROMPTS[0], 11),), 256, 256, 6, 1.0)
     generator.generate(plain, lambda *_: None, lambda: False)
     assert generator.step_cache.skipped > 0  # the same cache still skips without one
+
+
+def warm_spec(model: Path, controlnet: Path) -> WorkerSpec:
+    worker = WorkerSettings(warmup_size=256, warmup_steps=1)
+    return replace(spec(model), worker=worker, controlnet_path=str(controlnet))
+
+
+def test_warm_up_builds_and_runs_the_controlnet_so_no_request_pays_for_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A request that builds its task's pipeline says so (``timings.pipeline_build``);
+    after warm-up no ControlNet request does, and the pipelines exist already."""
+    from tests.e2e.test_controlnet import tiny_controlnet
+
+    worker_spec = warm_spec(tiny_model_dir, tiny_controlnet(tmp_path / "controlnet"))
+    cold = DiffusersGenerator(worker_spec)
+    cold.load(lambda *_: None)
+    first = cold.generate(control_batch(2), lambda *_: None, lambda: False)
+    again = cold.generate(control_batch(2), lambda *_: None, lambda: False)
+    assert first.timings["pipeline_build"] > 0 and "pipeline_build" not in again.timings
+    warm = DiffusersGenerator(worker_spec)
+    warm.load(lambda *_: None)
+    warm.warmup()
+    assert set(warm._task_pipes) == {"img2img", "inpaint", "controlnet", "controlnet-inpaint"}
+    done = warm.generate(control_batch(2), lambda *_: None, lambda: False)
+    assert "pipeline_build" not in done.timings
+    assert done.images[0].rgb == first.images[0].rgb  # warm-up leaves no trace on an image
+
+
+def test_a_controlnet_that_does_not_fit_the_model_fails_at_warm_up(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A first-generation ControlNet (no inpainting) still starts, its inpainting left to
+    fail on its own requests as before. One that loads (its own config is sound) but cannot
+    run beside this transformer fails the start naming the setting, instead of every
+    ControlNet request failing later."""
+    from diffusers import ZImageControlNetModel
+
+    for dim in (64, 96):
+        folder = tmp_path / f"controlnet-{dim}"
+        ZImageControlNetModel(
+            control_layers_places=[0], control_in_dim=16, dim=dim, n_heads=2, n_kv_heads=2
+        ).save_pretrained(folder)
+    generator = DiffusersGenerator(warm_spec(tiny_model_dir, tmp_path / "controlnet-64"))
+    generator.load(lambda *_: None)
+    generator.warmup()
+    assert "controlnet" in generator._task_pipes
+    assert "controlnet-inpaint" not in generator._task_pipes
+    generator = DiffusersGenerator(warm_spec(tiny_model_dir, tmp_path / "controlnet-96"))
+    generator.load(lambda *_: None)
+    with pytest.raises(StartupError, match=r"ZIMAGE_CONTROLNET: .* does not fit this model"):
+        generator.warmup()
 
 
 def test_a_worker_without_controlnet_weights_names_the_setting(tiny_model_dir: Path) -> None:

@@ -151,7 +151,7 @@ def build_services(
         retention_s=settings.stream_retention_s,
     )
     engine.watch(hub.update)
-    shared = SharedEvents.from_settings(settings)
+    shared = SharedEvents.from_settings(settings, metrics_)
     if shared is not None:
         hub.tap(shared.publish)
     runner = JobRunner(

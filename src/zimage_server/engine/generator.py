@@ -26,7 +26,7 @@ from diffusers import (
 from PIL import Image
 
 from zimage_server.core.denoise import steps_run
-from zimage_server.core.errors import Cancelled, TaskNotConfigured
+from zimage_server.core.errors import Cancelled, StartupError, TaskNotConfigured
 from zimage_server.engine.adapters import AdapterBank, AdapterError
 from zimage_server.engine.preview import LatentPreviewer
 from zimage_server.engine.protocol import (
@@ -35,6 +35,7 @@ from zimage_server.engine.protocol import (
     Prompt,
     RawImage,
     RenderBatch,
+    RenderItem,
     WorkerSpec,
 )
 from zimage_server.engine.random_model import build_random_pipeline, is_random_model
@@ -149,6 +150,33 @@ class DiffusersGenerator:
             batch = RenderBatch("warmup", (), size, size, settings.warmup_steps, 1.0)
             prompts, noop = [Prompt("", "warm-up")], _no_steps
             self.adapters.warm(lambda: self._run(batch, prompts, [0], noop, lambda: False))
+        self._warm_tasks()
+
+    def _warm_tasks(self) -> None:
+        """Build every task's pipeline, and render one ControlNet batch (a grey control
+        image) when its weights are set: no first request of a task pays for either. A
+        ControlNet that loads but does not fit the model fails here, at start."""
+        for task in TASK_PIPELINES:
+            if self.controlnet is not None or not task.startswith("controlnet"):
+                self._prebuild(task)
+        if self.controlnet is None:
+            return
+        settings = self.spec.worker
+        size = settings.warmup_size
+        grey = RenderItem("warm-up", "warm-up", 0, control=bytes([128]) * (size * size * 3))
+        steps = settings.warmup_steps
+        batch = RenderBatch(
+            "warmup", (grey,), size, size, steps, 1.0, task="controlnet", control_scale=0.75
+        )
+        try:
+            self._run(batch, [Prompt("", "warm-up")], [0], _no_steps, lambda: False)
+        except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            raise StartupError(
+                f"ZIMAGE_CONTROLNET: {self.spec.controlnet_path} does not fit this model "
+                f"(its warm-up render failed: {type(exc).__name__}: {exc})"
+            ) from exc
 
     def generate(
         self, batch: RenderBatch, on_step: StepFn, is_cancelled: Callable[[], bool]
@@ -240,6 +268,7 @@ class DiffusersGenerator:
         text = self._text()
         guidance = diffusers_guidance(batch.guidance_scale)
         timings: dict[str, float] = {}
+        built = self._build_pipeline(batch.task)
         self._passes, self._preview_s = 0, 0.0
         with torch.inference_mode():
             start = time.perf_counter()
@@ -255,6 +284,8 @@ class DiffusersGenerator:
             timings["vae_decode"] = self._lap(start, sum(timings.values()))
         if self._preview_s:  # inside denoise: reported, not added to the stages' sum
             timings["preview"] = self._preview_s
+        if built:  # before the stages: shows a task the warm-up did not prepare
+            timings["pipeline_build"] = built
         passes = self._passes
         if self.step_cache is not None:
             passes -= self.step_cache.skipped * len(seeds) * (2 if guidance > 0 else 1)
@@ -313,6 +344,23 @@ class DiffusersGenerator:
             callback_on_step_end=step_end,
             **task_inputs(batch),
         ).images
+
+    def _prebuild(self, task: str) -> None:
+        """Build a task's pipeline ahead of its first request. One that refuses these
+        weights (a first-generation ControlNet has no inpainting) is left to fail on the
+        requests for its task alone, as without a warm-up."""
+        try:
+            self._pipeline(task)
+        except ValueError as exc:
+            log.warning("%s is not available with these weights: %s", task, exc)
+
+    def _build_pipeline(self, task: str) -> float:
+        """Seconds spent building the task's pipeline now; 0 when it was built before."""
+        if task == "text-to-image" or task in self._task_pipes:
+            return 0.0
+        began = time.perf_counter()
+        self._pipeline(task)
+        return time.perf_counter() - began
 
     def _pipeline(self, task: str) -> Any:
         """The task's diffusers pipeline over the loaded components (``from_pipe``: the

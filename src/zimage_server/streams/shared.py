@@ -14,9 +14,10 @@ entries, previews over ``PREVIEW_MAX_PIXELS`` or ``PREVIEW_MAX_CHARS`` left out,
 expiry that follows the job's deadline, then ``retention_s`` after its end). A reader
 elsewhere first gets what the hub would replay (the latest queued, started and step after
 its id, and every other event, in id order), then follows live. While Redis is away its
-events are dropped, a second at a time: local streams and the render do not notice. The
-terminal event never depends on Redis: a reader elsewhere also polls the store, and makes
-the terminal event from it when Redis does not bring one.
+events are dropped, a second at a time: local streams and the render do not notice
+(``/metrics`` counts the events written and those dropped, by reason). The terminal event
+never depends on Redis: a reader elsewhere also polls the store, and makes the terminal
+event from it when Redis does not bring one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from zimage_server.core.config import Settings
 from zimage_server.streams.hub import StreamEvent
+from zimage_server.telemetry import Metrics
+from zimage_server.telemetry.metrics import SHARED_DROP_REASONS
 
 if TYPE_CHECKING:
     import redis
@@ -74,7 +77,9 @@ def redis_url(settings: Settings) -> str | None:
 class SharedEvents:
     """Writes the events of the jobs run here; reads those of jobs run elsewhere."""
 
-    def __init__(self, url: str, *, retention_s: float, poll_s: float = 1.0) -> None:
+    def __init__(
+        self, url: str, *, retention_s: float, poll_s: float = 1.0, metrics: Metrics | None = None
+    ) -> None:
         import redis
         import redis.asyncio
 
@@ -88,14 +93,18 @@ class SharedEvents:
         self._deadlines: dict[str, float] = {}  # the jobs run here: their deadlines
         self._queue: queue.Queue[tuple[str, StreamEvent, float]] = queue.Queue(QUEUE_SIZE)
         self._stop = threading.Event()
-        self.dropped = 0  # events Redis never got: queue full, or Redis away
+        self.metrics = metrics or Metrics()  # events written, and those dropped by reason
+        drops = self.metrics.shared_events_dropped
+        self._drops = {reason: drops.labels(reason) for reason in SHARED_DROP_REASONS}
         self._thread = threading.Thread(target=self._drain, name="events-to-redis", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SharedEvents | None:
+    def from_settings(cls, settings: Settings, metrics: Metrics) -> SharedEvents | None:
         url = redis_url(settings)
-        return None if url is None else cls(url, retention_s=settings.stream_retention_s)
+        if url is None:
+            return None
+        return cls(url, retention_s=settings.stream_retention_s, metrics=metrics)
 
     # -- the owner's side ------------------------------------------------------------------
     def track(self, job_id: str, deadline_at: float) -> None:
@@ -119,7 +128,7 @@ class SharedEvents:
         try:
             self._queue.put_nowait((render_id, event, ttl))
         except queue.Full:
-            self.dropped += 1
+            self._drops["queue_full"].inc()
 
     def _drain(self) -> None:
         import redis
@@ -131,16 +140,19 @@ class SharedEvents:
             except queue.Empty:
                 continue
             if time.monotonic() < down_until:
-                self.dropped += 1
+                self._drops["redis_unavailable"].inc()
                 continue
             try:
                 self._write(*item)
             except redis.ResponseError as exc:  # an id not above the last: a stale run
                 log.debug("event %s of %s not shared: %s", item[1].id, item[0], exc)
+                self._drops["refused"].inc()
             except redis.RedisError as exc:
                 log.warning("job events: Redis is unavailable (%s); streams stay local", exc)
-                self.dropped += 1
+                self._drops["redis_unavailable"].inc()
                 down_until = time.monotonic() + DOWN_RETRY_S
+            else:
+                self.metrics.shared_events_written.inc()
 
     def _write(self, job_id: str, event: StreamEvent, ttl_s: float) -> None:
         fields: dict[FieldT, EncodableT] = {"event": event.name, "data": json.dumps(event.data)}

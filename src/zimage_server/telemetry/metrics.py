@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 MAX_KEYS = 200
 ADAPTER_LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SHARED_DROP_REASONS = ("queue_full", "redis_unavailable", "refused")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -84,6 +85,7 @@ class Metrics:
             registry=r,
         )
         self._adapter_metrics(r)
+        self._shared_event_metrics(r)
         self._keys: set[str] = set()
 
     def _adapter_metrics(self, r: CollectorRegistry) -> None:
@@ -113,6 +115,22 @@ class Metrics:
             buckets=ADAPTER_LOAD_BUCKETS,
             registry=r,
         )
+
+    def _shared_event_metrics(self, r: CollectorRegistry) -> None:
+        self.shared_events_written = Counter(
+            "zimage_shared_events_written",
+            "v2 job events copied into Redis for the other API processes",
+            registry=r,
+        )
+        self.shared_events_dropped = Counter(
+            "zimage_shared_events_dropped",
+            "v2 job events Redis never got, by reason: queue_full (the writer fell behind), "
+            "redis_unavailable (Redis down or slow), refused (Redis answered with an error)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in SHARED_DROP_REASONS:  # every series shown from the start, at 0
+            self.shared_events_dropped.labels(reason)
 
     def watch(
         self,
