@@ -28,6 +28,7 @@ from PIL import Image
 from tests.conftest import (
     ADMIN,
     AUTH_ENV,
+    AnyServer,
     InProcessServer,
     create_key,
     fresh_database_url,
@@ -239,7 +240,7 @@ def test_control_fields_on_another_slug_are_refused(api: InProcessServer, key: s
 
 
 # -- image tasks as v2 jobs ---------------------------------------------------------------
-def submit(api: InProcessServer, key: str, slug: str, body: dict[str, Any]) -> requests.Response:
+def submit(api: AnyServer, key: str, slug: str, body: dict[str, Any]) -> requests.Response:
     payload = {"prompt": "a fox", "steps": STEPS, "seed": 9, "image_format": "png"}
     payload |= {"base_64": True, **body}
     return requests.post(

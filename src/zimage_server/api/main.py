@@ -36,6 +36,7 @@ from zimage_server.jobs import JobRunner
 from zimage_server.jobs.repository import JobRepository
 from zimage_server.jobs.runner import replica_name
 from zimage_server.jobs.webhooks import WebhookDeliverer, WebhookPolicy
+from zimage_server.protocol.segmind import TASK_SLUGS
 from zimage_server.store import Outputs, OutputStore
 from zimage_server.store.db import Database
 from zimage_server.streams import ProgressHub
@@ -167,6 +168,8 @@ def build_services(
         engine.watch_adapters(metrics_.record_adapters)
     metrics_.cluster_depth.set_function(lambda: runner.cluster.depth)
     metrics_.cluster_oldest.set_function(lambda: runner.cluster.oldest_wait_s)
+    for task in TASK_SLUGS.values():
+        metrics_.cluster_task_oldest.labels(task).set_function(_oldest_of(runner, task))
     return Services(
         settings,
         engine,
@@ -183,6 +186,11 @@ def build_services(
         label,
         hub,
     )
+
+
+def _oldest_of(runner: JobRunner, task: str) -> Callable[[], float]:
+    """The cluster's oldest wait for ``task``, as of the runner's last heartbeat."""
+    return lambda: runner.cluster.oldest_wait_of(task)
 
 
 @contextlib.asynccontextmanager

@@ -265,11 +265,17 @@ class GenerationService:
         self.loras = LoraCatalog(settings)
         self.fetcher = ImageFetcher(settings, InputLimits.from_settings(settings))
 
+    def served_tasks(self) -> frozenset[Task]:
+        """The tasks this process renders: all, but ControlNet only with its weights. Its
+        v2 submits and its claims of other processes' jobs keep to these."""
+        tasks = frozenset(TASK_SLUGS.values())
+        return tasks if self.settings.controlnet is not None else tasks - {"controlnet"}
+
     def check_model(self, slug: str) -> None:
         if slug not in TASK_SLUGS:
             served = ", ".join(f"'{name}'" for name in TASK_SLUGS)
             raise UnknownModel(f"Unknown model '{slug[:80]}'. This server serves {served}.")
-        if TASK_SLUGS[slug] == "controlnet" and self.settings.controlnet is None:
+        if TASK_SLUGS[slug] not in self.served_tasks():
             raise TaskNotConfigured(
                 f"'{slug}' needs ControlNet weights, and this server was started without "
                 "them: the operator sets ZIMAGE_CONTROLNET to a folder (or a hub id in the "

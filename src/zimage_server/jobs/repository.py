@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import ColumnElement, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -29,6 +29,7 @@ class NewJob:
     owner: str
     key_id: int | None
     params: str  # without the input images: those are ``inputs``
+    task: str  # the params' task: a process claims only the tasks it can render
     inputs: str | None
     seed: int
     price: int
@@ -42,12 +43,25 @@ class NewJob:
 
 
 @dataclass(frozen=True)
+class TaskQueue:
+    depth: int
+    oldest_wait_s: float
+
+
+@dataclass(frozen=True)
 class QueueView:
     """The whole cluster's queue, from the store: jobs not yet finished, and how long the
-    oldest of them has waited."""
+    oldest of them has waited; and the same per task, since only the processes that can
+    render a task take its jobs (a task no live process serves shows as one whose oldest
+    job only grows older)."""
 
     depth: int
     oldest_wait_s: float
+    tasks: dict[str, TaskQueue] = field(default_factory=dict)
+
+    def oldest_wait_of(self, task: str) -> float:
+        queue = self.tasks.get(task)
+        return queue.oldest_wait_s if queue is not None else 0.0
 
 
 def _lapsed(model: type[Job] | type[WebhookDelivery], now: float) -> ColumnElement[bool]:
@@ -86,6 +100,7 @@ class JobRepository:
                         key_id=new.key_id,
                         status=JobStatus.QUEUED.value,
                         params=new.params,
+                        task=new.task,
                         seed=new.seed,
                         price=new.price,
                         webhook_url=new.webhook_url,
@@ -158,15 +173,19 @@ class JobRepository:
                 .all()
             )
 
-    def claim(self, replica: str, lease_s: float, limit: int) -> Sequence[Job]:
-        """Take up to ``limit`` unfinished jobs whose lease has run out (their replica died
-        or stopped), oldest first; each is claimed by exactly one replica. Leases run on
-        real time (``time.time``), shared by every replica, never on the test clock."""
+    def claim(
+        self, replica: str, lease_s: float, limit: int, tasks: Collection[str]
+    ) -> Sequence[Job]:
+        """Take up to ``limit`` unfinished jobs of ``tasks`` (those this replica can
+        render) whose lease has run out (their replica died or stopped), oldest first;
+        each is claimed by exactly one replica. A job of another task waits for a replica
+        that renders it. Leases run on real time (``time.time``), shared by every
+        replica, never on the test clock."""
         now = time.time()
         with self.db.session() as session:
             candidates = (
                 select(Job.id)
-                .where(Job.status.in_(UNFINISHED), _lapsed(Job, now))
+                .where(Job.status.in_(UNFINISHED), Job.task.in_(tasks), _lapsed(Job, now))
                 .order_by(Job.created_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
@@ -227,10 +246,15 @@ class JobRepository:
 
     def queue_view(self) -> QueueView:
         with self.db.session() as session:
-            depth, oldest = session.execute(
-                select(func.count(), func.min(Job.created_at)).where(Job.status.in_(UNFINISHED))
-            ).one()
-        return QueueView(int(depth), max(0.0, time.time() - oldest) if oldest else 0.0)
+            rows = session.execute(
+                select(Job.task, func.count(), func.min(Job.created_at))
+                .where(Job.status.in_(UNFINISHED))
+                .group_by(Job.task)
+            ).all()
+        now = time.time()
+        tasks = {task: TaskQueue(int(n), max(0.0, now - oldest)) for task, n, oldest in rows}
+        waits = [queue.oldest_wait_s for queue in tasks.values()]
+        return QueueView(sum(q.depth for q in tasks.values()), max(waits, default=0.0), tasks)
 
     def finish(
         self,

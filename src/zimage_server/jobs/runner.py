@@ -171,7 +171,8 @@ class JobRunner:
         room = self.engine.max_queue - self.engine.depth
         if room <= 0:
             return
-        claimed = await asyncio.to_thread(self.repo.claim, self.replica, self.lease_s, room)
+        tasks = self.generation.served_tasks()  # the others wait for a process that has them
+        claimed = await asyncio.to_thread(self.repo.claim, self.replica, self.lease_s, room, tasks)
         for job in claimed:
             if job.id in self._tasks:
                 continue
@@ -217,6 +218,7 @@ class JobRunner:
             owner=owner_of(admission),
             key_id=admission.principal.key_id if admission.principal else None,
             params=params,
+            task=sub.params.task,
             inputs=inputs,
             seed=pick_seed(sub.params),
             price=self.generation.price(sub.params) if admission.principal else 0,

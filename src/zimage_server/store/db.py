@@ -81,17 +81,18 @@ class Database:
                 connection.execute(text("SET LOCAL synchronous_commit TO OFF"))
             yield connection
 
-    def upgrade(self) -> None:
-        """Apply every Alembic migration not yet applied. Several API processes starting at
-        once take turns (an advisory lock on PostgreSQL, a file lock beside a SQLite
-        file): otherwise two would both create the first tables, and one would fail."""
+    def upgrade(self, revision: str = "head") -> None:
+        """Apply every Alembic migration not yet applied (up to ``revision``: tests build
+        older stores). Several API processes starting at once take turns (an advisory
+        lock on PostgreSQL, a file lock beside a SQLite file): otherwise two would both
+        create the first tables, and one would fail."""
         with self._migration_lock(), self.engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
             config = Config()
             config.set_main_option("script_location", "zimage_server.store:migrations")
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
 
     @contextmanager
     def _migration_lock(self) -> Iterator[None]:

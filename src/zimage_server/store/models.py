@@ -75,7 +75,8 @@ class Job(Base):
     run again whatever was QUEUED or PROCESSING. Times are epoch seconds (portable).
 
     ``claimed_by``/``lease_until``: the API process running it, and until when its lease
-    (renewed by heartbeats) holds; past that, any live process may claim it."""
+    (renewed by heartbeats) holds; past that, any live process that can render its
+    ``task`` (the params' own, copied here for the claim's query) may claim it."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -87,6 +88,7 @@ class Job(Base):
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
     status: Mapped[str] = mapped_column(String(16), index=True)
     params: Mapped[str] = mapped_column(Text)  # the validated body, JSON; images in JobInputs
+    task: Mapped[str] = mapped_column(String(32), server_default="text-to-image")
     seed: Mapped[int] = mapped_column(BigInteger)
     price: Mapped[int] = mapped_column(BigInteger, default=0)
     webhook_url: Mapped[str | None] = mapped_column(String(2000))

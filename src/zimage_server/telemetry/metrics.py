@@ -84,6 +84,13 @@ class Metrics:
             "Age of the oldest unfinished job in the whole cluster (from the store)",
             registry=r,
         )
+        self.cluster_task_oldest = Gauge(
+            "zimage_cluster_task_oldest_wait_seconds",
+            "Age of the oldest unfinished job of each task in the whole cluster: only the "
+            "processes that render a task take its jobs",
+            ["task"],
+            registry=r,
+        )
         self._adapter_metrics(r)
         self._shared_event_metrics(r)
         self._keys: set[str] = set()

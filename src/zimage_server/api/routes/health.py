@@ -36,6 +36,11 @@ async def readyz(request: Request) -> JSONResponse:
         "replica": request.app.state.jobs.replica,
         "cluster_queue_depth": cluster.depth,
         "cluster_oldest_wait_s": round(cluster.oldest_wait_s, 1),
+        # Per task: a task no live process renders (ControlNet without its weights) waits.
+        "cluster_tasks": {
+            task: {"depth": queue.depth, "oldest_wait_s": round(queue.oldest_wait_s, 1)}
+            for task, queue in sorted(cluster.tasks.items())
+        },
     }
     if state == EngineState.READY.value:
         return JSONResponse(body)
