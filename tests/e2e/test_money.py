@@ -34,6 +34,7 @@ from tests.conftest import (
     fresh_database_url,
 )
 from zimage_server.billing import Pricing, format_credits
+from zimage_server.billing.pricing import MICRO
 
 ADMIN = "money-admin"
 STEP_S = 0.3
@@ -354,3 +355,54 @@ def test_a_streamed_render_says_what_it_cost(money: InProcessServer) -> None:
     price = format_credits(Pricing().price(256, 256, 2))
     assert completed["credits_consumed"] == price
     assert completed["credits_remaining"] == usage(money, key)["balance"]
+
+
+def slowed_holds(
+    money: InProcessServer, monkeypatch: pytest.MonkeyPatch, gate: Callable[[], object]
+) -> None:
+    """The server's real ledger, each hold entered only once ``gate()`` returns."""
+    ledger = money.app.state.generation.ledger
+    real = ledger.hold
+
+    def hold(*args: Any) -> int:
+        gate()
+        return int(real(*args))
+
+    monkeypatch.setattr(ledger, "hold", hold)
+
+
+def test_the_hold_commits_while_the_request_renders(
+    money: InProcessServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key whose balance covers the price queues and renders while its hold commits:
+    one slow commit (a busy database disk) does not add to a render's latency."""
+    key = create_key(money, ADMIN, 10)
+    slowed_holds(money, monkeypatch, lambda: time.sleep(2.0))
+    start = time.monotonic()
+    r = money.post(SLOW, headers={"x-api-key": key})  # 8 steps: at least 2.4 s
+    elapsed = time.monotonic() - start
+    assert r.status_code == 200, r.text
+    assert elapsed < 4.0, elapsed  # one after the other: at least 2.0 + 2.4 s
+    assert r.json()["timings"]["credits_hold"] >= 2.0
+    price = Pricing().price(256, 256, 8)
+    assert settled(money, key, format_credits(10 * MICRO - price))
+
+
+def test_two_requests_racing_for_one_image_of_credit(
+    money: InProcessServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both see a balance that covers one image, so both start rendering; their holds
+    then meet in the database: one image is charged and delivered, the other is refused
+    for insufficient credits (406, Segmind's status for it) and nothing is left held."""
+    price = Pricing().price(256, 256, 2)
+    key = create_key(money, ADMIN, float(format_credits(price)))
+    both = threading.Barrier(2, timeout=20)  # neither hold commits before both requests ran
+    slowed_holds(money, monkeypatch, both.wait)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        replies = list(
+            pool.map(lambda _: money.post({**SLOW, "steps": 2}, headers={"x-api-key": key}), [0, 1])
+        )
+    assert sorted(r.status_code for r in replies) == [200, 406], [r.text for r in replies]
+    refused = next(r for r in replies if r.status_code == 406)
+    assert "Insufficient credits" in refused.json()["error"]
+    assert settled(money, key, "0") and usage(money, key)["images"] == 1

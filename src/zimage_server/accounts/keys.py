@@ -35,6 +35,7 @@ _LOOKUP = select(
     _KEYS.c.scopes,
     _KEYS.c.rate_limit,
     _KEYS.c.max_in_flight,
+    _KEYS.c.balance,
 ).where(_KEYS.c.prefix == bindparam("prefix"))
 
 
@@ -52,6 +53,7 @@ class Principal:
     scopes: frozenset[str]
     rate_limit: str | None
     max_in_flight: int | None
+    balance_seen: int = 0  # at authentication: a hint (the hold is what counts)
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ class KeyService:
         scopes = frozenset(filter(None, row.scopes.split(",")))
         if scope not in scopes:
             raise Forbidden(f"API key {row.prefix} lacks the '{scope}' scope for this route.")
-        return Principal(row.id, row.prefix, scopes, row.rate_limit, row.max_in_flight)
+        return Principal(row.id, row.prefix, scopes, row.rate_limit, row.max_in_flight, row.balance)
 
     def _row(self, prefix: str) -> ApiKey:
         with self.db.session() as session:

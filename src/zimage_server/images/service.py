@@ -433,7 +433,8 @@ class GenerationService:
         params = with_size(params, inputs)
         price = self.price(params)
         timeout = timeout or self.settings.request_timeout_s
-        async with self._billed(admission, price, timeout) as bill:
+        # A stream's events go out as it renders: its hold must come first.
+        async with self._billed(admission, price, timeout, overlap=not stream_id) as bill:
             generated = await self.render(
                 params,
                 pick_seed(params),
@@ -506,7 +507,7 @@ class GenerationService:
 
     @asynccontextmanager
     async def _billed(
-        self, admission: Admission, price: int, timeout: float
+        self, admission: Admission, price: int, timeout: float, overlap: bool = True
     ) -> AsyncIterator[_Bill]:
         """Hold ``price`` for the block; keep it if the block succeeds, else give it back.
 
@@ -518,23 +519,52 @@ class GenerationService:
         if admission.principal is None:
             yield _Bill(None, {})
             return
-        key_id, reference = admission.principal.key_id, secrets.token_hex(16)
+        principal, reference = admission.principal, secrets.token_hex(16)
         expires_at = time.time() + timeout + self.settings.hold_grace_s
-        start = time.perf_counter()
-        remaining = await asyncio.to_thread(self.ledger.hold, key_id, price, reference, expires_at)
-        bill = _Bill(remaining, {"auth": admission.auth_s})
-        bill.timings["credits_hold"] = time.perf_counter() - start
+        bill = _Bill(None, {"auth": admission.auth_s})
+        holding = self._hold(principal.key_id, price, reference, expires_at, bill)
         try:
+            # Overlapped: the hold commits while the request queues and renders, when
+            # the key's balance at authentication covers the price (else the hold comes
+            # first: a key that cannot pay gets no render). Nothing is delivered before
+            # the hold has committed; a race lost to the key's other requests ends 402.
+            if not (overlap and principal.balance_seen >= price):
+                await asyncio.shield(holding)
             yield bill
+            bill.remaining = await asyncio.shield(holding)
         except BaseException as exc:
             # shield: a cancelled request (the client left) must still get its refund.
-            await asyncio.shield(self._refund(reference, exc))
+            await asyncio.shield(self._refund(reference, exc, holding))
             raise
         start = time.perf_counter()
         await asyncio.shield(self._capture(reference))
         bill.timings["credits_capture"] = time.perf_counter() - start
 
-    async def _refund(self, reference: str, cause: BaseException) -> None:
+    def _hold(
+        self, key_id: int, price: int, reference: str, expires_at: float, bill: _Bill
+    ) -> asyncio.Future[int]:
+        """The hold's commit as a task of its own: a request cancelled meanwhile cannot
+        stop it, so ``_refund`` waits for it and knows whether there is anything to return."""
+        start = time.perf_counter()
+        holding = asyncio.ensure_future(
+            asyncio.to_thread(self.ledger.hold, key_id, price, reference, expires_at)
+        )
+        holding.add_done_callback(
+            lambda _: bill.timings.setdefault("credits_hold", time.perf_counter() - start)
+        )
+        return holding
+
+    async def _refund(
+        self, reference: str, cause: BaseException, holding: asyncio.Future[int]
+    ) -> None:
+        """Return the hold if it was taken; if it was refused (no credits, no database),
+        that refusal is the request's answer, whatever the render did meanwhile."""
+        await asyncio.wait([holding])
+        refused = holding.exception()
+        if refused is not None:
+            if isinstance(cause, Exception) and refused is not cause:
+                raise refused
+            return
         try:
             await asyncio.to_thread(self.ledger.release, reference)
         except StoreUnavailable as exc:
