@@ -131,6 +131,34 @@ def test_disabled_key_is_403_until_enabled(accounts: Accounts) -> None:
     assert accounts.gen(key).status_code == 200
 
 
+def test_a_verified_key_disabled_by_another_process_is_refused_at_once(
+    accounts: Accounts,
+) -> None:
+    """The server trusts a key it verified for ``ZIMAGE_KEY_CACHE_S`` without a lookup, but
+    the credit hold checks the key too: disabled by another process (the CLI here), it is
+    403 at its next request, v1 or v2, and nothing is charged."""
+    key = accounts.create()
+    prefix = key.split("_")[1]
+    assert accounts.gen(key).status_code == 200  # verified: now in the server's cache
+    forged = f"zk_{prefix}_" + "A" * 43  # the prefix of a cached key is not enough
+    assert accounts.gen(forged).status_code == 401
+    assert accounts.cli("disable", prefix).returncode == 0
+    for _ in range(2):  # refused by the hold, then by the lookup the refusal brings back
+        r = accounts.gen(key)
+        assert r.status_code == 403 and f"API key {prefix} is disabled" in r.json()["error"]
+    job = requests.post(
+        accounts.server.url + "/v2/z-image-turbo",
+        json=SMALL,
+        headers={"x-api-key": key},
+        timeout=30,
+    )
+    assert job.status_code == 403, job.text
+    used = accounts.usage(key)
+    assert used["balance"] == "0.99" and used["pending"] == "0" and used["images"] == 1
+    assert accounts.cli("enable", prefix).returncode == 0
+    assert accounts.gen(key).status_code == 200
+
+
 def test_key_without_the_scope_is_403(accounts: Accounts) -> None:
     created = accounts.admin("POST", "/keys", json={"name": "no-scope", "credits": 1, "scopes": []})
     assert created.status_code == 201

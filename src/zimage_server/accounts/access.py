@@ -21,11 +21,16 @@ class AccessControl:
         if not self.required:
             return Admission(None, {})
         start = time.perf_counter()
-        admission = await asyncio.to_thread(self._admit, key, scope)
+        principal = self.keys.cached(key, scope)
+        if principal is not None and not self.limiter.blocking:
+            admission = self.limiter.enter(principal)  # nothing to wait for: no thread hop
+        else:
+            admission = await asyncio.to_thread(self._admit, key, scope)
         return replace(admission, auth_s=time.perf_counter() - start)
 
     def _admit(self, key: str | None, scope: str) -> Admission:
-        return self.limiter.enter(self.keys.authenticate(key, scope))
+        principal = self.keys.cached(key, scope) or self.keys.authenticate(key, scope)
+        return self.limiter.enter(principal)
 
     async def identify(self, key: str | None, scope: str) -> Admission:
         """Authenticate only (polling a job is not rate-limited like a render)."""

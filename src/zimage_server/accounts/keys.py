@@ -11,6 +11,8 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -53,7 +55,6 @@ class Principal:
     scopes: frozenset[str]
     rate_limit: str | None
     max_in_flight: int | None
-    balance_seen: int = 0  # at authentication: a hint (the hold is what counts)
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,10 @@ def _info(row: ApiKey) -> KeyInfo:
 
 
 class KeyService:
-    def __init__(self, db: Database, ledger: Ledger) -> None:
+    def __init__(self, db: Database, ledger: Ledger, cache_s: float = 0.0) -> None:
         self.db = db
         self.ledger = ledger
+        self._verified = _Verified(cache_s)
 
     def create(
         self,
@@ -132,15 +134,34 @@ class KeyService:
         prefix = parts[1] if len(parts) >= 3 and parts[0] == "zk" else ""
         with self.db.transaction() as connection:
             row = connection.execute(_LOOKUP, {"prefix": prefix}).one_or_none()
-        stored = row.key_hash if row else _DUMMY_HASH
-        if not hmac.compare_digest(stored, _hash(key)) or row is None:
+        stored, digest = row.key_hash if row else _DUMMY_HASH, _hash(key)
+        if not hmac.compare_digest(stored, digest) or row is None:
             raise Unauthenticated("Invalid API key.")
         if row.disabled:
             raise Forbidden(f"API key {row.prefix} is disabled.")
         scopes = frozenset(filter(None, row.scopes.split(",")))
         if scope not in scopes:
             raise Forbidden(f"API key {row.prefix} lacks the '{scope}' scope for this route.")
-        return Principal(row.id, row.prefix, scopes, row.rate_limit, row.max_in_flight, row.balance)
+        principal = Principal(row.id, row.prefix, scopes, row.rate_limit, row.max_in_flight)
+        self.ledger.balance_seen[row.id] = row.balance
+        self.ledger.disabled_seen.discard(row.id)
+        self._verified.put(digest, principal)
+        return principal
+
+    def cached(self, key: str | None, scope: str) -> Principal | None:
+        """The key's principal if this process verified it within ``cache_s`` (no I/O:
+        the event loop calls it), else None. A key seen disabled at a hold is dropped;
+        one disabled elsewhere is refused by its next hold (403), then looked up again."""
+        if not key:
+            return None
+        digest = _hash(key)
+        principal = self._verified.get(digest)
+        if principal is None or scope not in principal.scopes:
+            return None
+        if principal.key_id in self.ledger.disabled_seen:
+            self._verified.drop(digest)
+            return None
+        return principal
 
     def _row(self, prefix: str) -> ApiKey:
         with self.db.session() as session:
@@ -163,6 +184,8 @@ class KeyService:
         key_id = self._row(prefix).id
         with self.db.session() as session:
             session.execute(update(ApiKey).where(ApiKey.id == key_id).values(disabled=disabled))
+        if disabled:  # at once in this process; other processes learn it at the next hold
+            self.ledger.disabled_seen.add(key_id)
         return self.get(prefix)
 
     def top_up(self, prefix: str, credits: int) -> KeyInfo:
@@ -185,3 +208,37 @@ def _unknown_prefix(given: str) -> str:
     if given.startswith("zk_"):
         return "That looks like a whole API key: pass its prefix (the 8 characters after zk_)."
     return "That is not a key prefix: 8 hexadecimal characters, as `zimage keys list` shows."
+
+
+class _Verified:
+    """Keys this process verified, by their SHA-256 (never the key), each trusted for
+    ``ttl_s``: a request with one needs no lookup, so it takes no thread hop. At most
+    ``MAX`` of them, the oldest dropped first; a lock, as lookups run in threads."""
+
+    MAX = 10_000
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, digest: str, principal: Principal) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            self._entries.pop(digest, None)
+            if len(self._entries) >= self.MAX:
+                del self._entries[next(iter(self._entries))]
+            self._entries[digest] = (principal, time.monotonic() + self.ttl_s)
+
+    def get(self, digest: str) -> Principal | None:
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None or entry[1] > time.monotonic():
+                return entry[0] if entry else None
+            del self._entries[digest]
+            return None
+
+    def drop(self, digest: str) -> None:
+        with self._lock:
+            self._entries.pop(digest, None)

@@ -148,6 +148,8 @@ class RateLimiter:
         self.in_flight: InFlight = (
             RedisInFlight(storage_url, process, lifetime_s) if self.shared else MemoryInFlight()
         )
+        # Counting waits on a server (Redis, ...): callers use a thread.
+        self.blocking = self._memory is None or self.shared
 
     def enter(self, principal: Principal) -> Admission:
         """Count the request against the key's limits; raise ``RateLimited`` if over.

@@ -127,7 +127,7 @@ def build_services(
     db = Database(settings.resolved_database_url)
     db.upgrade()
     ledger = Ledger(db, sync_holds=settings.ledger_sync_holds)
-    keys = KeyService(db, ledger)
+    keys = KeyService(db, ledger, cache_s=settings.key_cache_s)
     replica = replica_name()
     limiter = RateLimiter(
         settings.rate_limit_storage,

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from zimage_server.billing.pricing import format_credits
-from zimage_server.core.errors import InsufficientCredits, InvalidRequest
+from zimage_server.core.errors import Forbidden, InsufficientCredits, InvalidRequest
 from zimage_server.store.db import Database
 from zimage_server.store.models import ApiKey, LedgerEntry, PendingHold
 
@@ -34,7 +34,11 @@ _LEDGER = LedgerEntry.metadata.tables[LedgerEntry.__tablename__]
 _HOLDS = PendingHold.metadata.tables[PendingHold.__tablename__]
 _TAKE = (
     update(_KEYS)
-    .where(_KEYS.c.id == bindparam("key_id"), _KEYS.c.balance >= bindparam("amount"))
+    .where(
+        _KEYS.c.id == bindparam("key_id"),
+        _KEYS.c.balance >= bindparam("amount"),
+        _KEYS.c.disabled.is_(False),  # a key disabled since it was verified (a cached one)
+    )
     .values(balance=_KEYS.c.balance - bindparam("amount"))
     .returning(_KEYS.c.balance)
 )
@@ -43,7 +47,9 @@ _GIVE = (
     .where(_KEYS.c.id == bindparam("key_id"))
     .values(balance=_KEYS.c.balance + bindparam("amount"))
 )
-_BALANCE = select(_KEYS.c.balance).where(_KEYS.c.id == bindparam("key_id"))
+_BALANCE = select(_KEYS.c.balance, _KEYS.c.disabled, _KEYS.c.prefix).where(
+    _KEYS.c.id == bindparam("key_id")
+)
 _ENTRY = insert(_LEDGER)
 _PEND = insert(_HOLDS)
 _SETTLE = (
@@ -77,13 +83,26 @@ class Ledger:
     def __init__(self, db: Database, sync_holds: bool = True) -> None:
         self.db = db
         self.sync_holds = sync_holds
+        # What this process last saw of each key: hints for the request path (whether a
+        # hold can run beside the render; whether a cached key is known to be disabled).
+        # The database decides; these only pick the order of the work.
+        self.balance_seen: dict[int, int] = {}
+        self.disabled_seen: set[int] = set()
 
     def hold(self, key_id: int, amount: int, reference: str, expires_at: float) -> int:
         """Take ``amount`` for request ``reference``, pending until settled or
         ``expires_at``; returns the new balance. Committed (fsynced, unless
         ``sync_holds`` is off) before it returns."""
-        with self.db.transaction(synced=self.sync_holds) as connection:
-            return hold_in(connection, key_id, amount, reference, expires_at)
+        try:
+            with self.db.transaction(synced=self.sync_holds) as connection:
+                balance = hold_in(connection, key_id, amount, reference, expires_at)
+        except (InsufficientCredits, Forbidden) as exc:
+            self.balance_seen.pop(key_id, None)
+            if isinstance(exc, Forbidden):
+                self.disabled_seen.add(key_id)
+            raise
+        self.balance_seen[key_id] = balance
+        return balance
 
     def capture(self, reference: str) -> bool:
         """Keep a pending hold (the image was delivered). False when it is no longer
@@ -162,7 +181,9 @@ def hold_in(
     ids = {"key_id": key_id, "amount": amount}
     new_balance = transaction.execute(_TAKE, ids).scalar_one_or_none()
     if new_balance is None:
-        balance = transaction.execute(_BALANCE, ids).scalar_one()
+        balance, disabled, prefix = transaction.execute(_BALANCE, ids).one()
+        if disabled:
+            raise Forbidden(f"API key {prefix} is disabled.")
         raise InsufficientCredits(
             f"Insufficient credits: this image costs {format_credits(amount)} credits "
             f"and the key's balance is {format_credits(balance)}.",

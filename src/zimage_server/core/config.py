@@ -193,6 +193,14 @@ class Settings(EngineSettings, WorkerSettings, SpeedupSettings, LoraSettings, Ba
         description="How long past its deadline a request's credit hold is kept before the "
         "sweep returns it (a server killed mid-render, a refund the database refused).",
     )
+    key_cache_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="How long a key this process has verified is trusted without a database "
+        "lookup (0: every request looks it up); its disabling still counts at once at the "
+        "credit hold.",
+    )
     ledger_sync_holds: bool = Field(
         True,
         description="Fsync each request's credit hold on its own commit; false lets the "

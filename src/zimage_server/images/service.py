@@ -528,7 +528,8 @@ class GenerationService:
             # the key's balance at authentication covers the price (else the hold comes
             # first: a key that cannot pay gets no render). Nothing is delivered before
             # the hold has committed; a race lost to the key's other requests ends 402.
-            if not (overlap and principal.balance_seen >= price):
+            seen = self.ledger.balance_seen.get(principal.key_id, -1)
+            if not (overlap and seen >= price):
                 await asyncio.shield(holding)
             yield bill
             bill.remaining = await asyncio.shield(holding)
