@@ -58,7 +58,10 @@ class Client:
 
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0) -> None:
         headers = {"x-api-key": api_key} if api_key else {}
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout_s)
+        # Keep-alive for every load-step client: with httpx's default 20, a 32-client step
+        # closed and reopened connections all the time (and once failed with EBADF).
+        limits = httpx.Limits(max_connections=128, max_keepalive_connections=64)
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout_s, limits=limits)
 
     def close(self) -> None:
         self.http.close()
