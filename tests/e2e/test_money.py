@@ -393,16 +393,23 @@ def test_two_requests_racing_for_one_image_of_credit(
 ) -> None:
     """Both see a balance that covers one image, so both start rendering; their holds
     then meet in the database: one image is charged and delivered, the other is refused
-    for insufficient credits (406, Segmind's status for it) and nothing is left held."""
-    price = Pricing().price(256, 256, 2)
+    for insufficient credits (406, Segmind's status for it), its render stopped at once,
+    and nothing is left held."""
+    price = Pricing().price(256, 256, 8)
     key = create_key(money, ADMIN, float(format_credits(price)))
     both = threading.Barrier(2, timeout=20)  # neither hold commits before both requests ran
+
+    def timed(_: int) -> tuple[requests.Response, float]:
+        start = time.monotonic()
+        reply = money.post(SLOW, headers={"x-api-key": key})  # 8 steps: at least 2.4 s
+        return reply, time.monotonic() - start
+
     slowed_holds(money, monkeypatch, both.wait)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        replies = list(
-            pool.map(lambda _: money.post({**SLOW, "steps": 2}, headers={"x-api-key": key}), [0, 1])
-        )
+        replies = dict(pool.map(timed, [0, 1]))
     assert sorted(r.status_code for r in replies) == [200, 406], [r.text for r in replies]
     refused = next(r for r in replies if r.status_code == 406)
     assert "Insufficient credits" in refused.json()["error"]
+    assert replies[refused] < 8 * STEP_S - 0.6, replies  # it did not render to the end
     assert settled(money, key, "0") and usage(money, key)["images"] == 1
+    assert wait_for(lambda: depth(money) == 0, 10, "the queue to drain") < 10

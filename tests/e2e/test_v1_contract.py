@@ -316,6 +316,9 @@ def test_wrong_method_is_405(server: InProcessServer) -> None:
     r = requests.get(server.url + "/v1/z-image-turbo", timeout=10)
     assert r.status_code == 405
     assert "POST" in r.json()["error"] and "POST" in r.headers["allow"]
+    for path in ("/v1/models", "/v1/loras"):  # not the render route's POST, that path matches too
+        r = requests.delete(server.url + path, timeout=10)
+        assert r.status_code == 405 and "GET" in r.headers["allow"], (path, r.headers)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ the worker while one renders, so the worker never waits for the API between batc
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 import subprocess
@@ -151,6 +152,19 @@ def test_a_slot_is_not_lent_again_while_any_view_of_its_pixels_lives() -> None:
     assert bytes(pixel_view(second.rgb)) == second_rgb
 
 
+async def released(worker: WorkerHandle, timeout_s: float = 10.0) -> None:
+    """Until no image of ``worker`` holds a slot: the loop's wake-up call may still hold
+    the last batch, and on a loaded machine a batch caught in a reference cycle waits
+    for the collector (it failed once at ``sleep(0)`` alone, the pool grown to 4)."""
+    pool = worker._pool  # the test's window on the slots
+    assert pool is not None
+    deadline = time.monotonic() + timeout_s
+    while pool.leased and time.monotonic() < deadline:
+        gc.collect()
+        await asyncio.sleep(0.01)
+    assert pool.leased == 0
+
+
 def test_a_held_result_keeps_its_pixels_while_the_worker_renders_on() -> None:
     async def scenario() -> None:
         worker = handle()
@@ -164,7 +178,7 @@ def test_a_held_result_keeps_its_pixels_while_the_worker_renders_on() -> None:
         piped = encode_image(seed_colour(1) * (64 * 48), (64, 48), (60, 40), "png", 90)
         assert encoded == piped
         del first, second
-        await asyncio.sleep(0)  # the loop's wake-up call held the last batch until now
+        await released(worker)
         for prompts in ("def", "g", "h"):  # closed at once (the loop still holds each batch)
             done = await worker.render(await batch_of(*prompts, width=64, height=48), no_steps)
             for image in done.images:

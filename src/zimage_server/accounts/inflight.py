@@ -66,22 +66,28 @@ class MemoryInFlight:
 
     def __init__(self) -> None:
         self._held: defaultdict[int, set[str]] = defaultdict(set)
+        # Entered on the event loop or in a thread (a key looked up there), left on the
+        # loop: without it, a leave emptying a key's set could drop a concurrent entry.
+        self._lock = threading.Lock()
 
     def enter(self, key_id: int, token: str, cap: int) -> bool:
-        if len(self._held[key_id]) >= cap:
-            return False
-        self._held[key_id].add(token)
-        return True
+        with self._lock:
+            if len(self._held[key_id]) >= cap:
+                return False
+            self._held[key_id].add(token)
+            return True
 
     def occupy(self, key_id: int, token: str) -> None:
-        self._held[key_id].add(token)
+        with self._lock:
+            self._held[key_id].add(token)
 
     def leave(self, key_id: int, token: str) -> None:
-        held = self._held.get(key_id)
-        if held is not None:
-            held.discard(token)
-            if not held:
-                del self._held[key_id]
+        with self._lock:
+            held = self._held.get(key_id)
+            if held is not None:
+                held.discard(token)
+                if not held:
+                    del self._held[key_id]
 
     def close(self) -> None:
         pass

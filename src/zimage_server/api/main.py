@@ -261,7 +261,8 @@ def create_app(
     state.jobs, state.metrics, state.drain = services.jobs, services.metrics, services.drain
     state.events = services.events
     # The render routes first: FastAPI matches a request against each included router in
-    # turn, and most requests are renders.
+    # turn, and most requests are renders. (A wrong method still gets every allowed one:
+    # FastAPI's 405 lists the methods of all the routes whose path matched.)
     for module in (v1, v2, openai_images, outputs, metrics, health):
         app.include_router(module.router)
     # The admin API answers 404 without a token configured: then it is not documented either.

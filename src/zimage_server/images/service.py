@@ -241,9 +241,42 @@ class _Bill:
 
     remaining: int | None
     timings: dict[str, float]
+    holding: asyncio.Future[int] | None = None  # the hold's commit (None: no key)
 
     def timed(self, generated: Generated) -> Generated:
         return replace(generated, timings={**generated.timings, **self.timings})
+
+    async def confirmed(self) -> None:
+        """Wait for the hold (raising its refusal): before work that outlives a refusal."""
+        if self.holding is not None:
+            await asyncio.shield(self.holding)
+
+
+class _StopIfRefused:
+    """Cancels the request's task when its overlapped hold is refused while the render
+    runs (the GPU and the queue place go to requests that can pay), then makes the
+    refusal, not a cancellation, the request's answer."""
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.armed = False  # inside the block: what a cancel would stop
+        self.fired = False
+
+    def refused(self, holding: asyncio.Future[int]) -> None:
+        if holding.cancelled() or holding.exception() is None or not self.armed:
+            return
+        if self.task is not None and not self.task.done():
+            self.fired = True
+            self.task.cancel()
+
+    def answer(self, exc: BaseException, holding: asyncio.Future[int]) -> BaseException:
+        """``exc``, or the hold's refusal if our cancel caused it (and nothing else did,
+        such as the client leaving)."""
+        if not (self.fired and isinstance(exc, asyncio.CancelledError) and self.task):
+            return exc
+        if self.task.uncancel() > 0:
+            return exc
+        return holding.exception() or exc
 
 
 class GenerationService:
@@ -444,6 +477,7 @@ class GenerationService:
                 inputs=inputs,
             )
             if store:
+                await bill.confirmed()  # no image stored for a request its hold refused
                 output_id = await asyncio.to_thread(
                     self.outputs.save, generated.data, params.image_format
                 )
@@ -522,21 +556,30 @@ class GenerationService:
         principal, reference = admission.principal, secrets.token_hex(16)
         expires_at = time.time() + timeout + self.settings.hold_grace_s
         bill = _Bill(None, {"auth": admission.auth_s})
-        holding = self._hold(principal.key_id, price, reference, expires_at, bill)
+        holding = bill.holding = self._hold(principal.key_id, price, reference, expires_at, bill)
+        stop = _StopIfRefused(asyncio.current_task())
         try:
-            # Overlapped: the hold commits while the request queues and renders, when
-            # the key's balance at authentication covers the price (else the hold comes
-            # first: a key that cannot pay gets no render). Nothing is delivered before
-            # the hold has committed; a race lost to the key's other requests ends 402.
+            # Overlapped: the hold commits while the request queues and renders, when the
+            # balance this process last saw for the key covers the price (else the hold
+            # comes first: a key that cannot pay gets no render). Nothing is delivered
+            # before the hold has committed, and a refused hold stops the render at once.
             seen = self.ledger.balance_seen.get(principal.key_id, -1)
-            if not (overlap and seen >= price):
+            if overlap and seen >= price:
+                holding.add_done_callback(stop.refused)
+            else:
                 await asyncio.shield(holding)
+            stop.armed = True
             yield bill
+            stop.armed = False
             bill.remaining = await asyncio.shield(holding)
         except BaseException as exc:
+            stop.armed = False
+            cause = stop.answer(exc, holding)
             # shield: a cancelled request (the client left) must still get its refund.
-            await asyncio.shield(self._refund(reference, exc, holding))
-            raise
+            await asyncio.shield(self._refund(reference, cause, holding))
+            if cause is exc:
+                raise
+            raise cause from None
         start = time.perf_counter()
         await asyncio.shield(self._capture(reference))
         bill.timings["credits_capture"] = time.perf_counter() - start
@@ -561,6 +604,8 @@ class GenerationService:
         """Return the hold if it was taken; if it was refused (no credits, no database),
         that refusal is the request's answer, whatever the render did meanwhile."""
         await asyncio.wait([holding])
+        if holding.cancelled():  # the loop is shutting down: the sweep returns any hold
+            return
         refused = holding.exception()
         if refused is not None:
             if isinstance(cause, Exception) and refused is not cause:
