@@ -143,8 +143,7 @@ class KeyService:
         if scope not in scopes:
             raise Forbidden(f"API key {row.prefix} lacks the '{scope}' scope for this route.")
         principal = Principal(row.id, row.prefix, scopes, row.rate_limit, row.max_in_flight)
-        self.ledger.balance_seen[row.id] = row.balance
-        self.ledger.disabled_seen.discard(row.id)
+        self.ledger.hints.looked_up(row.id, row.balance)
         self._verified.put(digest, principal)
         return principal
 
@@ -158,7 +157,7 @@ class KeyService:
         principal = self._verified.get(digest)
         if principal is None or scope not in principal.scopes:
             return None
-        if principal.key_id in self.ledger.disabled_seen:
+        if principal.key_id in self.ledger.hints.disabled:
             self._verified.drop(digest)
             return None
         return principal
@@ -185,7 +184,7 @@ class KeyService:
         with self.db.session() as session:
             session.execute(update(ApiKey).where(ApiKey.id == key_id).values(disabled=disabled))
         if disabled:  # at once in this process; other processes learn it at the next hold
-            self.ledger.disabled_seen.add(key_id)
+            self.ledger.hints.disabled.add(key_id)
         return self.get(prefix)
 
     def top_up(self, prefix: str, credits: int) -> KeyInfo:

@@ -145,7 +145,7 @@ def build_services(
     )
     generation = GenerationService(settings, engine, outputs_store, ledger, pricing, metrics_)
     policy = WebhookPolicy.from_settings(settings)
-    repo = JobRepository(db, settings.output_ttl_s, clock=clock)
+    repo = JobRepository(db, settings.output_ttl_s, clock=clock, hints=ledger.hints)
     hub = ProgressHub(
         engine.position,
         buffer=settings.stream_buffer_events,

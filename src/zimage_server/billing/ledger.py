@@ -16,6 +16,8 @@ run on a plain connection: the same SQL without the ORM's per-statement work.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
@@ -65,6 +67,36 @@ _EXPIRED = (
 )
 
 
+class KeyHints:
+    """What this process last saw of each key, for the request path: whether a hold can
+    run beside the render (the balance covered the price), whether a key it trusts
+    without a lookup was found disabled. The database decides; these only order the work.
+    Single dict and set operations: safe from the loop and from threads."""
+
+    def __init__(self) -> None:
+        self.balance: dict[int, int] = {}
+        self.disabled: set[int] = set()
+
+    def held(self, key_id: int, balance: int) -> int:
+        self.balance[key_id] = balance
+        return balance
+
+    def looked_up(self, key_id: int, balance: int) -> None:
+        self.balance[key_id] = balance
+        self.disabled.discard(key_id)
+
+    @contextmanager
+    def watching(self, key_id: int) -> Iterator[None]:
+        """Around a hold: a refusal forgets the balance (and marks a disabled key)."""
+        try:
+            yield
+        except (InsufficientCredits, Forbidden) as exc:
+            self.balance.pop(key_id, None)
+            if isinstance(exc, Forbidden):
+                self.disabled.add(key_id)
+            raise
+
+
 @dataclass(frozen=True)
 class Usage:
     images: int
@@ -83,26 +115,14 @@ class Ledger:
     def __init__(self, db: Database, sync_holds: bool = True) -> None:
         self.db = db
         self.sync_holds = sync_holds
-        # What this process last saw of each key: hints for the request path (whether a
-        # hold can run beside the render; whether a cached key is known to be disabled).
-        # The database decides; these only pick the order of the work.
-        self.balance_seen: dict[int, int] = {}
-        self.disabled_seen: set[int] = set()
+        self.hints = KeyHints()
 
     def hold(self, key_id: int, amount: int, reference: str, expires_at: float) -> int:
         """Take ``amount`` for request ``reference``, pending until settled or
         ``expires_at``; returns the new balance. Committed (fsynced, unless
         ``sync_holds`` is off) before it returns."""
-        try:
-            with self.db.transaction(synced=self.sync_holds) as connection:
-                balance = hold_in(connection, key_id, amount, reference, expires_at)
-        except (InsufficientCredits, Forbidden) as exc:
-            self.balance_seen.pop(key_id, None)
-            if isinstance(exc, Forbidden):
-                self.disabled_seen.add(key_id)
-            raise
-        self.balance_seen[key_id] = balance
-        return balance
+        with self.hints.watching(key_id), self.db.transaction(synced=self.sync_holds) as tx:
+            return self.hints.held(key_id, hold_in(tx, key_id, amount, reference, expires_at))
 
     def capture(self, reference: str) -> bool:
         """Keep a pending hold (the image was delivered). False when it is no longer

@@ -563,7 +563,7 @@ class GenerationService:
             # balance this process last saw for the key covers the price (else the hold
             # comes first: a key that cannot pay gets no render). Nothing is delivered
             # before the hold has committed, and a refused hold stops the render at once.
-            seen = self.ledger.balance_seen.get(principal.key_id, -1)
+            seen = self.ledger.hints.balance.get(principal.key_id, -1)
             if overlap and seen >= price:
                 holding.add_done_callback(stop.refused)
             else:

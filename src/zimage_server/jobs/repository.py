@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from zimage_server.billing.ledger import capture_in, hold_in, release_in
+from zimage_server.billing.ledger import KeyHints, capture_in, hold_in, release_in
 from zimage_server.core.errors import Conflict, NotFound
 from zimage_server.jobs.states import UNFINISHED, JobStatus
 from zimage_server.store.db import Database
@@ -79,10 +79,18 @@ def settle_in(session: Session, job_id: str, status: JobStatus, keep: int = 0) -
 class JobRepository:
     """``clock`` says when finished jobs have expired (tests move it instead of waiting)."""
 
-    def __init__(self, db: Database, ttl_s: int, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db: Database,
+        ttl_s: int,
+        *,
+        clock: Callable[[], float] = time.time,
+        hints: KeyHints | None = None,
+    ) -> None:
         self.db = db
         self.ttl_s = ttl_s
         self.clock = clock
+        self.hints = hints or KeyHints()  # the ledger's: a job's hold is a hold too
 
     def create(self, new: NewJob) -> tuple[Job, bool]:
         """Insert the job and hold its price in one transaction.
@@ -116,7 +124,9 @@ class JobRepository:
                 if new.inputs is not None:
                     session.execute(insert(JobInputs).values(job_id=new.id, images=new.inputs))
                 if new.key_id is not None:
-                    hold_in(session, new.key_id, new.price, new.id)
+                    with self.hints.watching(new.key_id):
+                        balance = hold_in(session, new.key_id, new.price, new.id)
+                    self.hints.held(new.key_id, balance)
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
