@@ -166,7 +166,20 @@ def main_app(proxy_url: str, tmp_path_factory: pytest.TempPathFactory) -> App:
     )
     options = RayOptions(replicas=2, api_replicas=2, num_gpus=0, app_name="main", route_prefix="/")
     _deploy(settings, options)
+    # Deployed is not ready: each ingress replica says READY once its poll has found an
+    # engine replica with its model loaded and warmed up (what a readiness probe waits for).
+    _wait("both ingress replicas to report READY", lambda: _ready(proxy_url), DEPLOY_TIMEOUT_S)
     return App("main", proxy_url, db_url, postgres)
+
+
+def _ready(url: str, answers: int = 6) -> bool:
+    """Several READY answers in a row: the proxy picks an ingress replica per request."""
+    for _ in range(answers):
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(url + "/readyz", timeout=10).json()["status"] == "READY":
+                continue
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
