@@ -61,33 +61,50 @@ class InFlight(Protocol):
     def close(self) -> None: ...
 
 
+class _Held:
+    """Each key's tokens in this process, behind a lock: entered on the event loop or in a
+    thread (a key looked up there), left on the loop; without it, a leave emptying a
+    key's set could drop a concurrent entry."""
+
+    def __init__(self) -> None:
+        self._tokens: defaultdict[int, set[str]] = defaultdict(set)
+        self._lock = threading.Lock()
+
+    def add(self, key_id: int, token: str, cap: int | None = None) -> bool:
+        """Add ``token`` unless the key already holds ``cap`` of them."""
+        with self._lock:
+            if cap is not None and len(self._tokens[key_id]) >= cap:
+                return False
+            self._tokens[key_id].add(token)
+            return True
+
+    def discard(self, key_id: int, token: str) -> None:
+        with self._lock:
+            held = self._tokens.get(key_id)
+            if held is not None:
+                held.discard(token)
+                if not held:
+                    del self._tokens[key_id]
+
+    def snapshot(self) -> dict[int, list[str]]:
+        with self._lock:
+            return {key_id: sorted(tokens) for key_id, tokens in self._tokens.items()}
+
+
 class MemoryInFlight:
     """One process's count: exact for a single API process."""
 
     def __init__(self) -> None:
-        self._held: defaultdict[int, set[str]] = defaultdict(set)
-        # Entered on the event loop or in a thread (a key looked up there), left on the
-        # loop: without it, a leave emptying a key's set could drop a concurrent entry.
-        self._lock = threading.Lock()
+        self._held = _Held()
 
     def enter(self, key_id: int, token: str, cap: int) -> bool:
-        with self._lock:
-            if len(self._held[key_id]) >= cap:
-                return False
-            self._held[key_id].add(token)
-            return True
+        return self._held.add(key_id, token, cap)
 
     def occupy(self, key_id: int, token: str) -> None:
-        with self._lock:
-            self._held[key_id].add(token)
+        self._held.add(key_id, token)
 
     def leave(self, key_id: int, token: str) -> None:
-        with self._lock:
-            held = self._held.get(key_id)
-            if held is not None:
-                held.discard(token)
-                if not held:
-                    del self._held[key_id]
+        self._held.discard(key_id, token)
 
     def close(self) -> None:
         pass
@@ -105,8 +122,7 @@ class RedisInFlight:
         self.process, self.lifetime_s = process, lifetime_s
         self._enter = self.client.register_script(_ENTER)
         self._renew = self.client.register_script(_RENEW)
-        self._held: defaultdict[int, set[str]] = defaultdict(set)
-        self._lock = threading.Lock()
+        self._held = _Held()  # this process's members, renewed by the heartbeat
         self._stop = threading.Event()
         self._heart = threading.Thread(target=self._beat, name="inflight-heartbeat", daemon=True)
         self._heart.start()
@@ -119,8 +135,7 @@ class RedisInFlight:
         member = f"{self.process}:{token}"
         if not self._enter(keys=[self._name(key_id)], args=[cap, self.lifetime_s, member]):
             return False
-        with self._lock:
-            self._held[key_id].add(member)
+        self._held.add(key_id, member)
         return True
 
     def occupy(self, key_id: int, token: str) -> None:
@@ -128,20 +143,13 @@ class RedisInFlight:
 
     def leave(self, key_id: int, token: str) -> None:
         member = f"{self.process}:{token}"
-        with self._lock:
-            held = self._held.get(key_id)
-            if held is not None:
-                held.discard(member)
-                if not held:
-                    del self._held[key_id]
+        self._held.discard(key_id, member)
         self.client.zrem(self._name(key_id), member)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.lifetime_s / 3):
-            with self._lock:
-                held = {key_id: sorted(members) for key_id, members in self._held.items()}
             try:
-                for key_id, members in held.items():
+                for key_id, members in self._held.snapshot().items():
                     self._renew(keys=[self._name(key_id)], args=[self.lifetime_s, *members])
             except Exception as exc:  # a heartbeat outlives a Redis outage
                 log.warning("could not renew in-flight slots in Redis: %s", exc)
