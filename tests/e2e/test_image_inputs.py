@@ -290,6 +290,17 @@ def test_a_cross_site_form_post_is_refused(
 
 
 # -- hostile inputs -----------------------------------------------------------------------
+
+
+def send_png(handler: BaseHTTPRequestHandler, data: bytes) -> None:
+    """A 200 with ``data`` as a PNG (the image servers these tests fetch from)."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/png")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class _Handler(BaseHTTPRequestHandler):
     hits: ClassVar[list[str]] = []
 
@@ -302,11 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         data = base64.b64decode(b64(photo(10)))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_png(self, data)
 
     def log_message(self, *_args: object) -> None:
         pass

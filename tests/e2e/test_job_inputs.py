@@ -18,7 +18,7 @@ import requests
 import sqlalchemy as sa
 
 from tests.conftest import ADMIN, AUTH_ENV, InProcessServer, create_key, fresh_database_url
-from tests.e2e.test_image_inputs import b64, photo, square_mask
+from tests.e2e.test_image_inputs import b64, photo, send_png, square_mask
 
 INPAINT = "z-image-turbo-inpaint"
 IMG2IMG = "z-image-turbo-img2img"
@@ -139,11 +139,7 @@ class _Images(BaseHTTPRequestHandler):
             self.end_headers()
             return
         data = base64.b64decode(b64(photo(31 if _Images.mode == "changed" else 30)))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_png(self, data)
 
     def log_message(self, *_args: object) -> None:
         pass
