@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import replace
 
-from zimage_server.accounts.keys import KeyService
+from zimage_server.accounts.keys import KeyService, Principal
 from zimage_server.accounts.limits import Admission, RateLimiter
 
 
@@ -25,12 +25,11 @@ class AccessControl:
         if principal is not None and not self.limiter.blocking:
             admission = self.limiter.enter(principal)  # nothing to wait for: no thread hop
         else:
-            admission = await asyncio.to_thread(self._admit, key, scope)
+            admission = await asyncio.to_thread(self._admit, key, scope, principal)
         return replace(admission, auth_s=time.perf_counter() - start)
 
-    def _admit(self, key: str | None, scope: str) -> Admission:
-        principal = self.keys.cached(key, scope) or self.keys.authenticate(key, scope)
-        return self.limiter.enter(principal)
+    def _admit(self, key: str | None, scope: str, known: Principal | None) -> Admission:
+        return self.limiter.enter(known or self.keys.authenticate(key, scope))
 
     async def identify(self, key: str | None, scope: str) -> Admission:
         """Authenticate only (polling a job is not rate-limited like a render)."""
