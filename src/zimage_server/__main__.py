@@ -1,3 +1,4 @@
 from zimage_server.cli import app
 
-app()
+if __name__ == "__main__":  # not when a spawned worker imports this as __mp_main__
+    app()

@@ -115,7 +115,11 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise self._fail("the server exited while loading")
-            reply = httpx.get(self.url + "/readyz", timeout=10)
+            try:
+                reply = httpx.get(self.url + "/readyz", timeout=10)
+            except httpx.ConnectError:  # bound, not listening yet
+                time.sleep(0.1)
+                continue
             if reply.status_code == 200:
                 return
             if reply.json().get("status") == "FAILED":  # gave up loading: no point waiting

@@ -88,7 +88,9 @@ def test_overhead_benchmark_with_the_null_generator(tmp_path: Path) -> None:
     assert overhead["ratio_p50_keyed"] == arms["ours_keyed"]["p50_ms"] / arms["floor"]["p50_ms"]
     assert "denoise" not in arms["floor"]["stages_p50_ms"]  # it has no engine at all
     keyed = arms["ours_keyed"]["stages_p50_ms"]  # what the key costs, timed by the server
-    assert all(keyed[stage] > 0 for stage in ("auth", "credits_hold", "credits_capture"))
+    # Hold and capture commit to the database; a key check found in the cache costs
+    # microseconds and can round to 0 in the p50 (seen in CI), so it need only be there.
+    assert keyed["credits_hold"] > 0 and keyed["credits_capture"] > 0 and keyed["auth"] >= 0
     assert "credits_hold" not in arms["ours"]["stages_p50_ms"]
     disk = overhead["disk_fsync_ms"]
     assert 0 < disk["p10"] <= disk["p50"] <= disk["p90"]

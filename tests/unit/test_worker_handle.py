@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import runpy
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -34,12 +35,12 @@ def run(test: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(asyncio.wait_for(test(), 60))  # type: ignore[arg-type]
 
 
-def handle(**worker: object) -> WorkerHandle:
+def handle(device: str = "cpu", **worker: object) -> WorkerHandle:
     settings = WorkerSettings(warmup=False, debug_faults=True, **worker)  # type: ignore[arg-type]
     spec = WorkerSpec(
         name="worker-0",
         model_path=NULL_MODEL,
-        device="cpu",
+        device=device,
         worker=settings,
         speedups=SpeedupSettings(),
     )
@@ -71,6 +72,37 @@ def test_a_worker_starts_renders_and_stops() -> None:
         assert worker.state == WorkerState.STOPPED and not await worker.wait_ready()
 
     run(scenario)
+
+
+def test_an_accelerator_worker_is_spawned_not_forked_and_renders() -> None:
+    """CUDA cannot run in a process forked from one where it was initialised (the fork
+    server's imports can do that: seen on an H200), so accelerator workers are spawned:
+    a fresh interpreter that must find everything it needs by import. The null generator
+    never touches the device, so a "cuda:0" worker runs here."""
+
+    async def scenario() -> None:
+        worker = handle(device="cuda:0")
+        worker.start()
+        assert await worker.wait_ready()
+        assert worker._process is not None
+        assert type(worker._process).__name__ == "SpawnProcess"
+        done = await worker.render(await batch_of("a"), lambda _s, _t: None)
+        assert done.images[0].rgb == seed_colour(0) * (32 * 16)
+        await worker.stop()
+        cpu = handle()
+        cpu.start()
+        assert await cpu.wait_ready() and type(cpu._process).__name__ == "ForkServerProcess"
+        await cpu.stop()
+
+    run(scenario)
+
+
+def test_the_module_entry_point_runs_the_cli_only_as_main() -> None:
+    """A spawned worker imports ``python -m zimage_server``'s module as ``__mp_main__``:
+    that import must not start a second CLI (it would parse the worker's argv)."""
+    runpy.run_module("zimage_server", run_name="__mp_main__")  # returns, no SystemExit
+    with pytest.raises(SystemExit):
+        runpy.run_module("zimage_server", run_name="__main__")
 
 
 def test_a_worker_that_dies_mid_batch_fails_it_and_is_restarted() -> None:

@@ -64,6 +64,7 @@ async def render(request: Request) -> JSONResponse:
 def main() -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)  # before saying so: uvicorn's own listen comes after its imports
     sys.stdout.write(f"listening on http://127.0.0.1:{sock.getsockname()[1]}\n")
     sys.stdout.flush()
     config = uvicorn.Config(app, log_level="warning", access_log=False)

@@ -243,7 +243,7 @@ class WorkerHandle:
 
     def _spawn(self) -> None:
         self._load_error = None
-        ctx = _process_context()
+        ctx = _process_context(self.spec.device)
         parent, child = ctx.Pipe()
         process = ctx.Process(
             target=worker_main, args=(child, self.spec), name=self.name, daemon=True
@@ -493,12 +493,14 @@ class WorkerHandle:
             self._send(Prefetch(prompts))
 
 
-def _process_context() -> ForkServerContext | SpawnContext:
-    """Workers fork from a server process that has already imported torch and diffusers,
+def _process_context(device: str) -> ForkServerContext | SpawnContext:
+    """CPU workers fork from a server process that has already imported torch and diffusers,
     so a worker (re)starts in a fraction of a second instead of importing them again
-    (seconds): a crash costs less downtime. That server never touches a GPU, so forking
-    from it is safe for CUDA. ``spawn`` where forkserver does not exist."""
-    if "forkserver" not in mp.get_all_start_methods():
+    (seconds). Accelerator workers are spawned: importing diffusers (with torchao, say) can
+    initialise CUDA in the fork server, and CUDA cannot be used in a process forked after
+    that (seen on an H200); a few seconds of imports are small beside loading the weights.
+    ``spawn`` too where forkserver does not exist."""
+    if device != "cpu" or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))
