@@ -90,6 +90,12 @@ class DiffusersGenerator:
 
     @property
     def dtype_name(self) -> str:
+        """The transformer's dtype as it is (said at ready: after warm-up, which once cast
+        it by accident), or as it will be before the model is loaded."""
+        if self.pipe is not None:
+            return str(self.pipe.transformer.dtype).removeprefix("torch.")
+        if self.spec.worker.dtype != "auto":
+            return self.spec.worker.dtype
         return "bfloat16" if self.device.startswith("cuda") else "float32"
 
     def load(self, progress: ProgressFn) -> None:
