@@ -51,9 +51,14 @@ from zimage_server.bench.environment import device_name, resolve_device, slug
 print(slug(device_name(resolve_device('$DEVICE'))))") || exit 1
 echo "device: $GPU, budget ${BUDGET_S}s, ${SECONDS}s spent before the first step"
 
+BROKEN=""  # set once main failed (not cut short): the other model steps would fail alike
+
 run() {  # run NAME ARGS...: one bench step, its JSON in $SESSION, its key figures printed
     local name=$1 left=$((BUDGET_S - SECONDS)); shift
     if [[ $SKIP == *" $name "* ]]; then echo "== $name skipped (BENCH_SKIP)"; return; fi
+    if [[ -n $BROKEN && $name != overhead && $name != dispatch ]]; then
+        echo "== $name skipped: $BROKEN"; return
+    fi
     if ((left < MIN_STEP_S)); then echo "== $name skipped: ${left}s of BENCH_BUDGET_S left"; return; fi
     local limit=$((left < STEP_LIMIT_S ? left : STEP_LIMIT_S))
     local out="$SESSION/$DAY-$GPU-$name.json"
@@ -63,8 +68,13 @@ run() {  # run NAME ARGS...: one bench step, its JSON in $SESSION, its key figur
     echo "== $name (limit ${limit}s): $*"
     timeout "$limit" $PY benchmarks/run.py --data-dir "$DATA/$name" --device "$DEVICE" \
         --output "$out" "$@"
-    echo "== $name exit $? after $((BUDGET_S - left))..${SECONDS}s"
+    local code=$?
+    echo "== $name exit $code after $((BUDGET_S - left))..${SECONDS}s"
     [[ -f $out ]] && $PY -m zimage_server.bench.keyfigures "$out"
+    if [[ $name == main && $code != 0 && $code != 124 ]]; then  # 124: its time ran out
+        BROKEN="main failed (its error is above): fix that, then rerun"
+        echo "== $BROKEN; the other model steps are skipped, saving the device's time"
+    fi
 }
 
 steps=("$@")

@@ -160,6 +160,39 @@ def test_gpu_session_dry_run_on_cpu(tmp_path: Path) -> None:
     assert "server-plain.log" in logs and "lora/server-loras.log" in logs
 
 
+def test_gpu_session_stops_the_model_steps_once_main_fails(tmp_path: Path) -> None:
+    """On a lent machine a server that cannot start (first H200 run: CUDA after a fork)
+    fails every model step alike; once main has failed, the rest are skipped, not run."""
+    env = {
+        **os.environ,
+        "ZIMAGE_DTYPE": "no-such-dtype",  # our server refuses it; stock diffusers runs
+        "PYTHON": sys.executable,
+        "BENCH_MODEL": "tiny",
+        "BENCH_DEVICE": "cpu",
+        "BENCH_SIZES": "256",
+        "BENCH_ITERATIONS": "1",
+        "BENCH_DENOISE_STEPS": "1",
+        "BENCH_CONCURRENCY": "1",
+        "BENCH_DATA_DIR": str(tmp_path / "data"),
+        "BENCH_RESULTS_DIR": str(tmp_path / "results"),
+    }
+    script = ROOT / "benchmarks" / "gpu-session.sh"
+    run = subprocess.run(
+        ["bash", str(script), "main", "lora"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    printed = run.stdout + run.stderr
+    assert run.returncode == 0, printed
+    assert "== main exit 1" in printed
+    assert "Input should be 'auto', 'bfloat16'" in printed  # the server's reason, shown
+    assert "== lora skipped: main failed" in printed
+    assert "== lora (limit" not in printed
+
+
 def check_lora_switch(report: dict[str, Any]) -> None:
     """The lora step: two adapters PEFT made for the tiny transformer, each loaded once
     (a miss), then switched per request beside plain renders in the same server."""
