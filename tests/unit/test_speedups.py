@@ -293,6 +293,62 @@ def test_regional_compile_matches_eager_and_its_cache_serves_a_restart(
     assert int(np.abs(compiled - np.frombuffer(eager, np.uint8)).max()) <= 1
 
 
+WARM_SCRIPT = """
+import json, sys
+from torch._dynamo.utils import counters
+from zimage_server.core.config import SpeedupSettings, WorkerSettings
+from zimage_server.engine.generator import DiffusersGenerator
+from zimage_server.engine.protocol import RenderBatch, RenderItem, WorkerSpec
+
+spec = WorkerSpec(
+    name="w",
+    model_path=sys.argv[1],
+    device="cpu",
+    worker=WorkerSettings(dtype="bfloat16", warmup_size=256, warmup_steps=1),
+    speedups=SpeedupSettings(compile="on", compile_vae="off"),
+    compile_cache_dir=sys.argv[2],
+)
+generator = DiffusersGenerator(spec)
+generator.load(lambda *_: None)
+generator.warmup()
+rgb = bytes(range(256)) * (256 * 3)
+mask = (bytes([255]) * 128 + bytes(128)) * 256
+cat, dog = RenderItem("j", "a cat", 5), RenderItem("k", "a dog", 6)
+long = RenderItem("l", "a lighthouse on a rocky cliff at dawn " * 12, 7)
+cases = {
+    "a long prompt": RenderBatch("b", (long,), 256, 256, 2, 1.0),
+    "guidance 3": RenderBatch("b", (cat,), 256, 256, 2, 3.0),
+    "a batch of two": RenderBatch("b", (cat, dog), 256, 256, 2, 1.0),
+    "img2img": RenderBatch(
+        "b", (RenderItem("j", "a cat", 5, image=rgb),), 256, 256, 4, 1.0, task="img2img",
+        strength=0.5,
+    ),
+    "inpaint": RenderBatch(
+        "b", (RenderItem("j", "a cat", 5, image=rgb, mask=mask),), 256, 256, 2, 1.0,
+        task="inpaint",
+    ),
+    "512x512": RenderBatch("b", (cat,), 512, 512, 2, 1.0),
+}
+compiled = {}
+for name, batch in cases.items():
+    before = counters["stats"]["unique_graphs"]
+    generator.generate(batch, lambda *_: None, lambda: False)
+    compiled[name] = counters["stats"]["unique_graphs"] - before
+print(json.dumps(compiled))
+"""
+
+
+def test_after_warm_up_no_request_compiles_again(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """On a GPU a recompile costs the request that meets it tens of seconds (the first H200
+    run's first request: 65 s, after warm-up had changed the model's dtype). In bf16, as on
+    CUDA: after warm-up, no task, guidance, batch, prompt length or size compiles again."""
+    args = [sys.executable, "-c", WARM_SCRIPT, str(tiny_model_dir), str(tmp_path / "cache")]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=400, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    compiled = json.loads(out.stdout.strip().splitlines()[-1])
+    assert compiled == dict.fromkeys(compiled, 0), compiled
+
+
 def test_a_failing_compiled_render_falls_back_to_eager(
     tiny_model_dir: Path, stock_padded: tuple[BatchDone, list[np.ndarray]]
 ) -> None:
