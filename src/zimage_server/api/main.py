@@ -165,7 +165,7 @@ def build_services(
         ready=lambda: float(engine.state.value == "READY"),
     )
     if isinstance(engine, Engine):  # Ray replicas keep their workers' figures to themselves
-        engine.watch_adapters(metrics_.record_adapters)
+        engine.watch_batches(metrics_.record_batch)
     metrics_.cluster_depth.set_function(lambda: runner.cluster.depth)
     metrics_.cluster_oldest.set_function(lambda: runner.cluster.oldest_wait_s)
     for task in TASK_SLUGS.values():

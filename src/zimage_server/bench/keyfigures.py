@@ -35,6 +35,10 @@ def _model(report: Mapping[str, Any]) -> list[str]:
     for name, entry in report.get("variants", {}).items():
         for size, figures in entry.get("sizes", {}).items():
             lines.append(f"{name} {size}: p50 {figures['e2e_p50_s'] * 1e3:.1f} ms")
+        if memory := entry.get("device_memory_gib"):
+            lines.append(
+                f"{name} GPU memory (GiB): " + ", ".join(f"{k} {v}" for k, v in memory.items())
+            )
     return lines + summary_lines(report)
 
 

@@ -168,11 +168,11 @@ def run_benchmark(
         if not config.skip_stock:
             _run_stock(config, model, device, report, references)
             save()
-        _run_ours(config, model, device, Variant(OURS), report, references)
+        _run_ours(config, model, device, Variant(OURS), report, references, save)
         save()
         for variant in config.variants:
             try:
-                _run_ours(config, model, device, variant, report, references)
+                _run_ours(config, model, device, variant, report, references, save)
             except BenchError as exc:  # one variant that cannot run here does not sink the rest
                 report["variants"][variant.name] = {"env": dict(variant.env), "error": str(exc)}
             save()
@@ -251,7 +251,10 @@ def _run_ours(
     variant: Variant,
     report: dict[str, Any],
     references: dict[str, np.ndarray],
+    save: Callable[[], None],
 ) -> None:
+    """Latency per size, the deviation, then throughput; the figures are saved before the
+    throughput runs (on the first H200 run a step's time ran out there, and took them)."""
     with _server(config, model, device, variant) as server:
         client = Client(server.url, config.api_key)
         try:
@@ -266,14 +269,19 @@ def _run_ours(
             entry = {**_entry(per_size, config.primary), "env": dict(variant.env)}
             pixels = client.pixels(config.body(config.primary))
             entry.update(_deviations(variant, pixels, references))
+            if variant.name == OURS:
+                references[OURS] = pixels
+            report["variants"][variant.name] = entry
+            save()
             throughput = _throughput(config, client)
             entry["throughput_img_s"] = {c: t["img_s"] for c, t in throughput.items()}
             if variant.name == OURS:
-                references[OURS] = pixels
                 report["throughput"] = throughput
+            memory = client.device_memory_gib()
+            if memory:
+                entry["device_memory_gib"] = memory
         finally:
             client.close()
-    report["variants"][variant.name] = entry
 
 
 def _deviations(

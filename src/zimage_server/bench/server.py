@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 from httpx_sse import EventSource
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from zimage_server.bench.stats import Sample
 from zimage_server.launcher import ServerProcess, ServerStartError, absolute_pythonpath
@@ -27,6 +28,17 @@ from zimage_server.launcher import ServerProcess, ServerStartError, absolute_pyt
 __all__ = ["BenchError", "BenchServer", "Client", "absolute_pythonpath"]
 
 ENDPOINT = "/v1/z-image-turbo"
+
+
+def device_memory_gib(metrics: str) -> dict[str, float]:
+    """``{kind: GiB}`` of ``zimage_device_memory_bytes`` for the first worker it names."""
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == "zimage_device_memory_bytes":
+                worker = found.setdefault(sample.labels["worker"], {})
+                worker[sample.labels["kind"]] = round(sample.value / 2**30, 2)
+    return found[min(found)] if found else {}
 
 
 class BenchError(RuntimeError):
@@ -65,6 +77,11 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+
+    def device_memory_gib(self) -> dict[str, float]:
+        """The first worker's GPU memory after its last batch, from ``/metrics`` (none on
+        a CPU): whether the weights are the size their dtype says, and the peak."""
+        return device_memory_gib(self.http.get("/metrics").text)
 
     def render(self, body: Mapping[str, Any]) -> tuple[Sample, dict[str, Any]]:
         """POST one request; the sample's e2e is measured here, its stages by the server."""

@@ -31,6 +31,7 @@ from zimage_server.engine.adapters import AdapterBank, AdapterError
 from zimage_server.engine.preview import LatentPreviewer
 from zimage_server.engine.protocol import (
     BatchDone,
+    DeviceMemory,
     Preview,
     Prompt,
     RawImage,
@@ -205,6 +206,21 @@ class DiffusersGenerator:
             tuple(out.prompt_tokens),
             tuple(out.prompt_sources),
             self.adapters.report() if self.adapters is not None else None,
+            self.device_memory(),
+        )
+
+    def device_memory(self) -> DeviceMemory | None:
+        """The GPU's memory now, and the peak since the last call (which resets it)."""
+        if not self.device.startswith("cuda"):
+            return None
+        device = torch.device(self.device)
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return DeviceMemory(
+            allocated=torch.cuda.memory_allocated(device),
+            reserved=torch.cuda.memory_reserved(device),
+            peak=peak,
+            total=torch.cuda.get_device_properties(device).total_memory,
         )
 
     def prefetch(self, prompts: list[Prompt]) -> None:

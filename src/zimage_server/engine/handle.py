@@ -86,6 +86,7 @@ STABLE_RUN_S = 60.0
 # Imported once by the forkserver; an import that fails there is simply done in the worker.
 PRELOAD = ("zimage_server.engine.worker", "zimage_server.engine.generator")
 STOP_TIMEOUT_S = 10.0
+GIB = 2**30
 
 
 class WorkerState(StrEnum):
@@ -412,11 +413,18 @@ class WorkerHandle:
             self._fail(event.batch_id, _batch_error(event, flight.batch))
 
     def _on_ready(self, event: Ready) -> None:
+        memory = event.memory
+        held = (
+            ""
+            if memory is None
+            else f", {memory.allocated / GIB:.1f} of {memory.total / GIB:.0f} GiB"
+        )
         log.info(
-            "worker %s ready on %s (%s) in %.1fs",
+            "worker %s ready on %s (%s%s) in %.1fs",
             self.name,
             event.device,
             event.dtype,
+            held,
             event.load_s,
         )
         if self._start_timer is not None:

@@ -41,6 +41,9 @@ class NullGenerator:
     def warmup(self) -> None:
         """Nothing to warm."""
 
+    def device_memory(self) -> None:
+        """No device."""
+
     def generate(
         self,
         batch: RenderBatch,

@@ -119,10 +119,23 @@ class LoadProgress:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceMemory:
+    """A GPU's memory as the worker's PyTorch sees it, in bytes: what an operator needs to
+    judge how close renders run to out-of-memory, and whether the weights are the size the
+    dtype says (a bf16 model cast to fp32 holds twice as much)."""
+
+    allocated: int  # held by tensors now: weights, cached LoRAs and prompts
+    reserved: int  # held by PyTorch's caching allocator (no other process can use it)
+    peak: int  # the most allocated since the last report (a batch, or load and warm-up)
+    total: int  # the device's capacity
+
+
+@dataclass(frozen=True, slots=True)
 class Ready:
     device: str
     dtype: str
     load_s: float
+    memory: DeviceMemory | None = None  # None on a CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +195,7 @@ class BatchDone:
     # Where each prompt's embedding came from: "encoded", "cache" or "prefetch".
     prompt_sources: tuple[str, ...] = ()
     adapters: AdapterStats | None = None  # None: LoRAs are off on this worker
+    memory: DeviceMemory | None = None  # None on a CPU
 
 
 # "invalid": the request's input cannot be used with this model (an adapter that does not

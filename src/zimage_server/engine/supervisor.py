@@ -35,7 +35,7 @@ from zimage_server.engine.model_source import (
     resolve_controlnet,
     resolve_model,
 )
-from zimage_server.engine.protocol import AdapterStats, BatchDone, Preview, WorkerSpec
+from zimage_server.engine.protocol import BatchDone, Preview, WorkerSpec
 from zimage_server.engine.render import (
     RenderListener,
     RenderResult,
@@ -47,7 +47,7 @@ from zimage_server.engine.scheduler import Batch, Clock, Scheduler, Ticket
 from zimage_server.telemetry import context
 
 T = TypeVar("T")
-AdapterListener = Callable[[str, AdapterStats], None]
+BatchListener = Callable[[str, BatchDone], None]  # worker name, its finished batch
 log = logging.getLogger("zimage.engine")
 
 
@@ -116,7 +116,7 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._listeners: list[RenderListener] = []
-        self._adapter_listeners: list[AdapterListener] = []
+        self._batch_listeners: list[BatchListener] = []
         self.model_label = "custom workers"
 
     @classmethod
@@ -201,18 +201,17 @@ class Engine:
         """Tell ``listener`` each render's queueing, start and steps (with previews)."""
         self._listeners.append(listener)
 
-    def watch_adapters(self, listener: AdapterListener) -> None:
-        """Tell ``listener`` each worker's LoRA cache after each batch (for ``/metrics``)."""
-        self._adapter_listeners.append(listener)
+    def watch_batches(self, listener: BatchListener) -> None:
+        """Tell ``listener`` each finished batch and its worker: the LoRA cache and the
+        device's memory after it (for ``/metrics``)."""
+        self._batch_listeners.append(listener)
 
-    def _tell_adapters(self, worker: str, stats: AdapterStats | None) -> None:
-        if stats is None:
-            return
-        for listener in self._adapter_listeners:
+    def _tell_batch(self, worker: str, done: BatchDone) -> None:
+        for listener in self._batch_listeners:
             try:
-                listener(worker, stats)
+                listener(worker, done)
             except Exception:  # metrics must not fail a render
-                log.exception("an adapter listener failed")
+                log.exception("a batch listener failed")
 
     def _tell(self, update: RenderUpdate) -> None:
         tell(self._listeners, update)
@@ -349,7 +348,7 @@ class Engine:
             self.scheduler.fail(batch, WorkerDied("The engine failed while rendering this."))
         else:
             self.scheduler.complete(batch, _results(done, worker.name))
-            self._tell_adapters(worker.name, done.adapters)
+            self._tell_batch(worker.name, done)
         finally:
             lane.end(batch)
 

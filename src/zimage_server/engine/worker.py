@@ -31,6 +31,7 @@ from zimage_server.engine.protocol import (
     BatchDone,
     BatchFailed,
     Cancel,
+    DeviceMemory,
     Event,
     FailureKind,
     LoadFailed,
@@ -56,6 +57,8 @@ class ImageGenerator(Protocol):
 
     @property
     def dtype_name(self) -> str: ...
+
+    def device_memory(self) -> DeviceMemory | None: ...
 
     def load(self, progress: ProgressFn) -> None: ...
 
@@ -188,7 +191,8 @@ def _load(spec: WorkerSpec, out: _Outbox) -> ImageGenerator | None:
         log.error("model load failed:\n%s", traceback.format_exc())
         out.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return None
-    out.send(Ready(spec.device, generator.dtype_name, time.perf_counter() - start))
+    memory = generator.device_memory()
+    out.send(Ready(spec.device, generator.dtype_name, time.perf_counter() - start, memory))
     return generator
 
 

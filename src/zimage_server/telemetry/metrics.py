@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from zimage_server.engine.protocol import AdapterStats
+    from zimage_server.engine.protocol import AdapterStats, BatchDone, DeviceMemory
 
 MAX_KEYS = 200
 ADAPTER_LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -96,6 +96,13 @@ class Metrics:
         self._keys: set[str] = set()
 
     def _adapter_metrics(self, r: CollectorRegistry) -> None:
+        self.device_memory = Gauge(
+            "zimage_device_memory_bytes",
+            "A worker's GPU memory after its last batch, by kind: allocated (tensors), "
+            "reserved (PyTorch's cache), peak (the most allocated during that batch), total",
+            ["worker", "kind"],
+            registry=r,
+        )
         self.adapters_loaded = Gauge(
             "zimage_adapters_loaded", "LoRA adapters kept loaded, by worker", ["worker"], registry=r
         )
@@ -177,6 +184,17 @@ class Metrics:
         self.images.labels(label).inc(images)
         gpu = sum(timings.get(s, 0.0) for s in ("text_encode", "denoise", "vae_decode"))
         self.gpu_seconds.labels(label).inc(gpu)
+
+    def record_batch(self, worker: str, done: BatchDone) -> None:
+        """What a worker reports with each finished batch: its LoRA cache, its GPU memory."""
+        if done.adapters is not None:
+            self.record_adapters(worker, done.adapters)
+        if done.memory is not None:
+            self.record_memory(worker, done.memory)
+
+    def record_memory(self, worker: str, memory: DeviceMemory) -> None:
+        for kind in ("allocated", "reserved", "peak", "total"):
+            self.device_memory.labels(worker, kind).set(getattr(memory, kind))
 
     def record_adapters(self, worker: str, stats: AdapterStats) -> None:
         """A worker's cache after a batch: gauges set, the counts since its last report added."""
