@@ -1,4 +1,4 @@
 from zimage_server.cli import app
 
-if __name__ == "__main__":  # not when a spawned worker imports this as __mp_main__
+if __name__ == "__main__":  # not when a spawned worker re-imports a main script
     app()

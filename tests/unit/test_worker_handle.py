@@ -98,8 +98,9 @@ def test_an_accelerator_worker_is_spawned_not_forked_and_renders() -> None:
 
 
 def test_the_module_entry_point_runs_the_cli_only_as_main() -> None:
-    """A spawned worker imports ``python -m zimage_server``'s module as ``__mp_main__``:
-    that import must not start a second CLI (it would parse the worker's argv)."""
+    """Spawn re-imports a main script as ``__mp_main__`` (CPython skips ``-m pkg``'s
+    ``__main__``, but not ``python src/zimage_server/__main__.py``): that import must not
+    start a second CLI (it would parse the worker's argv)."""
     runpy.run_module("zimage_server", run_name="__mp_main__")  # returns, no SystemExit
     with pytest.raises(SystemExit):
         runpy.run_module("zimage_server", run_name="__main__")

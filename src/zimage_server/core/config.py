@@ -49,10 +49,11 @@ class EngineSettings(BaseModel):
 class WorkerSettings(BaseModel):
     """One worker process: its start, its warm-up, and the fault-injection seams."""
 
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    # No float16: Z-Image's transformer overflows in it (NaN, black images).
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
-        description="The model's dtype; auto: bfloat16 on CUDA, float32 on CPU. float16 is "
-        "for GPUs without bfloat16 (before Ampere); bfloat16 on CPU runs the GPU's numbers.",
+        description="The model's dtype; auto: bfloat16 on CUDA, float32 on CPU. bfloat16 on "
+        "a CPU runs the GPU's numbers; float32 on a GPU, for comparisons.",
     )
     warmup: bool = True
     warmup_size: int = Field(1024, ge=256, le=2048, description="Square size of warm-up render.")

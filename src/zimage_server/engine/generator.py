@@ -100,6 +100,9 @@ class DiffusersGenerator:
         return "bfloat16" if self.device.startswith("cuda") else "float32"
 
     def load(self, progress: ProgressFn) -> None:
+        if self.device.startswith("cuda"):
+            # synchronize() and empty_cache() act on the current device: cuda:N, not GPU 0.
+            torch.cuda.set_device(torch.device(self.device))
         progress("loading the model code", 1, 3)
         use_compile_cache(self.spec.compile_cache_dir)
         dtype = getattr(torch, self.dtype_name)
@@ -403,7 +406,7 @@ class DiffusersGenerator:
                 extra["controlnet"] = self.controlnet
             # dtype given: from_pipe casts every shared module to it, float32 by default,
             # which turned a bf16 model into fp32 at warm-up (5-7x slower, seen on an H200).
-            pipe = kind.from_pipe(self.pipe, dtype=self.pipe.dtype, **extra)
+            pipe = kind.from_pipe(self.pipe, dtype=self.pipe.transformer.dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
             self._task_pipes[task] = pipe
         return self._task_pipes[task]
