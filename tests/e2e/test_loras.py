@@ -45,6 +45,8 @@ def lora_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessS
     save_kohya(a, installed / "style-a-kohya.safetensors")
     save_diffusers(adapter_weights(model, FEED_FORWARD, rank=8, seed=2), installed / "style-b")
     save_mismatched(installed / "wide.safetensors")
+    huge = {name: weight * 1e30 for name, weight in a.items()}  # fits, and overflows the render
+    save_diffusers(huge, installed / "overflow")
     (installed / "pickled.bin").write_bytes(pickle.dumps({"lora_A": [1.0]}))
     (installed / "fake.safetensors").write_bytes(pickle.dumps({"lora_A": [1.0]}))
     (folder / "secret.safetensors").write_bytes(b"outside the LoRA folder")
@@ -129,6 +131,7 @@ def test_batches_never_mix_adapter_sets(lora_server: InProcessServer, key: str) 
         ([{"path": "pickled"}], "only .safetensors adapters are accepted"),
         ([{"path": "fake"}], "is not a valid safetensors file"),
         ([{"path": "wide"}], "'wide' does not match this model"),
+        ([{"path": "overflow"}], "overflowed (NaN or infinite values) with the LoRA adapters"),
         ([{"path": "style-a"}] * 4, "at most 3 (ZIMAGE_MAX_LORAS); got 4"),
         ([{"path": "style-a", "scale": 4.5}], "'loras[0].scale': must be a number from 0 to 4"),
         ([{"path": "https://example.com/a.safetensors"}], "URLs are off on this server"),
@@ -148,7 +151,7 @@ def test_the_installed_adapters_are_listed(lora_server: InProcessServer, key: st
     r = requests.get(lora_server.url + "/v1/loras", headers={"x-api-key": key}, timeout=10)
     assert r.status_code == 200, r.text
     names = [lora["name"] for lora in r.json()["loras"]]
-    assert names == ["fake", "style-a", "style-a-kohya", "style-b", "wide"]
+    assert names == ["fake", "overflow", "style-a", "style-a-kohya", "style-b", "wide"]
     assert r.json()["max_loras"] == 3 and r.json()["urls_allowed"] is False
 
 

@@ -14,7 +14,11 @@ import torch
 from diffusers import ZImagePipeline
 
 from zimage_server.core.config import SpeedupSettings, WorkerSettings
-from zimage_server.engine.generator import DiffusersGenerator, diffusers_guidance
+from zimage_server.engine.generator import (
+    DiffusersGenerator,
+    GenerationOverflow,
+    diffusers_guidance,
+)
 from zimage_server.engine.protocol import RenderBatch, RenderItem, WorkerSpec
 
 OFF = SpeedupSettings(
@@ -87,3 +91,24 @@ def test_building_the_other_tasks_pipelines_keeps_the_models_dtype(tiny_model_di
     for name in ("transformer", "text_encoder", "vae"):
         dtypes = {p.dtype for p in getattr(generator.pipe, name).parameters()}
         assert dtypes == {torch.bfloat16}, (name, dtypes)
+
+
+def test_a_render_that_overflows_is_refused_not_delivered(tiny_model_dir: Path) -> None:
+    """NaN or infinite values would round to a black image, delivered and billed as a
+    success; the render fails instead (the API refunds it). Here the model itself overflows,
+    so no adapter is to blame: the server's fault."""
+    spec = WorkerSpec(
+        name="w",
+        model_path=str(tiny_model_dir),
+        device="cpu",
+        worker=WorkerSettings(),
+        speedups=OFF,
+    )
+    generator = DiffusersGenerator(spec)
+    generator.load(lambda *_: None)
+    with torch.no_grad():
+        for weight in generator.pipe.transformer.layers[0].parameters():
+            weight.mul_(1e30)
+    batch = RenderBatch("b", (RenderItem("job", PROMPT, 1),), 256, 256, 2, 1.0)
+    with pytest.raises(GenerationOverflow, match=r"overflowed \(NaN or infinite values\)"):
+        generator.generate(batch, lambda *_: None, lambda: False)

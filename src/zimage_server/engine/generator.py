@@ -48,6 +48,24 @@ ProgressFn = Callable[[str, int, int], None]
 StepFn = Callable[[int, int, tuple[Preview, ...]], None]
 
 
+def _overflowed(batch: RenderBatch) -> Exception:
+    """A render whose values overflowed: the request's adapters (a 400, refunded) when it
+    has any, else the server's fault (a 500, refunded)."""
+    if batch.loras:
+        names = ", ".join(f"'{lora.name}' at {lora.scale:g}" for lora in batch.loras)
+        return AdapterError(
+            f"the render overflowed (NaN or infinite values) with the LoRA adapters {names}: "
+            "lower a scale or leave an adapter out"
+        )
+    return GenerationOverflow(
+        "the render overflowed (NaN or infinite values): nothing was delivered or billed"
+    )
+
+
+class GenerationOverflow(RuntimeError):
+    """The model's numbers overflowed on a render with no adapter to blame."""
+
+
 def diffusers_guidance(guidance_scale: float) -> float:
     """Map the API's guidance convention (1 = off) to diffusers' (0 = off).
 
@@ -305,7 +323,7 @@ class DiffusersGenerator:
                 batch, positive, negative, guidance, seeds, on_step, is_cancelled
             )
             timings["denoise"] = self._lap(start, sum(timings.values()))
-            pixels = keep_unmasked(self._decode(latents), batch)
+            pixels = keep_unmasked(self._decode(latents, batch), batch)
             timings["vae_decode"] = self._lap(start, sum(timings.values()))
         if self._preview_s:  # inside denoise: reported, not added to the stages' sum
             timings["preview"] = self._preview_s
@@ -423,15 +441,23 @@ class DiffusersGenerator:
         self._preview_s += previews[0].compute_s
         return previews
 
-    def _decode(self, latents: Any) -> Any:
-        """VAE decode, then the stock post-processing (denormalise, round to uint8)."""
+    def _decode(self, latents: Any, batch: RenderBatch) -> Any:
+        """VAE decode, then the stock post-processing (denormalise, round to uint8).
+
+        Values that overflowed (NaN, inf) would round to a black or noisy image delivered
+        and billed as a success; the check is read after the copy that waits anyway.
+        """
         vae = self.pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         if self.speedups.enabled(self.speedups.vae_channels_last, self.device):
             latents = latents.to(memory_format=torch.channels_last)
         image = vae.decode(latents, return_dict=False)[0]
+        finite = torch.isfinite(image).all()
         image = (image.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-        return image.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        pixels = image.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        if not bool(finite):
+            raise _overflowed(batch)
+        return pixels
 
     def _lap(self, start: float, before: float = 0.0) -> float:
         if self.device.startswith("cuda"):
