@@ -61,6 +61,11 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     for key in ("speedup_vs_stock", "speedup_vs_stock_cfg_off"):
         if key in report:
             lines.append(f"{key}: {report[key]:.2f}x")
+    if report.get("device") != "cpu" and report.get("speedup_vs_stock_cfg_off", 1.0) < 1.0:
+        lines.append(  # on the first H200 run: the model had been cast to float32
+            "WARNING: ours is slower than stock with CFG off, the same computation: check the "
+            "server log's ready line (dtype, memory) and for compiles after warm-up"
+        )
     for concurrency, rate in report.get("throughput_img_s", {}).items():
         lines.append(f"throughput at concurrency {concurrency}: {rate:.2f} images/s")
     for size, figures in report.get("denoise", {}).items():
