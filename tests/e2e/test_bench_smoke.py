@@ -111,14 +111,11 @@ def test_preview_overhead_on_the_tiny_model(tmp_path: Path) -> None:
     assert figures["encode_ms_per_step_p50"] > 0 and figures["compute_ms_per_step_p50"] > 0
 
 
-def test_gpu_session_dry_run_on_cpu(tmp_path: Path) -> None:
-    """``gpu-session.sh`` end to end on the tiny model: what a lent GPU machine returns
-    (at most 8 files from $OUT) and prints (every step's key figures) holds the results."""
-    out, results = tmp_path / "out", tmp_path / "results"
-    out.mkdir()
-    env = {
+def gpu_session(tmp_path: Path, *steps: str, **env: str) -> str:
+    """Run ``gpu-session.sh STEPS`` on the tiny model, one image per figure; what it printed.
+    Results go under ``tmp_path``; ``env`` adds to or overrides the environment."""
+    settings = {
         **os.environ,
-        "OUT": str(out),
         "PYTHON": sys.executable,
         "BENCH_MODEL": "tiny",
         "BENCH_DEVICE": "cpu",
@@ -126,20 +123,38 @@ def test_gpu_session_dry_run_on_cpu(tmp_path: Path) -> None:
         "BENCH_ITERATIONS": "1",
         "BENCH_DENOISE_STEPS": "1",
         "BENCH_CONCURRENCY": "1",
-        "BENCH_OVERHEAD_REQUESTS": "10",
-        "BENCH_LORAS": "2",
-        "BENCH_LORA_RANK": "4",
-        "BENCH_LORA_CONCURRENCY": "1",
-        "BENCH_SKIP": "lossy preview ablation1 ablation2",
         "BENCH_DATA_DIR": str(tmp_path / "data"),
-        "BENCH_RESULTS_DIR": str(results),
+        "BENCH_RESULTS_DIR": str(tmp_path / "results"),
+        **env,
     }
     script = ROOT / "benchmarks" / "gpu-session.sh"
     run = subprocess.run(
-        ["bash", str(script)], capture_output=True, text=True, timeout=300, env=env, check=False
+        ["bash", str(script), *steps],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=settings,
+        check=False,
     )
     printed = run.stdout + run.stderr
     assert run.returncode == 0, printed
+    return printed
+
+
+def test_gpu_session_dry_run_on_cpu(tmp_path: Path) -> None:
+    """``gpu-session.sh`` end to end on the tiny model: what a lent GPU machine returns
+    (at most 8 files from $OUT) and prints (every step's key figures) holds the results."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    printed = gpu_session(
+        tmp_path,
+        OUT=str(out),
+        BENCH_OVERHEAD_REQUESTS="10",
+        BENCH_LORAS="2",
+        BENCH_LORA_RANK="4",
+        BENCH_LORA_CONCURRENCY="1",
+        BENCH_SKIP="lossy preview ablation1 ablation2",
+    )
     files = sorted(path.name for path in out.rglob("*") if path.is_file())
     assert len(files) <= 8, files
     assert {"server-logs.tar.gz", "session.log"} <= set(files)
@@ -163,30 +178,8 @@ def test_gpu_session_dry_run_on_cpu(tmp_path: Path) -> None:
 def test_gpu_session_stops_the_model_steps_once_main_fails(tmp_path: Path) -> None:
     """On a lent machine a server that cannot start (first H200 run: CUDA after a fork)
     fails every model step alike; once main has failed, the rest are skipped, not run."""
-    env = {
-        **os.environ,
-        "ZIMAGE_DTYPE": "no-such-dtype",  # our server refuses it; stock diffusers runs
-        "PYTHON": sys.executable,
-        "BENCH_MODEL": "tiny",
-        "BENCH_DEVICE": "cpu",
-        "BENCH_SIZES": "256",
-        "BENCH_ITERATIONS": "1",
-        "BENCH_DENOISE_STEPS": "1",
-        "BENCH_CONCURRENCY": "1",
-        "BENCH_DATA_DIR": str(tmp_path / "data"),
-        "BENCH_RESULTS_DIR": str(tmp_path / "results"),
-    }
-    script = ROOT / "benchmarks" / "gpu-session.sh"
-    run = subprocess.run(
-        ["bash", str(script), "main", "lora"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    printed = run.stdout + run.stderr
-    assert run.returncode == 0, printed
+    # Our server refuses that dtype; stock diffusers, in the bench process, runs.
+    printed = gpu_session(tmp_path, "main", "lora", ZIMAGE_DTYPE="no-such-dtype")
     assert "== main exit 1" in printed
     assert "Input should be 'auto', 'bfloat16'" in printed  # the server's reason, shown
     assert "== lora skipped: main failed" in printed

@@ -68,19 +68,25 @@ def tiny_controlnet(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
-    folder = Path(tmp_path_factory.mktemp("controlnet"))
+def controlnet_server(folder: Path, **env: str) -> InProcessServer:
+    """A tiny server with keys, batching, the ControlNet above and a LoRA named "style";
+    ``env`` adds settings."""
     loras = folder / "loras"
     save_diffusers(adapter_weights(shared_tiny_model(), ATTENTION, 4, seed=1), loras / "style")
-    env = {
+    settings = {
         **AUTH_ENV,
         "ZIMAGE_DATABASE_URL": fresh_database_url("sqlite", folder),
         "ZIMAGE_CONTROLNET": str(tiny_controlnet(folder / "controlnet")),
         "ZIMAGE_LORA_DIR": str(loras),
         "ZIMAGE_BATCH_WAIT_MS": "300",
+        **env,
     }
-    server = InProcessServer(folder / "data", env=env)
+    return InProcessServer(folder / "data", env=settings)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    server = controlnet_server(Path(tmp_path_factory.mktemp("controlnet")))
     yield server
     server.stop()
 

@@ -17,36 +17,16 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import (
-    ADMIN,
-    AUTH_ENV,
-    InProcessServer,
-    create_key,
-    fresh_database_url,
-    shared_tiny_model,
-)
-from tests.e2e.test_controlnet import tiny_controlnet
+from tests.conftest import ADMIN, InProcessServer, create_key
+from tests.e2e.test_controlnet import STEPS, controlnet_server
+from tests.e2e.test_controlnet import post as controlnet_post
 from tests.e2e.test_image_inputs import b64, photo, pixels, square_mask
-from tests.loras import ATTENTION, adapter_weights, save_diffusers
-
-STEPS = 2
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
     folder = Path(tmp_path_factory.mktemp("bf16"))
-    loras = folder / "loras"
-    save_diffusers(adapter_weights(shared_tiny_model(), ATTENTION, 4, seed=1), loras / "style")
-    env = {
-        **AUTH_ENV,
-        "ZIMAGE_DTYPE": "bfloat16",
-        "ZIMAGE_DATABASE_URL": fresh_database_url("sqlite", folder),
-        "ZIMAGE_CONTROLNET": str(tiny_controlnet(folder / "controlnet")),
-        "ZIMAGE_LORA_DIR": str(loras),
-        "ZIMAGE_BATCH_WAIT_MS": "300",
-        "ZIMAGE_WARMUP_SIZE": "256",
-    }
-    server = InProcessServer(folder / "data", env=env)
+    server = controlnet_server(folder, ZIMAGE_DTYPE="bfloat16", ZIMAGE_WARMUP_SIZE="256")
     yield server
     server.stop()
 
@@ -57,11 +37,8 @@ def key(api: InProcessServer) -> str:
 
 
 def post(api: InProcessServer, key: str, slug: str, body: dict[str, Any]) -> requests.Response:
-    payload = {"prompt": "a fox", "steps": STEPS, "seed": 7, "image_format": "png"}
-    payload |= {"base_64": True, "width": 256, "height": 256, **body}
-    return requests.post(
-        f"{api.url}/v1/{slug}", json=payload, headers={"x-api-key": key}, timeout=120
-    )
+    """The ControlNet tests' request (2 steps, seed 7, PNG), at 256x256 on any slug."""
+    return controlnet_post(api, key, {"width": 256, "height": 256, **body}, slug)
 
 
 def rendered(reply: requests.Response) -> np.ndarray:

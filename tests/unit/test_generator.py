@@ -31,8 +31,8 @@ OFF = SpeedupSettings(
 PROMPT = "a lighthouse on a cliff at dawn"
 
 
-@pytest.fixture(scope="module")
-def generator(tiny_model_dir: Path) -> DiffusersGenerator:
+def loaded(tiny_model_dir: Path) -> DiffusersGenerator:
+    """The tiny model on the CPU with the speed-ups off, loaded (a fresh one per call)."""
     spec = WorkerSpec(
         name="w",
         model_path=str(tiny_model_dir),
@@ -43,6 +43,11 @@ def generator(tiny_model_dir: Path) -> DiffusersGenerator:
     generator = DiffusersGenerator(spec)
     generator.load(lambda *_: None)
     return generator
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir: Path) -> DiffusersGenerator:
+    return loaded(tiny_model_dir)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
@@ -74,15 +79,7 @@ def test_building_the_other_tasks_pipelines_keeps_the_models_dtype(tiny_model_di
     """Warm-up builds img2img/inpaint over the shared modules with ``from_pipe``, which
     casts them to float32 unless told otherwise: on a GPU that made the bf16 model fp32
     (twice the memory, 5-7x slower renders). The model is bf16 here as it is on CUDA."""
-    spec = WorkerSpec(
-        name="w",
-        model_path=str(tiny_model_dir),
-        device="cpu",
-        worker=WorkerSettings(),
-        speedups=OFF,
-    )
-    generator = DiffusersGenerator(spec)
-    generator.load(lambda *_: None)
+    generator = loaded(tiny_model_dir)
     generator.pipe.to(dtype=torch.bfloat16)
     generator._warm_tasks()
     assert generator._task_pipes, "warm-up built no task pipeline"
@@ -97,15 +94,7 @@ def test_a_render_that_overflows_is_refused_not_delivered(tiny_model_dir: Path) 
     """NaN or infinite values would round to a black image, delivered and billed as a
     success; the render fails instead (the API refunds it). Here the model itself overflows,
     so no adapter is to blame: the server's fault."""
-    spec = WorkerSpec(
-        name="w",
-        model_path=str(tiny_model_dir),
-        device="cpu",
-        worker=WorkerSettings(),
-        speedups=OFF,
-    )
-    generator = DiffusersGenerator(spec)
-    generator.load(lambda *_: None)
+    generator = loaded(tiny_model_dir)
     with torch.no_grad():
         for weight in generator.pipe.transformer.layers[0].parameters():
             weight.mul_(1e30)
